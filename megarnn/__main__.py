@@ -1,0 +1,3 @@
+from megarnn.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,123 @@
+"""`megarnn` command line: the only place that parses arguments.
+
+    megarnn train CONFIG.yaml [key.sub=value ...] [--dry-run]
+    megarnn tokenizer --input FILE... --vocab-size N --output DIR
+    megarnn generate MODEL_DIR --prompt TEXT [--max-new-tokens N]
+    megarnn eval MODEL_DIR --data DIR
+
+Errors caused by input (MegarnnError) print one line to stderr and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from megarnn.errors import MegarnnError
+
+
+def cmd_train(args) -> int:
+    from megarnn.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        import dataclasses
+
+        from megarnn.models import RecurrentLM
+        mc = cfg.model if cfg.model.vocab_size else dataclasses.replace(cfg.model, vocab_size=cfg.data.vocab_size)
+        model = RecurrentLM(mc)
+        print(f"parameters: {model.num_params():,}")
+        print(f"training FLOPs per token at seq_len={cfg.data.seq_len}: {model.flops_per_token(cfg.data.seq_len):,.0f}")
+        print(cfg.to_yaml(), end="")
+        return 0
+    from megarnn.train.loop import train
+    train(cfg)
+    return 0
+
+
+def cmd_tokenizer(args) -> int:
+    from megarnn.data.corpus import read_documents, resolve_files
+    from megarnn.data.tokenizer import train_tokenizer
+
+    files = resolve_files(args.input)
+    tok = train_tokenizer((d for f in files for d in read_documents(f, args.text_key)),
+                          args.vocab_size, args.model_type)
+    tok.save(args.output)
+    print(f"tokenizer with {tok.vocab_size} pieces written to {args.output}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import megarnn
+    from megarnn.generate import generate
+
+    model, tokenizer = megarnn.load(args.model_dir)
+    print(generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import megarnn
+    from megarnn.data.indexed import IndexedDataset
+    from megarnn.errors import DataError
+    from megarnn.train.evaluate import evaluate
+
+    model, tokenizer = megarnn.load(args.model_dir)
+    data = Path(args.data)
+    prefixes = sorted(p.with_suffix("") for p in data.glob("*.idx")) if data.is_dir() else [data]
+    if not prefixes:
+        raise DataError(f"{data}: no *.idx shards found; pass a directory of shards or one shard prefix")
+    datasets = [IndexedDataset(prefix) for prefix in prefixes]
+    for ds in datasets:
+        ds.check_tokenizer(tokenizer.sha256, tokenizer.vocab_size)
+    r = evaluate(model, datasets, args.seq_len, args.batch_size)
+    out = {"loss": r["loss"], "perplexity": r["ppl"], "bits_per_char": r["bpc"], "bits_per_byte": r["bpb"],
+           "tokens": r["tokens"]}
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megarnn", description="Pretrain recurrent language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train (or resume) a model from a YAML config")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
+    t.add_argument("--dry-run", action="store_true", help="print parameters, FLOPs per token and the config")
+    t.set_defaults(func=cmd_train)
+
+    k = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer")
+    k.add_argument("--input", nargs="+", required=True, help="text/jsonl files or globs (pkg:PACKAGE/dir/*.txt too)")
+    k.add_argument("--vocab-size", type=int, required=True)
+    k.add_argument("--output", required=True)
+    k.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    k.add_argument("--text-key", default="text")
+    k.set_defaults(func=cmd_tokenizer)
+
+    g = sub.add_parser("generate", help="sample text from a checkpoint")
+    g.add_argument("model_dir", help="a run directory, its checkpoints/ directory, or one step_* checkpoint")
+    g.add_argument("--prompt", default="")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="loss, perplexity, bits per char/byte on token shards")
+    e.add_argument("model_dir")
+    e.add_argument("--data", required=True, help="a directory of *.idx/*.bin shards, or one shard prefix")
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MegarnnError as e:
+        print(f"megarnn {args.command}: error: {e}", file=sys.stderr)
+        return 2

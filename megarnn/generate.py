@@ -1,0 +1,34 @@
+"""Constant-memory decoding: read the prompt in one parallel pass, then one token per step."""
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
+             top_k: int = 50, seed: int = 0) -> str:
+    """Sample a continuation of `prompt`; returns the prompt plus the generated text."""
+    model.eval()
+    device = next(model.parameters()).device
+    ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    logits, state = model(torch.tensor([ids], device=device))
+    out = []
+    for _ in range(max_new_tokens):
+        nxt = sample(logits[0, -1].float().cpu(), temperature, top_k, gen)
+        if nxt == tokenizer.eos_id:
+            break
+        out.append(nxt)
+        logits, state = model.step(torch.tensor([[nxt]], device=device), state)
+    return prompt + tokenizer.decode(out)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Generator) -> int:
+    """logits: (V,) -> one token id. temperature 0 is greedy."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))

@@ -1,0 +1,80 @@
+"""Recurrent cells. Each has a parallel form over a whole sequence and takes/returns its state.
+
+RG-LRU (De et al. 2024, "Griffin", eq. 1-4), laid out as RecurrentGemma:
+    r_t = sigmoid(W_a x_t + b_a)            recurrence gate, block-diagonal per head
+    i_t = sigmoid(W_x x_t + b_x)            input gate, block-diagonal per head
+    log a_t = -c * r_t * softplus(Lambda)   c = 8, so a_t = sigma(-Lambda)^(c r_t)
+    h_t = a_t * h_{t-1} + sqrt(1 - a_t^2) * (i_t * x_t)
+At a document start the state resets: a_t = 0 and the input is not scaled.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from megarnn.ops import linear_scan
+
+RG_LRU_C = 8.0
+_MAX_SQRT_GRADIENT = 1000.0
+
+
+class SqrtBoundDerivative(torch.autograd.Function):
+    """sqrt(x) whose gradient is clipped at _MAX_SQRT_GRADIENT (RecurrentGemma), finite at x = 0."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.sqrt(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad / torch.sqrt(torch.clip(4.0 * x, min=1 / _MAX_SQRT_GRADIENT**2))
+
+
+class BlockDiagonalLinear(nn.Module):
+    """y = x W + b with W block-diagonal: (n_blocks, width, width). x: (..., n_blocks * width)."""
+
+    def __init__(self, n_blocks: int, width: int, init_std: float):
+        super().__init__()
+        self.n_blocks, self.width = n_blocks, width
+        self.weight = nn.Parameter(torch.randn(n_blocks, width, width) * init_std)
+        self.bias = nn.Parameter(torch.zeros(n_blocks, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xb = x.unflatten(-1, (self.n_blocks, self.width))
+        y = torch.einsum("...hi,hij->...hj", xb, self.weight) + self.bias
+        return y.flatten(-2)
+
+
+class RGLRU(nn.Module):
+    """Real-Gated Linear Recurrent Unit over width D split into n_heads gate blocks."""
+
+    def __init__(self, width: int, n_heads: int, w_init_variance_scale: float, scan_backend: str = ""):
+        super().__init__()
+        bw = width // n_heads
+        std = math.sqrt(w_init_variance_scale / bw)
+        self.input_gate = BlockDiagonalLinear(n_heads, bw, std)
+        self.recurrent_gate = BlockDiagonalLinear(n_heads, bw, std)
+        # softplus(Lambda) = -log(a0) with a0^2 ~ U[0.9^2, 0.999^2] (RecurrentGemma), so a_t = a0^(c r_t).
+        a_sq = torch.empty(width).uniform_(0.9**2 + 1e-8, 0.999**2 + 1e-8)
+        self.recurrent_param = nn.Parameter(a_sq.log().mul(0.5).neg().exp().sub(1.0).log())
+        self.scan_backend = scan_backend or None
+
+    def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None,
+                reset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, D); h0: (B, D) float32; reset: (B, T) bool -> y (B, T, D), h_T (B, D) float32."""
+        gate_x = torch.sigmoid(self.input_gate(x))
+        gate_a = torch.sigmoid(self.recurrent_gate(x))
+        log_a = -RG_LRU_C * gate_a * nn.functional.softplus(self.recurrent_param)
+        a = torch.exp(log_a)
+        multiplier = SqrtBoundDerivative.apply(1 - torch.exp(2 * log_a))
+        if reset is not None:
+            r = reset[..., None]
+            a = a * ~r
+            multiplier = torch.where(r, torch.ones_like(multiplier), multiplier)
+        b = x * gate_x * multiplier
+        h = linear_scan(a.float(), b.float(), h0, backend=self.scan_backend)
+        return h.to(x.dtype), h[:, -1]

@@ -1,0 +1,93 @@
+"""RecurrentLM: embedding -> residual blocks from a pattern ("RRA") -> RMSNorm -> tied head.
+
+Griffin / Hawk as in RecurrentGemma: the embedding is scaled by sqrt(D) (rounded to
+bfloat16, as the reference implementation does) and the logits are soft-capped,
+cap * tanh(logits / cap).
+
+    logits, state = model(tokens)                    # parallel form, tokens (B, T)
+    logits, state = model.step(tokens[:, :1], state) # one token, constant memory
+
+The state is {"pos": int, "layers": [per-layer dict]}: recurrent layers keep their conv
+inputs and RG-LRU state, attention layers at most window - 1 keys and values.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from megarnn.config import ModelConfig
+from megarnn.models.blocks import ResidualBlock, RMSNorm
+
+
+class RecurrentLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        if config.vocab_size <= 0:
+            raise ValueError("RecurrentLM needs model.vocab_size > 0 (the trainer fills it from the tokenizer)")
+        self.config = config
+        c = self.c = config.resolved()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.d_model)
+        nn.init.normal_(self.embed_tokens.weight, std=1 / math.sqrt(c.d_model))
+        self.layers = nn.ModuleList(ResidualBlock(c, kind) for kind in c.block_types())
+        self.final_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=1 / math.sqrt(c.d_model))
+        self.embed_scale = torch.tensor(math.sqrt(c.d_model), dtype=torch.bfloat16).item()
+
+    def forward(self, tokens: torch.Tensor, state: dict | None = None,
+                reset: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """tokens: (B, T) int64; reset: (B, T) bool, True at document starts -> logits (B, T, V), state.
+
+        Without an incoming state the first token starts a segment (reset), as position 0
+        does in RecurrentGemma.
+        """
+        if state is None:
+            reset = torch.zeros_like(tokens, dtype=torch.bool) if reset is None else reset.clone()
+            reset[:, 0] = True
+        pos0 = state["pos"] if state is not None else 0
+        layer_states = state["layers"] if state is not None else [None] * len(self.layers)
+        pos = torch.arange(pos0, pos0 + tokens.shape[1], device=tokens.device)
+        x = self.embed_tokens(tokens) * self.embed_scale
+        new_states = []
+        for layer, s in zip(self.layers, layer_states):
+            x, s = layer(x, reset, s, pos)
+            new_states.append(s)
+        logits = self.logits(self.final_norm(x))
+        return logits, {"pos": pos0 + tokens.shape[1], "layers": new_states}
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = nn.functional.linear(x, weight)
+        cap = self.c.logits_soft_cap
+        return torch.tanh(logits / cap) * cap if cap > 0 else logits
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, state: dict | None = None,
+             reset: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """Decode one step: tokens (B, 1) -> logits (B, 1, V), state. Memory does not grow with time."""
+        return self(tokens, state, reset)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3 x forward), as used for MFU.
+
+        forward = 2 x (every weight used in a matmul, including the output head even when
+        tied, the block-diagonal gates and the conv taps)
+                + per attention layer 2 x 2 x n_heads x head_dim x (mean keys attended),
+        where a query at position i attends min(i + 1, window) keys. Elementwise work
+        (gates, scan, norms) is left out, as in the PaLM / Megatron convention.
+        """
+        c = self.c
+        matmul = sum(p.numel() for n, p in self.named_parameters()
+                     if p.dim() >= 2 and "embed_tokens" not in n)
+        matmul += c.vocab_size * c.d_model  # the head
+        keys = sum(min(i + 1, c.attention_window) for i in range(seq_len)) / seq_len
+        n_attn = sum(1 for k in c.block_types() if k == "A")
+        attn = n_attn * 2 * 2 * c.n_heads * c.head_dim * keys
+        return 3 * (2 * matmul + attn)

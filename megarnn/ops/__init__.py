@@ -1,0 +1,10 @@
+"""The public math API: one function per primitive, several backends behind each.
+
+`backend=None` picks the fastest implementation that runs here; "reference" is the
+textbook recurrence every other backend is tested against.
+"""
+from megarnn.ops.attention import sliding_window_attention
+from megarnn.ops.conv import causal_conv1d
+from megarnn.ops.scan import linear_scan, linear_scan_reference
+
+__all__ = ["linear_scan", "linear_scan_reference", "causal_conv1d", "sliding_window_attention"]

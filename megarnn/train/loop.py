@@ -1,0 +1,176 @@
+"""The training loop: data -> DeepSpeed engine -> steps, eval, checkpoints, metrics.
+
+    train(load_config("configs/quickstart.yaml"))
+
+Order of work, so that bad input fails before anything is written: check the config,
+the data files, the output directory and any checkpoint to resume from; then prepare the
+tokenizer and shards, build the model and engine, resume, and loop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megarnn.config import Config
+from megarnn.data.loader import PackedLoader
+from megarnn.data.prepare import prepare_run_data, split_files
+from megarnn.errors import ConfigError, TrainingError
+from megarnn.models import RecurrentLM
+from megarnn.train import checkpoint
+from megarnn.train.engine import build_engine, setup_distributed
+from megarnn.train.evaluate import evaluate
+from megarnn.train.metrics import MetricsLogger, peak_flops
+
+FINAL_LINE = "held-out bits per character: {:.3f}"
+
+
+def check_writable(out_dir: Path) -> None:
+    """Fail early, before writing anything, if out_dir cannot be created or written."""
+    probe = out_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.out_dir={str(out_dir)!r} is not writable ({probe} is not a writable "
+                          "directory); choose a directory you can write, e.g. train.out_dir=runs/x")
+
+
+def find_resume(cfg: Config) -> Path | None:
+    """The checkpoint to resume from, checked against the config, or None to start fresh."""
+    r = cfg.train.resume
+    if r == "never":
+        return None
+    target = Path(cfg.train.out_dir) / "checkpoints" if r == "auto" else Path(r)
+    if r == "auto" and not (target / "latest").is_file():
+        return None
+    ckpt_dir, tag = checkpoint.resolve_checkpoint(target)
+    meta = checkpoint.read_meta(ckpt_dir, tag)
+    check_cfg = cfg
+    if cfg.model.vocab_size == 0:  # filled from the tokenizer later; compare the rest now
+        check_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=meta["model"]["vocab_size"]))
+    checkpoint.check_compatible(meta, check_cfg, ckpt_dir / tag)
+    return ckpt_dir / tag
+
+
+def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over tokens where mask is True. logits (B, T, V); targets, mask (B, T)."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    m = mask.flatten().to(ce.dtype)
+    return (ce * m).sum() / m.sum().clamp(min=1)
+
+
+def train(cfg: Config) -> dict[str, float]:
+    """Run (or resume) training as configured; returns the final validation metrics."""
+    run_dir = Path(cfg.train.out_dir)
+    split_files(cfg.data)  # every data path resolves, before anything is written
+    check_writable(run_dir)
+    resume_from = find_resume(cfg)
+
+    rank, world = setup_distributed()
+    t = cfg.train
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    dp_size = world  # tp = pp = cp = 1 until the parallel layers land
+
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer, train_ds, val_ds = prepare_run_data(cfg.data, run_dir)
+    dist.barrier()
+    if rank != 0:
+        tokenizer, train_ds, val_ds = prepare_run_data(cfg.data, run_dir)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    elif cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size}; set model.vocab_size=0 to take the tokenizer's")
+    if rank == 0:
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
+    model = RecurrentLM(cfg.model).to(device)
+    engine = build_engine(cfg, model, dp_size)
+    step, skipped = 0, 0
+    if resume_from is not None:
+        client = checkpoint.load(engine, cfg, resume_from)
+        step, skipped = client["step"], client.get("skipped", 0)
+
+    loader = PackedLoader([train_ds], cfg.data.seq_len, t.micro_batch_size, t.grad_accum,
+                          cfg.data.seed, rank, dp_size)
+    log = MetricsLogger(run_dir, rank == 0, t.max_steps, step, t.progress)
+    ckpt_dir = run_dir / "checkpoints"
+    flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    peak = peak_flops(t.peak_tflops) * world
+    if step == 0:
+        log.text(f"model: {model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs "
+                 f"per token; data: {train_ds.n_tokens} train tokens; {world} process(es) on {device.type}")
+    else:
+        log.text(f"resumed from {resume_from} at step {step}")
+
+    tokens_per_step = loader.global_batch_size * cfg.data.seq_len
+    last_good = str(resume_from) if resume_from else "none (no checkpoint saved yet)"
+    bad_in_a_row, window_loss, window_n, t0 = 0, 0.0, 0, time.perf_counter()
+    val = None
+    while step < t.max_steps:
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(t.grad_accum):
+            b = {k: v.to(device) for k, v in loader.micro_batch(step, micro).items()}
+            logits, _ = engine(b["tokens"], reset=b["reset"])
+            loss = masked_loss(logits, b["targets"], b["loss_mask"])
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach()
+        dist.all_reduce(loss_sum)
+        loss_val = loss_sum.item() / (t.grad_accum * dp_size)
+        step += 1
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+        if not engine.was_step_applied() or not math.isfinite(loss_val):
+            skipped += 1
+            bad_in_a_row += 1
+            log.text(f"step {step}: non-finite loss {loss_val} / grad norm {grad_norm}; step skipped "
+                     f"({bad_in_a_row} in a row, {skipped} in all)")
+            if bad_in_a_row >= t.max_bad_steps:
+                raise TrainingError(
+                    f"{bad_in_a_row} non-finite steps in a row (limit train.max_bad_steps={t.max_bad_steps}); "
+                    f"last good checkpoint: {last_good}. Resume from it with a lower train.lr")
+            continue
+        bad_in_a_row = 0
+        window_loss += loss_val
+        window_n += 1
+        log.advance(step, loss_val)
+        if step % t.log_interval == 0 or step == t.max_steps:
+            dt = time.perf_counter() - t0
+            tps = tokens_per_step * window_n / dt
+            log.scalars(step, {
+                "train/loss": window_loss / window_n, "train/lr": engine.get_lr()[0],
+                "train/grad_norm": grad_norm, "train/tokens_per_sec": tps,
+                "train/mfu": flops_per_token * tps / peak, "train/skipped_steps": skipped})
+            window_loss, window_n, t0 = 0.0, 0, time.perf_counter()
+        if val_ds is not None and (step % t.eval_interval == 0 or step == t.max_steps):
+            val = evaluate(engine.module, val_ds, cfg.data.seq_len, device=device)
+            log.scalars(step, {"val/loss": val["loss"], "val/bpc": val["bpc"], "val/ppl": val["ppl"]})
+            t0 = time.perf_counter()
+        if step % t.save_interval == 0 or step == t.max_steps:
+            tag = checkpoint.save(engine, cfg, ckpt_dir, step, {"skipped": skipped}, tokenizer)
+            last_good = str(ckpt_dir / tag)
+            log.text(f"saved checkpoint {last_good}")
+            t0 = time.perf_counter()
+
+    if val is None and val_ds is not None:
+        val = evaluate(engine.module, val_ds, cfg.data.seq_len, device=device)
+    if t.sample_tokens > 0 and rank == 0:
+        from megarnn.generate import generate
+        text = generate(engine.module, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
+        log.text("sample:\n" + text)
+    log.close_bar()
+    if val is not None:
+        log.text(FINAL_LINE.format(val["bpc"]))
+    log.close()
+    return val or {}

@@ -1,0 +1,33 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def run_cli(*args, env=None, timeout=600, check=True) -> subprocess.CompletedProcess:
+    """Run `python -m megarnn ARGS` in a fresh process (as a user would)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "megarnn", *map(str, args)], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"megarnn {' '.join(map(str, args))} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+TINY = [
+    "model=configs/model/griffin-tiny.yaml", "data.seq_len=64", "data.vocab_size=512",
+    "train.micro_batch_size=4", "train.warmup_steps=5", "train.log_interval=1",
+    "train.sample_tokens=0", "train.progress=off",
+]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
