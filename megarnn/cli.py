@@ -115,7 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come before or after flags (`train CFG --dry-run a.b=c`): argparse's
+    # positional list stops at the first flag, so collect the rest here.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "train" or any("=" not in e or e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = args.overrides + extra
     try:
         return args.func(args)
     except MegarnnError as e:

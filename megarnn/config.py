@@ -163,7 +163,8 @@ class TrainConfig:
     """The optimisation loop, evaluation, checkpoints and logging."""
 
     out_dir: str = "runs/default"
-    max_steps: int = 1000
+    max_steps: int = 1000  # the length of the run (and of the LR schedule)
+    exit_at_step: int = 0  # stop early at this step, with a checkpoint (a time-sliced job); 0: run on
     micro_batch_size: int = 16
     grad_accum: int = 1
     lr: float = 3e-3
@@ -342,6 +343,8 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     if hint is str:
         if value is None:
             return ""
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+            return "on" if value else "off"
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         if isinstance(value, str):

@@ -114,10 +114,11 @@ def train(cfg: Config) -> dict[str, float]:
         log.text(f"resumed from {resume_from} at step {step}")
 
     tokens_per_step = loader.global_batch_size * cfg.data.seq_len
-    last_good = str(resume_from) if resume_from else "none (no checkpoint saved yet)"
+    last_good = str(resume_from) if resume_from else None
     bad_in_a_row, window_loss, window_n, t0 = 0, 0.0, 0, time.perf_counter()
     val = None
-    while step < t.max_steps:
+    end = min(t.max_steps, t.exit_at_step) if t.exit_at_step > 0 else t.max_steps
+    while step < end:
         loss_sum = torch.zeros((), device=device)
         for micro in range(t.grad_accum):
             b = {k: v.to(device) for k, v in loader.micro_batch(step, micro).items()}
@@ -137,15 +138,17 @@ def train(cfg: Config) -> dict[str, float]:
             log.text(f"step {step}: non-finite loss {loss_val} / grad norm {grad_norm}; step skipped "
                      f"({bad_in_a_row} in a row, {skipped} in all)")
             if bad_in_a_row >= t.max_bad_steps:
-                raise TrainingError(
-                    f"{bad_in_a_row} non-finite steps in a row (limit train.max_bad_steps={t.max_bad_steps}); "
-                    f"last good checkpoint: {last_good}. Resume from it with a lower train.lr")
+                fix = (f"last good checkpoint: {last_good}; resume from it (train.resume={last_good}) "
+                       "with a lower train.lr" if last_good else
+                       "no checkpoint was saved yet; restart with a lower train.lr")
+                raise TrainingError(f"{bad_in_a_row} non-finite steps in a row (limit train.max_bad_steps="
+                                    f"{t.max_bad_steps}); {fix}")
             continue
         bad_in_a_row = 0
         window_loss += loss_val
         window_n += 1
         log.advance(step, loss_val)
-        if step % t.log_interval == 0 or step == t.max_steps:
+        if step % t.log_interval == 0 or step == end:
             dt = time.perf_counter() - t0
             tps = tokens_per_step * window_n / dt
             log.scalars(step, {
@@ -153,11 +156,11 @@ def train(cfg: Config) -> dict[str, float]:
                 "train/grad_norm": grad_norm, "train/tokens_per_sec": tps,
                 "train/mfu": flops_per_token * tps / peak, "train/skipped_steps": skipped})
             window_loss, window_n, t0 = 0.0, 0, time.perf_counter()
-        if val_ds is not None and (step % t.eval_interval == 0 or step == t.max_steps):
+        if val_ds is not None and (step % t.eval_interval == 0 or step == end):
             val = evaluate(engine.module, val_ds, cfg.data.seq_len, device=device)
             log.scalars(step, {"val/loss": val["loss"], "val/bpc": val["bpc"], "val/ppl": val["ppl"]})
             t0 = time.perf_counter()
-        if step % t.save_interval == 0 or step == t.max_steps:
+        if step % t.save_interval == 0 or step == end:
             tag = checkpoint.save(engine, cfg, ckpt_dir, step, {"skipped": skipped}, tokenizer)
             last_good = str(ckpt_dir / tag)
             log.text(f"saved checkpoint {last_good}")
