@@ -4,6 +4,7 @@
     megarnn tokenizer --input FILE... --vocab-size N --output DIR
     megarnn generate MODEL_DIR --prompt TEXT [--max-new-tokens N]
     megarnn eval MODEL_DIR --data DIR
+    megarnn export CHECKPOINT OUTPUT_DIR [--format safetensors|hf]
 
 Errors caused by input (MegarnnError) print one line to stderr and exit with status 2.
 """
@@ -78,6 +79,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from megarnn.export import export
+
+    out = export(args.checkpoint, args.output, args.format)
+    print(f"exported to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megarnn", description="Pretrain recurrent language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -104,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=50)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
+
+    x = sub.add_parser("export", help="checkpoint -> safetensors (ours) or Hugging Face layout")
+    x.add_argument("checkpoint", help="a run directory, its checkpoints/ directory, or one step_* checkpoint")
+    x.add_argument("output", help="a new (or empty) directory")
+    x.add_argument("--format", default="safetensors", choices=["safetensors", "hf"])
+    x.set_defaults(func=cmd_export)
 
     e = sub.add_parser("eval", help="loss, perplexity, bits per char/byte on token shards")
     e.add_argument("model_dir")

@@ -1,11 +1,16 @@
-"""megarnn.load(path) -> (model, tokenizer) from a run dir, its checkpoints dir, or one checkpoint."""
+"""megarnn.load(path) -> (model, tokenizer).
+
+path may be a run directory, its checkpoints/ directory, one step_* checkpoint, or an
+export directory (ours or Hugging Face's RecurrentGemma layout, see megarnn/export.py).
+"""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from megarnn.config import Config
+from megarnn.config import Config, ModelConfig
 from megarnn.data.tokenizer import Tokenizer
 from megarnn.errors import CheckpointError
 from megarnn.models import RecurrentLM
@@ -13,7 +18,35 @@ from megarnn.train.checkpoint import resolve_checkpoint
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[RecurrentLM, Tokenizer]:
-    """Rebuild the model of a DeepSpeed checkpoint (any ZeRO stage) in float32, on `device`."""
+    """Rebuild the model in float32 on `device`, in eval mode, with its tokenizer."""
+    p = Path(path)
+    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
+        model, tokenizer = _load_export(p)
+    else:
+        model, tokenizer = _load_checkpoint(p)
+    return model.to(device).eval(), tokenizer
+
+
+def _load_export(d: Path) -> tuple[RecurrentLM, Tokenizer]:
+    from safetensors.torch import load_file
+
+    from megarnn.export import CONFIG_KEY, from_hf_state_dict, hf_config_to_model_config
+    config = json.loads((d / "config.json").read_text())
+    sd = load_file(str(d / "model.safetensors"))
+    if CONFIG_KEY in config:
+        mc = ModelConfig(**config[CONFIG_KEY])
+    elif config.get("model_type") == "recurrent_gemma":
+        mc = hf_config_to_model_config(config)
+        sd = from_hf_state_dict(sd, mc)
+    else:
+        raise CheckpointError(f"{d / 'config.json'}: neither a megarnn export nor a RecurrentGemma config")
+    model = RecurrentLM(mc)
+    model.load_state_dict(sd)
+    return model, Tokenizer.load(d)
+
+
+def _load_checkpoint(path: Path) -> tuple[RecurrentLM, Tokenizer]:
+    """A DeepSpeed checkpoint (any ZeRO stage)."""
     ckpt_dir, tag = resolve_checkpoint(path)
     d = ckpt_dir / tag
     cfg_file = d / "config.yaml"
@@ -21,10 +54,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Recurren
         raise CheckpointError(f"{d}: config.yaml is missing; the checkpoint is incomplete")
     import yaml
     cfg = Config.from_dict(yaml.safe_load(cfg_file.read_text()))
-    tokenizer = Tokenizer.load(d / "tokenizer")
     model = RecurrentLM(cfg.model)
     model.load_state_dict(_module_state_dict(ckpt_dir, tag))
-    return model.to(device).eval(), tokenizer
+    return model, Tokenizer.load(d / "tokenizer")
 
 
 def _module_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:

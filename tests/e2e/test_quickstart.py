@@ -61,3 +61,27 @@ def test_dry_run_prints_size_without_training(tmp_path):
     out = run_cli("train", "configs/quickstart.yaml", "--dry-run", f"train.out_dir={tmp_path / 'r'}").stdout
     assert out.startswith("parameters: ") and "FLOPs per token" in out
     assert not (tmp_path / "r").exists()
+
+
+def test_export_formats_load_back_and_in_transformers(quickstart_run, tmp_path):
+    import torch
+    import transformers
+
+    import megarnn
+    run, _ = quickstart_run
+    model, tok = megarnn.load(run)
+    tokens = torch.tensor([[tok.bos_id] + tok.encode("KING LEAR.\nWhat says our second daughter?")])
+    expect, _ = model(tokens)
+    for fmt in ("safetensors", "hf"):
+        out = tmp_path / fmt
+        assert "exported to" in run_cli("export", run / "checkpoints", out, "--format", fmt).stdout
+        again, tok2 = megarnn.load(out)
+        assert tok2.sha256 == tok.sha256
+        torch.testing.assert_close(again(tokens)[0], expect, rtol=0, atol=0)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tok("KING LEAR.\nWhat says our second daughter?")["input_ids"] == tokens[0].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens, use_cache=False).logits, expect, rtol=1e-5, atol=1e-5)
+    err = run_cli("export", run, tmp_path / "hf", check=False)
+    assert err.returncode == 2 and "is not empty" in err.stderr

@@ -1,0 +1,156 @@
+"""Export a checkpoint to a self-contained directory.
+
+    megarnn export CHECKPOINT OUT --format safetensors   # our names, loads with megarnn.load
+    megarnn export CHECKPOINT OUT --format hf            # Hugging Face transformers layout
+
+`safetensors`: config.json ({"megarnn_model": ModelConfig}), model.safetensors with our
+parameter names, tokenizer.model.
+`hf` (Griffin / Hawk): config.json of `RecurrentGemmaForCausalLM`, model.safetensors with
+its parameter names (mapped one to one), and the tokenizer, so
+`AutoModelForCausalLM.from_pretrained(OUT)` loads it. megarnn.load reads both.
+
+The directory is written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from megarnn.config import ModelConfig
+from megarnn.errors import MegarnnError
+
+CONFIG_KEY = "megarnn_model"
+
+
+class ExportError(MegarnnError):
+    """The checkpoint cannot be exported in the requested format."""
+
+
+def griffin_to_hf_names(c: ModelConfig) -> dict[str, str]:
+    """Our parameter name -> RecurrentGemmaForCausalLM's, for every parameter of the model."""
+    m = {"embed_tokens.weight": "model.embed_tokens.weight", "final_norm.weight": "model.final_norm.weight"}
+    for i, kind in enumerate(c.block_types()):
+        ours, hf = f"layers.{i}.", f"model.layers.{i}."
+        names = ["temporal_pre_norm.weight", "channel_pre_norm.weight"]
+        names += [f"mlp_block.{p}_proj.{w}" for p in ("gate", "up", "down") for w in ("weight", "bias")]
+        if kind == "R":
+            names += [f"temporal_block.linear_{p}.{w}" for p in ("x", "y", "out") for w in ("weight", "bias")]
+            names += ["temporal_block.rg_lru.recurrent_param"]
+            m[ours + "temporal_block.conv_weight"] = hf + "temporal_block.conv_1d.weight"
+            m[ours + "temporal_block.conv_bias"] = hf + "temporal_block.conv_1d.bias"
+            for g in ("input", "recurrent"):
+                for w in ("weight", "bias"):
+                    m[ours + f"temporal_block.rg_lru.{g}_gate.{w}"] = hf + f"temporal_block.rg_lru.{g}_gate_{w}"
+        else:
+            names += [f"temporal_block.{p}_proj.weight" for p in "qkvo"] + ["temporal_block.o_proj.bias"]
+        m.update({ours + n: hf + n for n in names})
+    if not c.tie_embeddings:
+        m["lm_head.weight"] = "lm_head.weight"
+    return m
+
+
+def griffin_hf_config(c: ModelConfig, tokenizer) -> dict:
+    c = c.resolved()
+    if c.head_dim != c.d_model // c.n_heads:
+        raise ExportError(f"model.head_dim={c.head_dim}: RecurrentGemma requires head_dim = d_model / n_heads "
+                          f"= {c.d_model // c.n_heads}; export with --format safetensors instead")
+    return {
+        "architectures": ["RecurrentGemmaForCausalLM"], "model_type": "recurrent_gemma",
+        "num_hidden_layers": c.n_layers, "vocab_size": c.vocab_size, "hidden_size": c.d_model,
+        "intermediate_size": 2 * c.mlp_width, "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads, "lru_width": c.lru_width,
+        "attention_window_size": c.attention_window, "conv1d_width": c.conv_width,
+        "logits_soft_cap": c.logits_soft_cap, "rms_norm_eps": c.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta,
+                            "partial_rotary_factor": c.rope_fraction},
+        "block_types": ["recurrent" if k == "R" else "attention" for k in c.block_pattern],
+        "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": c.tie_embeddings,
+        "attention_bias": False, "w_init_variance_scale": c.w_init_variance_scale,
+        "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.sp.pad_id(),
+        "torch_dtype": "float32",
+    }
+
+
+def to_hf_state_dict(model, c: ModelConfig) -> dict[str, torch.Tensor]:
+    names = griffin_to_hf_names(c)
+    sd = model.state_dict()
+    out = {}
+    for ours, tensor in sd.items():
+        t = tensor.detach().contiguous()
+        if ours.endswith("temporal_block.conv_weight"):
+            t = t[:, None, :].contiguous()  # nn.Conv1d(groups=D) stores (D, 1, W)
+        out[names[ours]] = t
+    return out
+
+
+def from_hf_state_dict(sd: dict[str, torch.Tensor], c: ModelConfig) -> dict[str, torch.Tensor]:
+    inverse = {hf: ours for ours, hf in griffin_to_hf_names(c).items()}
+    out = {}
+    for hf, t in sd.items():
+        if hf not in inverse:
+            continue  # e.g. a tied lm_head.weight
+        out[inverse[hf]] = t[:, 0, :] if hf.endswith("conv_1d.weight") else t
+    return out
+
+
+def hf_config_to_model_config(hf: dict) -> ModelConfig:
+    letters = "".join("R" if b == "recurrent" else "A" for b in hf["block_types"])
+    rope = hf.get("rope_parameters") or {}
+    return ModelConfig(
+        family="griffin" if "A" in letters else "hawk", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"], block_pattern=letters, n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf["num_key_value_heads"], lru_width=hf["lru_width"], conv_width=hf["conv1d_width"],
+        attention_window=hf["attention_window_size"], mlp_width=hf["intermediate_size"] // 2,
+        logits_soft_cap=hf["logits_soft_cap"], rope_theta=rope.get("rope_theta", 10000.0),
+        rope_fraction=rope.get("partial_rotary_factor", 0.5), norm_eps=hf["rms_norm_eps"],
+        tie_embeddings=hf.get("tie_word_embeddings", True))
+
+
+def export(checkpoint: str | Path, out_dir: str | Path, fmt: str = "safetensors") -> Path:
+    from safetensors.torch import save_file
+
+    from megarnn.loading import load
+    if fmt not in ("safetensors", "hf"):
+        raise ExportError(f"--format {fmt!r}; expected safetensors or hf")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out} exists and is not empty; choose a new output directory or remove it")
+    model, tokenizer = load(checkpoint)
+    c = model.config
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if fmt == "hf":
+            config = griffin_hf_config(c, tokenizer)
+            save_file(to_hf_state_dict(model, c), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            write_hf_tokenizer(tokenizer, tmp)
+        else:
+            config = {CONFIG_KEY: c.__dict__.copy()}
+            sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save(tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def write_hf_tokenizer(tokenizer, directory: Path) -> None:
+    """tokenizer_config.json beside tokenizer.model: transformers' GemmaTokenizer reads our
+    SentencePiece model as it is and encodes exactly as we do; it adds <s> first, as our
+    documents start."""
+    sp = tokenizer.sp
+    config = {
+        "tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
+        "bos_token": sp.IdToPiece(sp.bos_id()), "eos_token": sp.IdToPiece(sp.eos_id()),
+        "unk_token": sp.IdToPiece(sp.unk_id()), "pad_token": sp.IdToPiece(sp.pad_id()),
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
