@@ -26,12 +26,17 @@ import yaml
 from megarnn.errors import ConfigError
 
 
+FAMILY_BLOCKS = {"griffin": "RA", "hawk": "R", "mamba2": "M"}
+
+
 @dataclass
 class ModelConfig:
-    """Shape of a RecurrentLM. Names follow RecurrentGemma (Griffin) where one exists.
+    """Shape of a RecurrentLM. Names follow RecurrentGemma (Griffin) and Mamba2 where they exist.
 
     block_pattern repeats over the layers: "R" = recurrent (RG-LRU) block, "A" = local
-    multi-query attention block. "R" alone is Hawk; "RRA" is Griffin / RecurrentGemma.
+    multi-query attention block, "M" = Mamba2 block. Families: "hawk" ("R"), "griffin"
+    (e.g. "RRA", RecurrentGemma), "mamba2" ("M": no embedding scale, no logit cap, plain
+    RMSNorm, as transformers' Mamba2ForCausalLM).
     """
 
     family: str = "griffin"
@@ -53,6 +58,15 @@ class ModelConfig:
     tie_embeddings: bool = True
     w_init_variance_scale: float = 0.01
     final_w_init_variance_scale: float = 0.0  # 0: 2 / n_layers
+    # Mamba2 (SSD) blocks; heads = expand * d_model / ssm_head_dim
+    d_state: int = 128
+    expand: int = 2
+    ssm_head_dim: int = 64
+    n_groups: int = 1
+    chunk_size: int = 256
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
     scan_backend: str = ""  # "" picks the fastest that runs here; "torch" is the reference
 
     @classmethod
@@ -76,18 +90,19 @@ class ModelConfig:
         return [self.block_pattern[i % len(self.block_pattern)] for i in range(self.n_layers)]
 
     def validate(self) -> None:
-        if self.family not in ("griffin", "hawk"):
+        if self.family not in FAMILY_BLOCKS:
             raise ConfigError(
-                f"model.family={self.family!r} is not known; expected 'griffin' or 'hawk' "
-                "(set model.family and model.block_pattern, e.g. 'RRA' for Griffin, 'R' for Hawk)")
-        if not self.block_pattern or set(self.block_pattern) - set("RA"):
+                f"model.family={self.family!r} is not known; expected one of {sorted(FAMILY_BLOCKS)} "
+                "(set model.family and model.block_pattern, e.g. 'RRA' for Griffin, 'R' for Hawk, 'M' for Mamba2)")
+        allowed = FAMILY_BLOCKS[self.family]
+        if not self.block_pattern or set(self.block_pattern) - set(allowed):
             raise ConfigError(
-                f"model.block_pattern={self.block_pattern!r} must be a non-empty string of 'R' "
-                "(recurrent block) and 'A' (local attention block), e.g. 'RRA'")
-        if self.family == "hawk" and "A" in self.block_pattern:
-            raise ConfigError(
-                f"model.family='hawk' has only recurrent blocks but block_pattern={self.block_pattern!r}; "
-                "use block_pattern='R' or family='griffin'")
+                f"model.block_pattern={self.block_pattern!r} does not fit model.family={self.family!r}: use a "
+                f"non-empty string of {' / '.join(repr(a) for a in allowed)} (R = RG-LRU block, A = local "
+                "attention block, M = Mamba2 block)")
+        if self.family == "mamba2":
+            _divides(self.expand * self.d_model, self.ssm_head_dim, "model.expand * model.d_model", "model.ssm_head_dim")
+            _divides(self.expand * self.d_model // self.ssm_head_dim, self.n_groups, "the Mamba2 head count", "model.n_groups")
         for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "conv_width", "attention_window"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be positive")

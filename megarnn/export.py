@@ -5,9 +5,10 @@
 
 `safetensors`: config.json ({"megarnn_model": ModelConfig}), model.safetensors with our
 parameter names, tokenizer.model.
-`hf` (Griffin / Hawk): config.json of `RecurrentGemmaForCausalLM`, model.safetensors with
-its parameter names (mapped one to one), and the tokenizer, so
-`AutoModelForCausalLM.from_pretrained(OUT)` loads it. megarnn.load reads both.
+`hf`: Griffin / Hawk as `RecurrentGemmaForCausalLM`, Mamba2 as `Mamba2ForCausalLM`:
+config.json, model.safetensors with transformers' parameter names (mapped one to one),
+and the tokenizer, so `AutoModelForCausalLM.from_pretrained(OUT)` loads it.
+megarnn.load reads both formats.
 
 The directory is written under a temporary name and renamed when complete.
 """
@@ -27,6 +28,42 @@ CONFIG_KEY = "megarnn_model"
 
 class ExportError(MegarnnError):
     """The checkpoint cannot be exported in the requested format."""
+
+
+def mamba2_to_hf_names(c: ModelConfig) -> dict[str, str]:
+    """Our parameter name -> Mamba2ForCausalLM's."""
+    m = {"embed_tokens.weight": "backbone.embeddings.weight", "final_norm.weight": "backbone.norm_f.weight"}
+    for i in range(c.n_layers):
+        m[f"layers.{i}.norm.weight"] = f"backbone.layers.{i}.norm.weight"
+        for n in ("in_proj.weight", "dt_bias", "A_log", "D", "norm.weight", "out_proj.weight"):
+            m[f"layers.{i}.mixer.{n}"] = f"backbone.layers.{i}.mixer.{n}"
+        m[f"layers.{i}.mixer.conv_weight"] = f"backbone.layers.{i}.mixer.conv1d.weight"
+        m[f"layers.{i}.mixer.conv_bias"] = f"backbone.layers.{i}.mixer.conv1d.bias"
+    if not c.tie_embeddings:
+        m["lm_head.weight"] = "lm_head.weight"
+    return m
+
+
+def mamba2_hf_config(c: ModelConfig, tokenizer) -> dict:
+    return {
+        "architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2",
+        "num_heads": c.expand * c.d_model // c.ssm_head_dim, "head_dim": c.ssm_head_dim,
+        "vocab_size": c.vocab_size, "hidden_size": c.d_model, "state_size": c.d_state,
+        "num_hidden_layers": c.n_layers, "layer_norm_epsilon": c.norm_eps, "expand": c.expand,
+        "conv_kernel": c.conv_width, "n_groups": c.n_groups, "use_bias": False, "use_conv_bias": True,
+        "chunk_size": c.chunk_size, "tie_word_embeddings": c.tie_embeddings,
+        "time_step_min": c.dt_min, "time_step_max": c.dt_max, "time_step_floor": c.dt_init_floor,
+        "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.sp.pad_id(),
+        "torch_dtype": "float32",
+    }
+
+
+def hf_names(c: ModelConfig) -> dict[str, str]:
+    return mamba2_to_hf_names(c) if c.family == "mamba2" else griffin_to_hf_names(c)
+
+
+def hf_config(c: ModelConfig, tokenizer) -> dict:
+    return mamba2_hf_config(c, tokenizer) if c.family == "mamba2" else griffin_hf_config(c, tokenizer)
 
 
 def griffin_to_hf_names(c: ModelConfig) -> dict[str, str]:
@@ -75,28 +112,38 @@ def griffin_hf_config(c: ModelConfig, tokenizer) -> dict:
 
 
 def to_hf_state_dict(model, c: ModelConfig) -> dict[str, torch.Tensor]:
-    names = griffin_to_hf_names(c)
-    sd = model.state_dict()
+    names = hf_names(c)
     out = {}
-    for ours, tensor in sd.items():
+    for ours, tensor in model.state_dict().items():
         t = tensor.detach().contiguous()
-        if ours.endswith("temporal_block.conv_weight"):
+        if ours.endswith("conv_weight"):
             t = t[:, None, :].contiguous()  # nn.Conv1d(groups=D) stores (D, 1, W)
         out[names[ours]] = t
     return out
 
 
 def from_hf_state_dict(sd: dict[str, torch.Tensor], c: ModelConfig) -> dict[str, torch.Tensor]:
-    inverse = {hf: ours for ours, hf in griffin_to_hf_names(c).items()}
+    inverse = {hf: ours for ours, hf in hf_names(c).items()}
     out = {}
     for hf, t in sd.items():
         if hf not in inverse:
             continue  # e.g. a tied lm_head.weight
-        out[inverse[hf]] = t[:, 0, :] if hf.endswith("conv_1d.weight") else t
+        out[inverse[hf]] = t[:, 0, :] if inverse[hf].endswith("conv_weight") else t
     return out
 
 
 def hf_config_to_model_config(hf: dict) -> ModelConfig:
+    if hf["model_type"] == "mamba2":
+        return ModelConfig(
+            family="mamba2", block_pattern="M", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"], d_state=hf["state_size"], expand=hf["expand"],
+            ssm_head_dim=hf["head_dim"], n_groups=hf["n_groups"], chunk_size=hf["chunk_size"],
+            conv_width=hf["conv_kernel"], norm_eps=hf["layer_norm_epsilon"],
+            tie_embeddings=hf.get("tie_word_embeddings", False))
+    return griffin_config_from_hf(hf)
+
+
+def griffin_config_from_hf(hf: dict) -> ModelConfig:
     letters = "".join("R" if b == "recurrent" else "A" for b in hf["block_types"])
     rope = hf.get("rope_parameters") or {}
     return ModelConfig(
@@ -125,7 +172,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, fmt: str = "safetensors"
     tmp.mkdir(parents=True)
     try:
         if fmt == "hf":
-            config = griffin_hf_config(c, tokenizer)
+            config = hf_config(c, tokenizer)
             save_file(to_hf_state_dict(model, c), str(tmp / "model.safetensors"), metadata={"format": "pt"})
             write_hf_tokenizer(tokenizer, tmp)
         else:

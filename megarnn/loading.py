@@ -35,11 +35,11 @@ def _load_export(d: Path) -> tuple[RecurrentLM, Tokenizer]:
     sd = load_file(str(d / "model.safetensors"))
     if CONFIG_KEY in config:
         mc = ModelConfig(**config[CONFIG_KEY])
-    elif config.get("model_type") == "recurrent_gemma":
+    elif config.get("model_type") in ("recurrent_gemma", "mamba2"):
         mc = hf_config_to_model_config(config)
         sd = from_hf_state_dict(sd, mc)
     else:
-        raise CheckpointError(f"{d / 'config.json'}: neither a megarnn export nor a RecurrentGemma config")
+        raise CheckpointError(f"{d / 'config.json'}: neither a megarnn export nor a RecurrentGemma / Mamba2 config")
     model = RecurrentLM(mc)
     model.load_state_dict(sd)
     return model, Tokenizer.load(d)

@@ -28,17 +28,23 @@ def _linear(d_in: int, d_out: int, std: float, bias: bool = True) -> nn.Linear:
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * (1 + w), computed in float32; w starts at 0 (RecurrentGemma)."""
+    """x / rms(x) * scale, computed in float32.
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    unit_offset=True: scale = 1 + w with w starting at 0 (RecurrentGemma);
+    unit_offset=False: scale = w starting at 1, applied after casting back (Mamba2).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, unit_offset: bool = True):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.weight.float())).type_as(x)
+        if self.unit_offset:
+            return (y * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * y.type_as(x)
 
 
 class GatedMLP(nn.Module):

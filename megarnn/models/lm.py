@@ -1,8 +1,8 @@
-"""RecurrentLM: embedding -> residual blocks from a pattern ("RRA") -> RMSNorm -> tied head.
+"""RecurrentLM: embedding -> residual blocks from a pattern ("RRA", "M") -> RMSNorm -> head.
 
 Griffin / Hawk as in RecurrentGemma: the embedding is scaled by sqrt(D) (rounded to
 bfloat16, as the reference implementation does) and the logits are soft-capped,
-cap * tanh(logits / cap).
+cap * tanh(logits / cap). Mamba2 as in transformers' Mamba2ForCausalLM: neither.
 
     logits, state = model(tokens)                    # parallel form, tokens (B, T)
     logits, state = model.step(tokens[:, :1], state) # one token, constant memory
@@ -19,6 +19,12 @@ from torch import nn
 
 from megarnn.config import ModelConfig
 from megarnn.models.blocks import ResidualBlock, RMSNorm
+from megarnn.models.mamba2 import Mamba2Block
+
+
+def build_block(c: ModelConfig, kind: str) -> nn.Module:
+    """One layer: forward(x, reset, state, pos) -> (x, state)."""
+    return Mamba2Block(c) if kind == "M" else ResidualBlock(c, kind)
 
 
 class RecurrentLM(nn.Module):
@@ -31,12 +37,14 @@ class RecurrentLM(nn.Module):
         c = self.c = config.resolved()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.d_model)
         nn.init.normal_(self.embed_tokens.weight, std=1 / math.sqrt(c.d_model))
-        self.layers = nn.ModuleList(ResidualBlock(c, kind) for kind in c.block_types())
-        self.final_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.layers = nn.ModuleList(build_block(c, kind) for kind in c.block_types())
+        griffin = c.family in ("griffin", "hawk")
+        self.final_norm = RMSNorm(c.d_model, c.norm_eps, unit_offset=griffin)
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
         if self.lm_head is not None:
             nn.init.normal_(self.lm_head.weight, std=1 / math.sqrt(c.d_model))
-        self.embed_scale = torch.tensor(math.sqrt(c.d_model), dtype=torch.bfloat16).item()
+        self.embed_scale = torch.tensor(math.sqrt(c.d_model), dtype=torch.bfloat16).item() if griffin else 1.0
+        self.soft_cap = c.logits_soft_cap if griffin else 0.0
 
     def forward(self, tokens: torch.Tensor, state: dict | None = None,
                 reset: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
@@ -62,7 +70,7 @@ class RecurrentLM(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = nn.functional.linear(x, weight)
-        cap = self.c.logits_soft_cap
+        cap = self.soft_cap
         return torch.tanh(logits / cap) * cap if cap > 0 else logits
 
     @torch.no_grad()
@@ -80,8 +88,10 @@ class RecurrentLM(nn.Module):
         forward = 2 x (every weight used in a matmul, including the output head even when
         tied, the block-diagonal gates and the conv taps)
                 + per attention layer 2 x 2 x n_heads x head_dim x (mean keys attended),
-        where a query at position i attends min(i + 1, window) keys. Elementwise work
-        (gates, scan, norms) is left out, as in the PaLM / Megatron convention.
+        where a query at position i attends min(i + 1, window) keys,
+                + per Mamba2 layer and head 2 x (N + P) x (mean positions seen inside a chunk
+                of Q = min(chunk_size, seq_len): (Q + 1) / 2) + 4 x P x N (state in and out).
+        Elementwise work (gates, scan, norms) is left out, as in the PaLM / Megatron convention.
         """
         c = self.c
         matmul = sum(p.numel() for n, p in self.named_parameters()
@@ -90,4 +100,8 @@ class RecurrentLM(nn.Module):
         keys = sum(min(i + 1, c.attention_window) for i in range(seq_len)) / seq_len
         n_attn = sum(1 for k in c.block_types() if k == "A")
         attn = n_attn * 2 * 2 * c.n_heads * c.head_dim * keys
-        return 3 * (2 * matmul + attn)
+        n_ssd = sum(1 for k in c.block_types() if k == "M")
+        q = min(c.chunk_size, seq_len)
+        heads = c.expand * c.d_model // c.ssm_head_dim
+        ssd = n_ssd * heads * (2 * (c.d_state + c.ssm_head_dim) * (q + 1) / 2 + 4 * c.ssm_head_dim * c.d_state)
+        return 3 * (2 * matmul + attn + ssd)

@@ -46,3 +46,26 @@ def test_logits_equal_transformers_recurrent_gemma(pattern, window):
     back = RecurrentLM(hf_config_to_model_config(griffin_hf_config(c, _Tok)))
     back.load_state_dict(from_hf_state_dict(hf.state_dict(), c))
     torch.testing.assert_close(back(tokens)[0], got, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("T,chunk", [(20, 8), (7, 64)])
+def test_mamba2_logits_equal_transformers(T, chunk):
+    from megarnn.export import hf_config, hf_names
+    c = ModelConfig(family="mamba2", block_pattern="M", vocab_size=101, d_model=32, n_layers=3, d_state=8,
+                    ssm_head_dim=16, n_groups=2, chunk_size=chunk, norm_eps=1e-5, tie_embeddings=True)
+    ours = RecurrentLM(c)
+    _randomize(ours)
+    cfg = {k: v for k, v in hf_config(c, _Tok).items() if k not in ("architectures", "model_type", "torch_dtype")}
+    hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**cfg)).eval()
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours, c), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    assert len(hf_names(c)) == len(list(ours.parameters()))
+    hf.tie_weights()
+    tokens = torch.randint(0, 101, (2, T))
+    with torch.no_grad():
+        expect = hf(tokens, use_cache=False).logits
+        got, _ = ours(tokens)
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+    back = RecurrentLM(hf_config_to_model_config({"model_type": "mamba2", **cfg}))
+    back.load_state_dict(from_hf_state_dict(hf.state_dict(), c))
+    torch.testing.assert_close(back(tokens)[0], got, rtol=0, atol=0)

@@ -1,0 +1,100 @@
+"""SSD, the state-space scan of Mamba2 (Dao & Gu 2024, "Transformers are SSMs", sec. 6).
+
+Per head h (P channels, state N), with B_t, C_t read from group h // (H // G):
+    S_t = exp(dt_t A_h) S_{t-1} + dt_t x_t B_t^T        S: (P, N)
+    y_t = S_t C_t + D_h x_t
+A document reset at t drops S_{t-1} (the state restarts from zero).
+
+Backends:
+  "reference"  the textbook loop above; the judge for every other backend.
+  "torch"      the chunked algorithm: inside each chunk of Q steps the output is a masked
+               (Q x Q) matrix product (the "attention-like" diagonal block); chunk states
+               are passed from chunk to chunk by a short loop (T / Q steps). Resets enter
+               as masks on which segments of decay may be crossed, never as -inf logs, so
+               no log-space subtraction loses precision.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("reference", "torch")
+
+
+def ssd_scan(x, dt, A, B, C, D=None, chunk_size: int = 64, initial_state=None, reset=None,
+             backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (B, T, H, P); dt: (B, T, H) > 0; A: (H,) < 0; B, C: (B, T, G, N); D: (H,) or None;
+    initial_state: (B, H, P, N); reset: (B, T) bool -> y: (B, T, H, P), final state (B, H, P, N).
+
+    Accumulates in float32 (float64 for float64 inputs); y has the dtype of x.
+    """
+    b, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    if dt.shape != (b, T, H) or A.shape != (H,) or B.shape != C.shape or B.shape[:2] != (b, T) or H % G:
+        raise ValueError(f"ssd_scan: expected x (B,T,H,P), dt (B,T,H), A (H,), B = C (B,T,G,N) with H % G == 0; "
+                         f"got x {tuple(x.shape)}, dt {tuple(dt.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, "
+                         f"C {tuple(C.shape)}")
+    backend = backend or "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"ssd_scan: unknown backend {backend!r}; expected one of {BACKENDS}")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rep = H // G
+    Bh = B.to(acc).repeat_interleave(rep, dim=2)  # (b, T, H, N)
+    Ch = C.to(acc).repeat_interleave(rep, dim=2)
+    s0 = x.new_zeros(b, H, P, N, dtype=acc) if initial_state is None else initial_state.to(acc)
+    fn = _ssd_reference if backend == "reference" or T == 1 else _ssd_chunked
+    y, state = fn(x.to(acc), dt.to(acc), A.to(acc), Bh, Ch, s0, reset, chunk_size)
+    if D is not None:
+        y = y + D.to(acc)[:, None] * x.to(acc)
+    return y.to(x.dtype), state
+
+
+def _ssd_reference(x, dt, A, B, C, state, reset, chunk_size):
+    ys = []
+    for t in range(x.shape[1]):
+        decay = torch.exp(dt[:, t] * A)  # (b, H)
+        if reset is not None:
+            decay = decay * ~reset[:, t, None]
+        state = decay[..., None, None] * state + torch.einsum("bh,bhp,bhn->bhpn", dt[:, t], x[:, t], B[:, t])
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
+    return torch.stack(ys, 1), state
+
+
+def _ssd_chunked(x, dt, A, B, C, state, reset, Q):
+    b, T, H, P = x.shape
+    pad = (-T) % Q
+    if reset is None:
+        reset = torch.zeros(b, T, dtype=torch.bool, device=x.device)
+    if pad:  # dt = 0 on padding: decay 1 and no input, so the final state is unchanged
+        x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+        reset = F.pad(reset, (0, pad))
+    nc = x.shape[1] // Q
+    x, dt, B, C = (t.reshape(b, nc, Q, *t.shape[2:]) for t in (x, dt, B, C))
+    seg = torch.cumsum(reset.reshape(b, nc, Q).to(torch.int32), dim=2)  # resets so far in the chunk
+    xdt = x * dt[..., None]  # (b, c, l, H, P)
+    Acs = torch.cumsum(dt * A, dim=2)  # (b, c, l, H): log decay from the chunk start through l
+
+    # 1. Inside a chunk: y_l += sum_{s <= l, same segment} C_l.B_s exp(Acs_l - Acs_s) xdt_s.
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+    same = causal & (seg[:, :, :, None] == seg[:, :, None, :])  # (b, c, l, s)
+    diff = Acs[:, :, :, None, :] - Acs[:, :, None, :, :]  # (b, c, l, s, H)
+    L = torch.exp(diff.masked_fill(~same[..., None], float("-inf")))
+    scores = torch.einsum("bclhn,bcshn->bclsh", C, B) * L
+    y = torch.einsum("bclsh,bcshp->bclhp", scores, xdt)
+
+    # 2. What each chunk adds to the state by its end (inputs after the chunk's last reset).
+    to_end = torch.exp(Acs[:, :, -1:] - Acs) * (seg == seg[:, :, -1:])[..., None]  # (b, c, l, H)
+    chunk_states = torch.einsum("bclhn,bclh,bclhp->bchpn", B, to_end, xdt)
+
+    # 3. Pass states from chunk to chunk; a chunk with a reset lets nothing through.
+    through = torch.exp(Acs[:, :, -1]) * (seg[:, :, -1] == 0)[..., None]  # (b, c, H)
+    starts = []
+    for c in range(nc):
+        starts.append(state)
+        state = through[:, c, :, None, None] * state + chunk_states[:, c]
+    starts = torch.stack(starts, 1)  # (b, c, H, P, N)
+
+    # 4. The incoming state's share of each output, until the chunk's first reset.
+    from_start = torch.exp(Acs) * (seg == 0)[..., None]  # (b, c, l, H)
+    y = y + torch.einsum("bclhn,bchpn,bclh->bclhp", C, starts, from_start)
+    return y.reshape(b, nc * Q, H, P)[:, :T], state
