@@ -26,7 +26,7 @@ import yaml
 from megarnn.errors import ConfigError
 
 
-FAMILY_BLOCKS = {"griffin": "RA", "hawk": "R", "mamba2": "M"}
+FAMILY_BLOCKS = {"griffin": "RA", "hawk": "R", "mamba2": "M", "pararnn": "GL"}
 
 
 @dataclass
@@ -34,9 +34,12 @@ class ModelConfig:
     """Shape of a RecurrentLM. Names follow RecurrentGemma (Griffin) and Mamba2 where they exist.
 
     block_pattern repeats over the layers: "R" = recurrent (RG-LRU) block, "A" = local
-    multi-query attention block, "M" = Mamba2 block. Families: "hawk" ("R"), "griffin"
-    (e.g. "RRA", RecurrentGemma), "mamba2" ("M": no embedding scale, no logit cap, plain
-    RMSNorm, as transformers' Mamba2ForCausalLM).
+    multi-query attention block, "M" = Mamba2 block, "G" / "L" = paraGRU / paraLSTM block
+    (Newton-solved). Families: "hawk" ("R"), "griffin" (e.g. "RRA", RecurrentGemma),
+    "mamba2" ("M": no embedding scale, no logit cap, plain RMSNorm, as transformers'
+    Mamba2ForCausalLM), "pararnn" ("G" or "L": Griffin's residual block around the
+    ParaRNN mixer, no embedding scale or logit cap). lru_width is the recurrent width of
+    both RG-LRU and ParaRNN cells.
     """
 
     family: str = "griffin"
@@ -67,6 +70,9 @@ class ModelConfig:
     dt_min: float = 0.001
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
+    # ParaRNN blocks: Newton solve limits; tolerance 0 picks one from the dtype (1e-5 in float32)
+    newton_max_iters: int = 10
+    newton_tol: float = 0.0
     scan_backend: str = ""  # "" picks the fastest that runs here; "torch" is the reference
 
     @classmethod
@@ -99,7 +105,7 @@ class ModelConfig:
             raise ConfigError(
                 f"model.block_pattern={self.block_pattern!r} does not fit model.family={self.family!r}: use a "
                 f"non-empty string of {' / '.join(repr(a) for a in allowed)} (R = RG-LRU block, A = local "
-                "attention block, M = Mamba2 block)")
+                "attention block, M = Mamba2 block, G / L = paraGRU / paraLSTM block)")
         if self.family == "mamba2":
             _divides(self.expand * self.d_model, self.ssm_head_dim, "model.expand * model.d_model", "model.ssm_head_dim")
             _divides(self.expand * self.d_model // self.ssm_head_dim, self.n_groups, "the Mamba2 head count", "model.n_groups")

@@ -59,10 +59,18 @@ def mamba2_hf_config(c: ModelConfig, tokenizer) -> dict:
 
 
 def hf_names(c: ModelConfig) -> dict[str, str]:
+    _check_hf_family(c)
     return mamba2_to_hf_names(c) if c.family == "mamba2" else griffin_to_hf_names(c)
 
 
+def _check_hf_family(c: ModelConfig) -> None:
+    if c.family not in ("griffin", "hawk", "mamba2"):
+        raise ExportError(f"model.family={c.family!r} has no Hugging Face transformers architecture; "
+                          "export with --format safetensors (megarnn.load reads it)")
+
+
 def hf_config(c: ModelConfig, tokenizer) -> dict:
+    _check_hf_family(c)
     return mamba2_hf_config(c, tokenizer) if c.family == "mamba2" else griffin_hf_config(c, tokenizer)
 
 

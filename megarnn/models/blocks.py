@@ -12,6 +12,7 @@ from torch import nn
 
 from megarnn.config import ModelConfig
 from megarnn.models.cells import RGLRU
+from megarnn.models.pararnn import ParaRNNMixer
 from megarnn.ops import causal_conv1d, sliding_window_attention
 
 
@@ -131,6 +132,16 @@ class LocalAttentionBlock(nn.Module):
         return self.o_proj(out.flatten(-2)), cache
 
 
+def temporal_mixer(c: ModelConfig, kind: str) -> nn.Module:
+    """The mixer for one block letter: forward(x, reset, state[, pos]) -> (y, state)."""
+    if kind == "R":
+        return RecurrentBlock(c)
+    if kind == "A":
+        return LocalAttentionBlock(c)
+    return ParaRNNMixer(c.d_model, c.lru_width, c.n_heads, c.conv_width, {"G": "gru", "L": "lstm"}[kind],
+                        c.newton_max_iters, c.newton_tol or None)
+
+
 class ResidualBlock(nn.Module):
     """Pre-norm residual block around one temporal mixer and one gated MLP."""
 
@@ -138,7 +149,7 @@ class ResidualBlock(nn.Module):
         super().__init__()
         self.kind = kind
         self.temporal_pre_norm = RMSNorm(c.d_model, c.norm_eps)
-        self.temporal_block = RecurrentBlock(c) if kind == "R" else LocalAttentionBlock(c)
+        self.temporal_block = temporal_mixer(c, kind)
         self.channel_pre_norm = RMSNorm(c.d_model, c.norm_eps)
         self.mlp_block = GatedMLP(c)
 

@@ -2,7 +2,8 @@
 
 Griffin / Hawk as in RecurrentGemma: the embedding is scaled by sqrt(D) (rounded to
 bfloat16, as the reference implementation does) and the logits are soft-capped,
-cap * tanh(logits / cap). Mamba2 as in transformers' Mamba2ForCausalLM: neither.
+cap * tanh(logits / cap). Mamba2 as in transformers' Mamba2ForCausalLM, and ParaRNN:
+neither.
 
     logits, state = model(tokens)                    # parallel form, tokens (B, T)
     logits, state = model.step(tokens[:, :1], state) # one token, constant memory
@@ -39,7 +40,7 @@ class RecurrentLM(nn.Module):
         nn.init.normal_(self.embed_tokens.weight, std=1 / math.sqrt(c.d_model))
         self.layers = nn.ModuleList(build_block(c, kind) for kind in c.block_types())
         griffin = c.family in ("griffin", "hawk")
-        self.final_norm = RMSNorm(c.d_model, c.norm_eps, unit_offset=griffin)
+        self.final_norm = RMSNorm(c.d_model, c.norm_eps, unit_offset=c.family != "mamba2")
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
         if self.lm_head is not None:
             nn.init.normal_(self.lm_head.weight, std=1 / math.sqrt(c.d_model))
@@ -78,6 +79,16 @@ class RecurrentLM(nn.Module):
              reset: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Decode one step: tokens (B, 1) -> logits (B, 1, V), state. Memory does not grow with time."""
         return self(tokens, state, reset)
+
+    def solver_stats(self) -> dict[str, float]:
+        """The last forward's Newton solve per ParaRNN layer: {"newton/iters/layer_3": ...}."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            stats = getattr(getattr(layer, "temporal_block", None), "last_stats", None)
+            if stats:
+                out[f"newton/iters/layer_{i}"] = float(stats["iters"])
+                out[f"newton/residual/layer_{i}"] = float(stats["residual"])
+        return out
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

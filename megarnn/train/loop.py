@@ -154,7 +154,8 @@ def train(cfg: Config) -> dict[str, float]:
             log.scalars(step, {
                 "train/loss": window_loss / window_n, "train/lr": engine.get_lr()[0],
                 "train/grad_norm": grad_norm, "train/tokens_per_sec": tps,
-                "train/mfu": flops_per_token * tps / peak, "train/skipped_steps": skipped})
+                "train/mfu": flops_per_token * tps / peak, "train/skipped_steps": skipped,
+                **model.solver_stats()})
             window_loss, window_n, t0 = 0.0, 0, time.perf_counter()
         if val_ds is not None and (step % t.eval_interval == 0 or step == end):
             val = evaluate(engine.module, val_ds, cfg.data.seq_len, device=device)

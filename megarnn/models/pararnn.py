@@ -1,0 +1,206 @@
+"""ParaRNN cells and mixer: GRU / LSTM with diagonal recurrences, trained by a Newton solve.
+
+Danieli et al. 2025, "ParaRNN" (arXiv:2510.21450), section 3. The recurrent weights are
+diagonal (vectors a_*), so each channel's next state depends only on its own previous
+state and the Jacobian dh_t/dh_{t-1} is diagonal (GRU) or 2x2 per channel (LSTM, state
+(c, h)); megarnn.ops.newton solves all T steps in parallel. The input maps B_* are
+block-diagonal over heads ("multi-head"), one BlockDiagonalLinear per gate, with the
+gate biases b_* inside them; they are applied to the whole sequence before the solve
+(`project`), so the cells' steps see pre-activations only.
+
+ParaGRU (eq. 3.1a), per channel:
+    z_t = sigmoid(a_z h_{t-1} + B_z x_t + b_z)                update gate
+    r_t = sigmoid(a_r h_{t-1} + B_r x_t + b_r)                reset gate
+    c_t = tanh(a_c (r_t h_{t-1}) + B_c x_t + b_c)             candidate
+    h_t = (1 - z_t) h_{t-1} + z_t c_t
+
+ParaLSTM (eq. 3.1b): coupled input-forget gate (i = 1 - f) and peepholes p_f, p_o:
+    f_t = sigmoid(a_f h_{t-1} + p_f c_{t-1} + B_f x_t + b_f)
+    z_t = tanh(a_z h_{t-1} + B_z x_t + b_z)
+    c_t = f_t c_{t-1} + (1 - f_t) z_t
+    o_t = sigmoid(a_o h_{t-1} + p_o c_t + B_o x_t + b_o)      (peephole on the new c_t)
+    h_t = o_t tanh(c_t)
+The Newton state is [c | h] (S = 2 * hidden); the layer reads out h.
+
+ParaRNNMixer (the paper's RNN block, Fig. 9 / Mamba2-like): in_proj -> (u, gate);
+u -> causal depthwise conv -> SiLU -> cell (Newton) -> RMSNorm(h) * SiLU(gate) -> out_proj.
+The residual connection and the pre-norm belong to the enclosing block.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from megarnn.models.cells import BlockDiagonalLinear
+from megarnn.ops.conv import causal_conv1d
+from megarnn.ops.newton import DEFAULT_MAX_ITERS, NewtonCell, newton_solve
+
+
+def _recurrent_init(n: int, width: int) -> nn.Parameter:
+    """n diagonal recurrent vectors (n, width): truncated normal, std 1/sqrt(width) in [-0.9, 0.9].
+
+    The training recipe of apple/ml-pararnn ("xavier_gaussian" for A); small |a| keeps the
+    Jacobians, and so the Newton solve, well conditioned.
+    """
+    w = torch.empty(n, width)
+    nn.init.trunc_normal_(w, std=1 / math.sqrt(width), a=-0.9, b=0.9)
+    return nn.Parameter(w)
+
+
+class _MultiHeadInput(nn.Module):
+    """Gate pre-activations B_g x + b_g, each B_g block-diagonal over heads. (..., W) -> (..., G, W)."""
+
+    def __init__(self, n_gates: int, width: int, n_heads: int):
+        super().__init__()
+        if width % n_heads:
+            raise ValueError(f"ParaRNN: hidden width {width} must be divisible by n_heads {n_heads}")
+        hw = width // n_heads
+        # Variance 1/fan_in per head (kaiming); biases start at zero.
+        self.gates = nn.ModuleList(BlockDiagonalLinear(n_heads, hw, 1 / math.sqrt(hw)) for _ in range(n_gates))
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return torch.stack([g(u) for g in self.gates], dim=-2)
+
+
+class ParaGRUCell(NewtonCell):
+    """ParaGRU (module docstring). project: (B, T, W) -> (B, T, 3, W) = (z, r, c) inputs; state (B, W)."""
+
+    jacobian_structure = "diagonal"
+
+    def __init__(self, width: int, n_heads: int):
+        super().__init__()
+        self.state_size = width
+        self.project = _MultiHeadInput(3, width, n_heads)
+        self.recurrent = _recurrent_init(3, width)  # a_z, a_r, a_c
+
+    def _gates(self, h, x):
+        xz, xr, xc = x.unbind(-2)
+        a_z, a_r, a_c = self.recurrent
+        z = torch.sigmoid(xz + a_z * h)
+        r = torch.sigmoid(xr + a_r * h)
+        c = torch.tanh(xc + a_c * (r * h))
+        return z, r, c
+
+    def step(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """h: (..., W); x: (..., 3, W) -> (..., W)."""
+        z, _, c = self._gates(h, x)
+        return (1 - z) * h + z * c
+
+    def linearize(self, h_prev, x):
+        """f and its diagonal Jacobian (paper eq. 3.2a):
+        J = (1 - z) + (c - h) z' a_z + z c' a_c (r + h r' a_r), with s' the activations' slopes."""
+        z, r, c = self._gates(h_prev, x)
+        a_z, a_r, a_c = self.recurrent
+        dr = r * (1 - r) * a_r
+        jac = (1 - z) + (c - h_prev) * z * (1 - z) * a_z + z * (1 - c * c) * a_c * (r + h_prev * dr)
+        return (1 - z) * h_prev + z * c, jac
+
+
+class ParaLSTMCell(NewtonCell):
+    """ParaLSTM (module docstring). project: (B, T, W) -> (B, T, 3, W) = (f, z, o) inputs;
+    state (B, 2W) = [c | h]; 2x2-block Jacobian per channel."""
+
+    jacobian_structure = "block2"
+
+    def __init__(self, width: int, n_heads: int):
+        super().__init__()
+        self.width, self.state_size = width, 2 * width
+        self.project = _MultiHeadInput(3, width, n_heads)
+        self.recurrent = _recurrent_init(3, width)  # a_f, a_z, a_o
+        self.peephole = _recurrent_init(2, width)   # p_f, p_o
+
+    def _gates(self, state, x):
+        c, h = state.chunk(2, dim=-1)
+        xf, xz, xo = x.unbind(-2)
+        a_f, a_z, a_o = self.recurrent
+        p_f, p_o = self.peephole
+        f = torch.sigmoid(xf + a_f * h + p_f * c)
+        z = torch.tanh(xz + a_z * h)
+        c_new = f * c + (1 - f) * z
+        o = torch.sigmoid(xo + a_o * h + p_o * c_new)
+        return c, h, f, z, c_new, o
+
+    def step(self, state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """state: (..., 2W) = [c | h]; x: (..., 3, W) -> (..., 2W)."""
+        _, _, _, _, c_new, o = self._gates(state, x)
+        return torch.cat([c_new, o * torch.tanh(c_new)], dim=-1)
+
+    def linearize(self, state_prev, x):
+        """f and the per-channel 2x2 Jacobian d(c_t, h_t)/d(c_{t-1}, h_{t-1}) (paper eq. 3.2b)."""
+        c, h, f, z, c_new, o = self._gates(state_prev, x)
+        a_f, a_z, a_o = self.recurrent
+        p_f, p_o = self.peephole
+        tc = torch.tanh(c_new)
+        df = f * (1 - f)
+        dcc = f + (c - z) * df * p_f                          # dc_t/dc_{t-1}
+        dch = (c - z) * df * a_f + (1 - f) * (1 - z * z) * a_z  # dc_t/dh_{t-1}
+        do = o * (1 - o)
+        dh_dcnew = tc * do * p_o + o * (1 - tc * tc)         # dh_t/dc_t, through o_t and tanh
+        dhc = dh_dcnew * dcc
+        dhh = tc * do * a_o + dh_dcnew * dch
+        jac = torch.stack([torch.stack([dcc, dch], -1), torch.stack([dhc, dhh], -1)], -2)
+        return torch.cat([c_new, o * tc], dim=-1), jac
+
+    def output(self, state: torch.Tensor) -> torch.Tensor:
+        return state[..., self.width:]
+
+
+CELLS = {"gru": ParaGRUCell, "lstm": ParaLSTMCell}
+
+
+class GatedRMSNorm(nn.Module):
+    """rms_norm(y) * w * silu(gate), normalised in float32 (Mamba2-style output gate)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        yf = y.float() if y.dtype not in (torch.float32, torch.float64) else y
+        yf = yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (yf * self.weight).to(gate.dtype) * nn.functional.silu(gate)
+
+
+class ParaRNNMixer(nn.Module):
+    """ParaRNN temporal mixer. (B, T, d_model) -> (B, T, d_model).
+
+    State: {"conv": (B, conv_width - 1, hidden), "h": (B, S)} with S = hidden (GRU) or
+    2 * hidden (LSTM, [c | h]); h is float32 (float64 for a float64 model). The last
+    Newton stats ({"iters", "residual", "fallback", "converged"}) are in self.last_stats.
+    """
+
+    def __init__(self, d_model: int, hidden: int, n_heads: int, conv_width: int = 4, cell: str = "gru",
+                 max_iters: int = DEFAULT_MAX_ITERS, tol: float | None = None, strict: bool = True,
+                 backend: str | None = None):
+        super().__init__()
+        if cell not in CELLS:
+            raise ValueError(f"ParaRNNMixer: unknown cell {cell!r}; expected one of {sorted(CELLS)}")
+        self.in_proj = nn.Linear(d_model, 2 * hidden, bias=False)  # (u, gate)
+        nn.init.normal_(self.in_proj.weight, std=1 / math.sqrt(d_model))
+        self.conv_weight = nn.Parameter(torch.empty(hidden, conv_width).uniform_(-1, 1) / math.sqrt(conv_width))
+        self.conv_bias = nn.Parameter(torch.zeros(hidden))
+        self.cell = CELLS[cell](hidden, n_heads)
+        self.norm = GatedRMSNorm(hidden)
+        self.out_proj = nn.Linear(hidden, d_model, bias=False)
+        nn.init.normal_(self.out_proj.weight, std=1 / math.sqrt(hidden))
+        self.solve_kwargs = {"max_iters": max_iters, "tol": tol, "strict": strict, "backend": backend}
+        self.last_stats: dict = {}
+
+    def forward(self, x: torch.Tensor, reset: torch.Tensor | None = None,
+                state: dict | None = None) -> tuple[torch.Tensor, dict]:
+        """x: (B, T, d_model); reset: (B, T) bool, True at document starts -> y (B, T, d_model), state."""
+        state = state or {}
+        u, gate = self.in_proj(x).chunk(2, dim=-1)
+        u, conv_state = causal_conv1d(u, self.conv_weight, self.conv_bias, state.get("conv"), reset)
+        u = nn.functional.silu(u)
+        # The solve runs in float32 at least: Newton's residual test needs the precision.
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        stats: dict = {}
+        h = newton_solve(self.cell, self.cell.project(u).to(acc), state.get("h"), reset=reset,
+                         stats=stats, **self.solve_kwargs)
+        self.last_stats = stats
+        y = self.norm(self.cell.output(h), gate)
+        return self.out_proj(y), {"conv": conv_state, "h": h[:, -1]}

@@ -1,0 +1,342 @@
+"""Newton parallel solve of a nonlinear recurrence h_t = f(h_{t-1}, x_t) (ParaRNN).
+
+Danieli et al. 2025, "ParaRNN: Unlocking Parallel Training of Nonlinear RNNs for Large
+Language Models" (arXiv:2510.21450), building on DEER (Lim et al. 2024). All T states
+are the unknowns of one system of equations, r_t(h) = h_t - f(h_{t-1}, x_t) = 0, solved
+by Newton's method. Linearising f around the current iterate gives the update
+
+    delta_t = J_t delta_{t-1} - r_t,    J_t = df/dh (h_{t-1}, x_t),    h <- h + delta
+
+which is itself a linear recurrence: a diagonal linear scan when J_t is diagonal
+(ParaGRU) or a scan over 2x2 blocks per channel (ParaLSTM, state (c, h)). With an exact
+Jacobian Newton is exact after at most T iterations (the error at step t vanishes after
+iteration t) and in practice converges quadratically in a handful (paper App. A: 3).
+
+Initial guess (paper eq. A.1): h_t = f(0, x_t), except h_0 = f(h0, x_0), which is then
+already exact.
+
+Backward (paper eq. 2.6) does not unroll the iterations: at the solution h* the adjoint
+lambda = dL/d(h*) through the recurrence solves the reverse linear recurrence
+
+    lambda_t = g_t + J_{t+1}^T lambda_{t+1}         (g = dL/dh, the incoming gradient)
+
+and the gradients to x, to the cell parameters and to h0 are one vector-Jacobian
+product of f(h*_{t-1}, x_t) with lambda_t, for all t at once.
+
+Document resets: where reset[:, t] is True, h_{t-1} is replaced by 0, so J_t = 0 and
+neither the solve nor the adjoint crosses the boundary.
+
+Backends: "sequential" (the textbook loop, differentiated by autograd: the reference)
+and "torch" (Newton with the adjoint backward; the default). A "triton" backend can be
+added to BACKENDS later without changing callers.
+
+Convergence policy (newton_solve's `strict`): with strict=True (default) the result is
+always the solution to tol: when Newton does not reach tol in max_iters iterations, or
+diverges (a non-finite residual, or one that grows DIVERGENCE_FACTOR times above the
+best so far), the sequential solve is run instead, logged on the "megarnn.newton" logger
+and reported as stats["fallback"] = True. With strict=False (the paper's fixed-iteration
+mode, e.g. max_iters=3, tol=0) the last iterate is returned and stats["converged"] says
+whether it met tol; only divergence falls back.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+from megarnn.ops.scan import linear_scan
+
+BACKENDS = ("sequential", "torch")
+STRUCTURES = ("diagonal", "block2")
+DEFAULT_MAX_ITERS = 10
+# A residual this many times above the best seen so far means Newton is diverging.
+DIVERGENCE_FACTOR = 1e3
+
+logger = logging.getLogger("megarnn.newton")
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """Residual max-norm accepted as converged, per compute dtype (states are O(1))."""
+    return {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+
+
+class NewtonCell(nn.Module):
+    """A recurrent cell h_new = f(h, x) that newton_solve can run in parallel over time.
+
+    A subclass sets `state_size` (S) and `jacobian_structure`, and writes `step`:
+      - "diagonal": dh_new/dh is diagonal; jacobian (..., S).
+      - "block2": the state is two halves [s0 | s1] (S = 2 * D) and dh_new/dh couples
+        only (s0[d], s1[d]) per channel d; jacobian (..., D, 2, 2), J[..., d, i, j] =
+        d s_new_i[d] / d s_j[d] (row = output, column = input).
+    step must be elementwise over leading dims, so the same code runs one step
+    (h (B, S), x (B, ...)) and all steps at once (h (B, T, S), x (B, T, ...)).
+    `linearize` may be overridden with an analytic Jacobian; by default it uses forward-
+    mode autograd (jvp with ones; two jvps with the (1, 0) / (0, 1) pattern for block2).
+    """
+
+    jacobian_structure: str = "diagonal"
+    state_size: int
+
+    def step(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """One recurrence step. h: (..., S); x: (..., *input) -> (..., S)."""
+        raise NotImplementedError
+
+    def linearize(self, h_prev: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """f(h_prev, x) and its Jacobian w.r.t. h_prev (layout in the class docstring)."""
+        return self.autograd_linearize(h_prev, x)
+
+    def jacobian(self, h_prev: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.linearize(h_prev, x)[1]
+
+    def autograd_linearize(self, h_prev: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The default linearize: the structured Jacobian from jvps of step()."""
+        f = lambda h: self.step(h, x)  # noqa: E731
+        _warm_up_forward_ad()
+        if self.jacobian_structure == "diagonal":
+            # Exact because dh_new/dh is diagonal: J @ ones is the diagonal.
+            return torch.func.jvp(f, (h_prev,), (torch.ones_like(h_prev),))
+        ones, zeros = torch.ones_like(h_prev[..., ::2]), torch.zeros_like(h_prev[..., ::2])
+        out, col0 = torch.func.jvp(f, (h_prev,), (torch.cat([ones, zeros], -1),))
+        _, col1 = torch.func.jvp(f, (h_prev,), (torch.cat([zeros, ones], -1),))
+        return out, torch.stack([_pairs(col0), _pairs(col1)], dim=-1)
+
+    def output(self, h: torch.Tensor) -> torch.Tensor:
+        """What the layer reads out of the state (the whole state unless overridden)."""
+        return h
+
+    def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None, reset: torch.Tensor | None = None,
+                **solve_kwargs) -> torch.Tensor:
+        """All states (B, T, S) for inputs x (B, T, ...); see newton_solve."""
+        return newton_solve(self, x, h0, reset=reset, **solve_kwargs)
+
+
+@functools.cache
+def _warm_up_forward_ad() -> None:
+    """Run one tiny jvp with DeprecationWarning silenced: on first use torch (2.13) builds its
+    jvp decompositions with the deprecated torch.jit.script, which warns once per process."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.func.jvp(torch.sin, (torch.zeros(()),), (torch.ones(()),))
+
+
+def _pairs(s: torch.Tensor) -> torch.Tensor:
+    """(..., 2D) halves [s0 | s1] -> (..., D, 2) pairs (s0[d], s1[d])."""
+    return s.unflatten(-1, (2, -1)).transpose(-1, -2)
+
+
+def _unpairs(p: torch.Tensor) -> torch.Tensor:
+    """(..., D, 2) -> (..., 2D), the inverse of _pairs."""
+    return p.transpose(-1, -2).flatten(-2)
+
+
+def block2_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None,
+                reverse: bool = False) -> torch.Tensor:
+    """h_t = a_t @ h_{t-1} + b_t with one 2x2 matrix per channel (reference loop over T).
+
+    a: (B, T, D, 2, 2); b: (B, T, D, 2); h0: (B, D, 2) or None (zeros). reverse=True runs
+    from t = T-1 down to 0 (h_t = a_t @ h_{t+1} + b_t). Returns (B, T, D, 2) in b's dtype,
+    accumulated in float32 (float64 when b is float64). Differentiable by autograd.
+    """
+    if a.dim() != 5 or a.shape[-2:] != (2, 2) or b.shape != a.shape[:-1]:
+        raise ValueError(f"block2_scan: a must be (B, T, D, 2, 2) and b (B, T, D, 2); "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
+    B, T, D, _ = b.shape
+    if h0 is not None and h0.shape != (B, D, 2):
+        raise ValueError(f"block2_scan: h0 must be (B, D, 2) = {(B, D, 2)}; got {tuple(h0.shape)}")
+    if reverse:
+        return block2_scan(a.flip(1), b.flip(1), h0).flip(1)
+    acc = torch.float64 if b.dtype == torch.float64 else torch.float32
+    a, bb = a.to(acc), b.to(acc)
+    h = bb.new_zeros(B, D, 2) if h0 is None else h0.to(acc)
+    out = []
+    for t in range(T):
+        h = (a[:, t] * h.unsqueeze(-2)).sum(-1) + bb[:, t]  # row i: sum_j a_ij h_j
+        out.append(h)
+    return torch.stack(out, dim=1).to(b.dtype)
+
+
+def _solve_linear(j: torch.Tensor, b: torch.Tensor, structure: str, reverse: bool = False) -> torch.Tensor:
+    """y_t = j_t y_{t-1} + b_t (or from the end when reverse). b: (B, T, S); j per structure."""
+    if structure == "diagonal":
+        return linear_scan(j, b, reverse=reverse)
+    return _unpairs(block2_scan(j, _pairs(b), reverse=reverse))
+
+
+def _transpose(j: torch.Tensor, structure: str) -> torch.Tensor:
+    return j if structure == "diagonal" else j.transpose(-1, -2)
+
+
+def _prev_states(h: torch.Tensor, h0: torch.Tensor, reset: torch.Tensor | None) -> torch.Tensor:
+    """h_{t-1} for every t: (B, T, S) from h (B, T, S) and h0 (B, S); zero where reset."""
+    prev = torch.cat([h0.unsqueeze(1).to(h.dtype), h[:, :-1]], dim=1)
+    return prev if reset is None else prev.masked_fill(reset.unsqueeze(-1), 0.0)
+
+
+def _mask_jacobian(j: torch.Tensor, reset: torch.Tensor | None) -> torch.Tensor:
+    """J_t = 0 where reset[:, t]: h_{t-1} is replaced by a constant there."""
+    if reset is None:
+        return j
+    return j.masked_fill(reset.reshape(*reset.shape, *([1] * (j.dim() - 2))), 0.0)
+
+
+def sequential_solve(cell: NewtonCell, x: torch.Tensor, h0: torch.Tensor | None = None,
+                     reset: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference: h_t = f(h_{t-1}, x_t) one step at a time. Shapes as newton_solve."""
+    h = _zeros_state(cell, x) if h0 is None else h0
+    out = []
+    for t in range(x.shape[1]):
+        if reset is not None:
+            h = h.masked_fill(reset[:, t, None], 0.0)
+        h = cell.step(h, x[:, t])
+        out.append(h)
+    return torch.stack(out, dim=1)
+
+
+def _zeros_state(cell: NewtonCell, x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(x.shape[0], cell.state_size, dtype=x.dtype, device=x.device)
+
+
+def _newton(cell, x, h0, reset, max_iters, tol, strict) -> tuple[torch.Tensor, dict]:
+    """Newton iterations (no autograd). Returns h (B, T, S) and the stats dict."""
+    structure = cell.jacobian_structure
+    # Initial guess f(0, x_t) (paper eq. A.1), except f(h0, x_0) at t = 0, which is exact.
+    h = cell.step(_prev_states(x.new_zeros(*x.shape[:2], cell.state_size), h0, reset), x)
+    eps = torch.finfo(h.dtype).eps
+    best, iters = float("inf"), 0
+    while True:
+        f, j = cell.linearize(_prev_states(h, h0, reset), x)
+        r = h - f
+        residual = float(r.abs().max())
+        if residual <= tol:
+            return h, _stats(iters, residual, converged=True)
+        reason = _divergence(residual, best, eps)
+        if not reason and iters >= max_iters:
+            if not strict:
+                return h, _stats(iters, residual, converged=False)
+            reason = f"not converged to tol={tol:.3g} in max_iters={max_iters}"
+        if reason:
+            break
+        best = min(best, residual)
+        h = h + _solve_linear(_mask_jacobian(j, reset), -r, structure)
+        iters += 1
+    logger.warning("newton_solve: %s (cell %s, x %s, iters=%d, residual=%.3g); "
+                   "fell back to the sequential solve", reason, type(cell).__name__,
+                   tuple(x.shape), iters, residual)
+    h = sequential_solve(cell, x, h0, reset)
+    return h, {**_stats(iters, residual, converged=True), "fallback": True}
+
+
+def _divergence(residual: float, best: float, eps: float) -> str:
+    """Why Newton is diverging ("" if it is not). eps floors `best`: noise near 0 is no growth."""
+    if residual != residual or residual == float("inf"):
+        return "non-finite residual"
+    if residual > DIVERGENCE_FACTOR * max(best, eps):
+        return f"residual grew from {best:.3g} to {residual:.3g}"
+    return ""
+
+
+def _stats(iters: int, residual: float, converged: bool) -> dict:
+    return {"iters": iters, "residual": residual, "fallback": False, "converged": converged}
+
+
+class _NewtonSolve(torch.autograd.Function):
+    """Newton forward; adjoint backward at the solution (no unrolling of iterations)."""
+
+    @staticmethod
+    def forward(ctx, cell, x, h0, reset, opts, stats, *params):
+        h, info = _newton(cell, x, h0, reset, *opts)
+        stats.update(info)
+        ctx.cell, ctx.params = cell, params
+        ctx.save_for_backward(x, h0, h, reset)
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, h0, h, reset = ctx.saved_tensors
+        cell = ctx.cell
+        need_x, need_h0 = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        needs = ctx.needs_input_grad[6:]
+        prev = _prev_states(h, h0, reset)
+        lam = _adjoint(cell, prev, x, g.to(h.dtype), reset)
+        wanted = [p for p, need in zip(ctx.params, needs) if need]
+        with torch.enable_grad():
+            prev = prev.detach().requires_grad_(need_h0)
+            xg = x.detach().requires_grad_(need_x)
+            inputs = [t for t, need in ((prev, need_h0), (xg, need_x)) if need] + wanted
+            grads = list(torch.autograd.grad(cell.step(prev, xg), inputs, lam, allow_unused=True)) \
+                if inputs else []
+        dh0 = grads.pop(0)[:, 0].to(h0.dtype) if need_h0 else None
+        if dh0 is not None and reset is not None:
+            dh0 = dh0.masked_fill(reset[:, 0, None], 0.0)  # no gradient across a reset
+        dx = grads.pop(0) if need_x else None
+        dparams = iter(grads)
+        return (None, dx, dh0, None, None, None, *(next(dparams) if need else None for need in needs))
+
+
+def _adjoint(cell, prev, x, g, reset) -> torch.Tensor:
+    """lambda (B, T, S) with lambda_t = g_t + J_{t+1}^T lambda_{t+1} (paper eq. 2.6): a reverse
+    scan whose matrices are the transposed Jacobians shifted by one step (none after T-1)."""
+    structure = cell.jacobian_structure
+    j = _transpose(_mask_jacobian(cell.jacobian(prev, x), reset), structure)
+    j_next = torch.cat([j[:, 1:], torch.zeros_like(j[:, :1])], dim=1)
+    return _solve_linear(j_next, g, structure, reverse=True)
+
+
+def _grad_params(cell: nn.Module):
+    return (p for p in cell.parameters() if p.requires_grad)
+
+
+def newton_solve(cell: NewtonCell, x: torch.Tensor, h0: torch.Tensor | None = None,
+                 max_iters: int = DEFAULT_MAX_ITERS, tol: float | None = None,
+                 reset: torch.Tensor | None = None, backend: str | None = None,
+                 stats: dict | None = None, strict: bool = True) -> torch.Tensor:
+    """Solve h_t = cell.step(h_{t-1}, x_t) for all t. Returns h: (B, T, S).
+
+    x: (B, T, ...) per-step inputs, already projected, in the cell's layout; h0: (B, S) or
+    None (zeros); reset: (B, T) bool, True where a document starts (h_{t-1} := 0 there).
+    The final state is h[:, -1], so a long sequence can be run chunk by chunk with
+    h0 = the previous chunk's h[:, -1]. Compute in float32 or float64.
+    max_iters: Newton updates at most; tol: residual max-norm accepted (None: default_tol
+    of x's dtype). strict: see the module docstring (fallback vs. returning the last
+    iterate). stats, when given, is filled with {"iters", "residual", "fallback",
+    "converged"}; "residual" is the last Newton residual (before any fallback).
+    backend: "torch" (Newton, default) or "sequential" (the reference loop). T = 1 (step-
+    mode decoding) always takes one direct step.
+    """
+    backend = backend or "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"newton_solve: unknown backend {backend!r}; expected one of {BACKENDS}")
+    _check_inputs(cell, x, h0, reset)
+    h0 = _zeros_state(cell, x) if h0 is None else h0
+    if backend == "sequential" or x.shape[1] == 1:
+        h = sequential_solve(cell, x, h0, reset)
+        info = _stats(0, 0.0, converged=True)
+    else:
+        if max_iters < 0:
+            raise ValueError(f"newton_solve: max_iters must be >= 0; got {max_iters}")
+        tol = default_tol(x.dtype) if tol is None else tol
+        info = {}
+        h = _NewtonSolve.apply(cell, x, h0, reset, (max_iters, tol, strict), info, *_grad_params(cell))
+    if stats is not None:
+        stats.update(info)
+    return h
+
+
+def _check_inputs(cell, x, h0, reset) -> None:
+    if getattr(cell, "jacobian_structure", None) not in STRUCTURES:
+        raise ValueError(f"newton_solve: cell.jacobian_structure must be one of {STRUCTURES}; "
+                         f"got {getattr(cell, 'jacobian_structure', None)!r}")
+    S = cell.state_size
+    if cell.jacobian_structure == "block2" and S % 2:
+        raise ValueError(f"newton_solve: a block2 cell needs an even state_size (2 * D); got {S}")
+    if x.dim() < 2 or x.shape[1] == 0:
+        raise ValueError(f"newton_solve: x must be (B, T, ...) with T >= 1; got {tuple(x.shape)}")
+    if h0 is not None and h0.shape != (x.shape[0], S):
+        raise ValueError(f"newton_solve: h0 must be (B, S) = {(x.shape[0], S)}; got {tuple(h0.shape)}")
+    if reset is not None and (reset.shape != x.shape[:2] or reset.dtype != torch.bool):
+        raise ValueError(f"newton_solve: reset must be a (B, T) = {tuple(x.shape[:2])} bool tensor; "
+                         f"got {tuple(reset.shape)} {reset.dtype}")
