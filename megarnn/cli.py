@@ -25,10 +25,14 @@ def cmd_train(args) -> int:
     if args.dry_run:
         import dataclasses
 
+        import torch
+
         from megarnn.models import RecurrentLM
         mc = cfg.model if cfg.model.vocab_size else dataclasses.replace(cfg.model, vocab_size=cfg.data.vocab_size)
-        model = RecurrentLM(mc)
-        print(f"parameters: {model.num_params():,}")
+        with torch.device("meta"):  # shapes only: a 14B model needs no memory here
+            model = RecurrentLM(mc)
+        embedding = model.embed_tokens.weight.numel()
+        print(f"parameters: {model.num_params():,} ({model.num_params() - embedding:,} without the embedding)")
         print(f"training FLOPs per token at seq_len={cfg.data.seq_len}: {model.flops_per_token(cfg.data.seq_len):,.0f}")
         print(cfg.to_yaml(), end="")
         return 0

@@ -44,7 +44,7 @@ class RecurrentLM(nn.Module):
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
         if self.lm_head is not None:
             nn.init.normal_(self.lm_head.weight, std=1 / math.sqrt(c.d_model))
-        self.embed_scale = torch.tensor(math.sqrt(c.d_model), dtype=torch.bfloat16).item() if griffin else 1.0
+        self.embed_scale = torch.tensor(math.sqrt(c.d_model), dtype=torch.bfloat16, device="cpu").item() if griffin else 1.0
         self.soft_cap = c.logits_soft_cap if griffin else 0.0
 
     def forward(self, tokens: torch.Tensor, state: dict | None = None,
