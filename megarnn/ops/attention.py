@@ -1,26 +1,59 @@
 """Causal sliding-window multi-query attention with document masking and a bounded cache.
 
 PyTorch SDPA with a banded boolean mask runs everywhere; the mask also keeps queries
-from attending across document starts. The cache holds at most `window - 1` past keys,
-so step-mode decoding runs in constant memory.
+from attending across document starts. On a CUDA device with the `gpu` extra
+(flash-attn) installed, the parallel form without a cache runs flash-attn's varlen
+sliding-window kernel instead: documents become variable-length sequences and
+window_size=(window - 1, 0) is the same band. The cache holds at most `window - 1` past
+keys, so step-mode decoding runs in constant memory.
 """
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 import torch.nn.functional as F
 
+HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+
+
+def flash_sliding_window(q, k, v, window: int, reset: torch.Tensor | None) -> torch.Tensor:
+    """flash-attn varlen over the documents of each row. q: (B, T, H, Dh); k, v: (B, T, Hkv, Dh)."""
+    from flash_attn import flash_attn_varlen_func
+
+    B, T = q.shape[:2]
+    starts = torch.zeros(B, T, dtype=torch.bool, device=q.device)
+    starts[:, 0] = True
+    if reset is not None:
+        starts |= reset
+    idx = starts.flatten().nonzero().flatten()
+    cu = torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32)
+    out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, T, T,
+                                 causal=True, window_size=(window - 1, 0))
+    return out.unflatten(0, (B, T))
+
 
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                              reset: torch.Tensor | None = None, cache: dict | None = None,
-                             ) -> tuple[torch.Tensor, dict]:
+                             backend: str | None = None) -> tuple[torch.Tensor, dict]:
     """Query i sees key j when j <= i, i - j < window and both lie in the same document.
 
     q: (B, T, H, Dh); k, v: (B, T, Hkv, Dh) with H a multiple of Hkv (positions already
     encoded); reset: (B, T) bool, True where a document starts; cache: {"k", "v": (B, L,
-    Hkv, Dh), "valid": (B, L) bool} from the previous chunk. Returns out (B, T, H, Dh) and
-    the cache for the next chunk.
+    Hkv, Dh), "valid": (B, L) bool} from the previous chunk. backend: "sdpa", "flash", or
+    None (flash for bf16/fp16 CUDA tensors without a cache when flash-attn is installed).
+    Returns out (B, T, H, Dh) and the cache for the next chunk.
     """
     B, T, H, Dh = q.shape
+    if backend is None:
+        flash_ok = cache is None and q.is_cuda and HAS_FLASH_ATTN and q.dtype in (torch.float16, torch.bfloat16)
+        backend = "flash" if flash_ok else "sdpa"
+    if backend == "flash":
+        keep = min(window - 1, T)
+        last_seg = torch.zeros(B, T, dtype=torch.int32, device=q.device) if reset is None \
+            else torch.cumsum(reset.to(torch.int32), dim=1)
+        return flash_sliding_window(q, k, v, window, reset), {
+            "k": k[:, T - keep:], "v": v[:, T - keep:], "valid": last_seg[:, T - keep:] == last_seg[:, -1:]}
     seg = torch.zeros(B, T, dtype=torch.int32, device=q.device) if reset is None \
         else torch.cumsum(reset.to(torch.int32), dim=1)
     if cache is not None and cache["k"].shape[1] > 0:

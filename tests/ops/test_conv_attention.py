@@ -1,8 +1,11 @@
 import math
 
+import pytest
+
 import torch
 
 from megarnn.ops import causal_conv1d, sliding_window_attention
+from megarnn.ops.attention import HAS_FLASH_ATTN
 
 
 def test_causal_conv_equals_torch_conv1d():
@@ -59,3 +62,20 @@ def test_sliding_window_attention_equals_naive_with_documents_and_cache():
         parts.append(o)
         assert cache["k"].shape[1] <= window - 1  # constant memory
     torch.testing.assert_close(torch.cat(parts, 1), ref)
+
+
+needs_flash = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_FLASH_ATTN),
+                                 reason="needs a CUDA GPU with flash-attn (the `gpu` extra)")
+
+
+@needs_flash
+def test_flash_attn_path_equals_sdpa_on_gpu():
+    B, T, H, Dh, window = 2, 300, 4, 64, 37
+    q = torch.randn(B, T, H, Dh, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, T, 1, Dh, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    reset = torch.zeros(B, T, dtype=torch.bool, device="cuda")
+    reset[0, 100] = reset[1, 7] = True
+    out, cache = sliding_window_attention(q, k, v, window, reset, backend="flash")
+    ref, ref_cache = sliding_window_attention(q.float(), k.float(), v.float(), window, reset, backend="sdpa")
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    assert (cache["valid"] == ref_cache["valid"]).all()
