@@ -7,6 +7,8 @@
     megarnn export CHECKPOINT OUTPUT_DIR [--format safetensors|hf]
 
 Errors caused by input (MegarnnError) print one line to stderr and exit with status 2.
+A training run stopped by SIGUSR1 / SIGTERM saves a checkpoint and exits with status 75
+(EX_TEMPFAIL: run the same command again to resume).
 """
 from __future__ import annotations
 
@@ -36,8 +38,12 @@ def cmd_train(args) -> int:
         print(f"training FLOPs per token at seq_len={cfg.data.seq_len}: {model.flops_per_token(cfg.data.seq_len):,.0f}")
         print(cfg.to_yaml(), end="")
         return 0
-    from megarnn.train.loop import train
-    train(cfg)
+    from megarnn.train.loop import PREEMPTED_EXIT_CODE, Preempted, train
+    try:
+        train(cfg)
+    except Preempted as e:
+        print(f"megarnn train: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     return 0
 
 

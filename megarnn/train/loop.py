@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -65,6 +67,109 @@ def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor)
     return (ce * m).sum() / m.sum().clamp(min=1)
 
 
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the job stopped cleanly and should be run again
+
+
+class Preempted(Exception):
+    """SIGUSR1 / SIGTERM arrived: the step finished, a checkpoint was saved, the run stopped."""
+
+
+class PreemptionWatch:
+    """Turns SIGUSR1 and SIGTERM into a flag that every rank sees at the same step.
+
+    The handler only records the signal; the loop finishes its step, and `requested()`
+    (a max all-reduce, so all ranks agree) tells it to save and stop.
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __enter__(self):
+        self.signal_name, self._old = None, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        flag = torch.tensor([1.0 if self.signal_name else 0.0])
+        if dist.is_initialized() and dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not self.signal_name:
+            self.signal_name = "a signal on another rank"
+        return bool(flag.item())
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def train_step(engine, loader, step: int, grad_accum: int, dp_size: int, device) -> tuple[float, float]:
+    """One optimizer step over grad_accum micro batches -> (mean loss over all ranks, grad norm)."""
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(grad_accum):
+        b = {k: v.to(device) for k, v in loader.micro_batch(step, micro).items()}
+        logits, _ = engine(b["tokens"], reset=b["reset"])
+        loss = masked_loss(logits, b["targets"], b["loss_mask"])
+        engine.backward(loss)
+        engine.step()
+        loss_sum += loss.detach()
+    dist.all_reduce(loss_sum)
+    grad_norm = engine.get_global_grad_norm()
+    return loss_sum.item() / (grad_accum * dp_size), float("nan") if grad_norm is None else float(grad_norm)
+
+
+@dataclasses.dataclass
+class Progress:
+    """Skipped-step bookkeeping: non-finite steps are skipped; too many in a row stop the run."""
+
+    last_good: str | None
+    skipped: int = 0
+    bad_in_a_row: int = 0
+
+    def record(self, step: int, loss: float, grad_norm: float, applied: bool, max_bad: int, log) -> bool:
+        """False if the step was skipped. Raises TrainingError after max_bad in a row."""
+        if applied and math.isfinite(loss):
+            self.bad_in_a_row = 0
+            return True
+        self.skipped += 1
+        self.bad_in_a_row += 1
+        log.text(f"step {step}: non-finite loss {loss} / grad norm {grad_norm}; step skipped "
+                 f"({self.bad_in_a_row} in a row, {self.skipped} in all)")
+        if self.bad_in_a_row >= max_bad:
+            fix = (f"last good checkpoint: {self.last_good}; resume from it (train.resume={self.last_good}) "
+                   "with a lower train.lr" if self.last_good else
+                   "no checkpoint was saved yet; restart with a lower train.lr")
+            raise TrainingError(f"{self.bad_in_a_row} non-finite steps in a row (limit train.max_bad_steps="
+                                f"{max_bad}); {fix}")
+        return False
+
+
+class Meter:
+    """Mean loss, tokens/s and MFU over the steps since the last flush.
+
+    Only the time spent in training steps counts (not eval or checkpoint saves).
+    """
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float):
+        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak_flops
+        self.loss, self.n, self.seconds = 0.0, 0, 0.0
+
+    def add(self, loss: float, seconds: float) -> None:
+        self.loss, self.n, self.seconds = self.loss + loss, self.n + 1, self.seconds + seconds
+
+    def flush(self) -> dict[str, float]:
+        tps = self.tokens_per_step * self.n / self.seconds
+        out = {"train/loss": self.loss / self.n, "train/tokens_per_sec": tps,
+               "train/mfu": self.flops_per_token * tps / self.peak}
+        self.loss, self.n, self.seconds = 0.0, 0, 0.0
+        return out
+
+
 def train(cfg: Config) -> dict[str, float]:
     """Run (or resume) training as configured; returns the final validation metrics."""
     run_dir = Path(cfg.train.out_dir)
@@ -113,59 +218,35 @@ def train(cfg: Config) -> dict[str, float]:
     else:
         log.text(f"resumed from {resume_from} at step {step}")
 
-    tokens_per_step = loader.global_batch_size * cfg.data.seq_len
-    last_good = str(resume_from) if resume_from else None
-    bad_in_a_row, window_loss, window_n, t0 = 0, 0.0, 0, time.perf_counter()
-    val = None
     end = min(t.max_steps, t.exit_at_step) if t.exit_at_step > 0 else t.max_steps
-    while step < end:
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(t.grad_accum):
-            b = {k: v.to(device) for k, v in loader.micro_batch(step, micro).items()}
-            logits, _ = engine(b["tokens"], reset=b["reset"])
-            loss = masked_loss(logits, b["targets"], b["loss_mask"])
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach()
-        dist.all_reduce(loss_sum)
-        loss_val = loss_sum.item() / (t.grad_accum * dp_size)
-        step += 1
-        grad_norm = engine.get_global_grad_norm()
-        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
-        if not engine.was_step_applied() or not math.isfinite(loss_val):
-            skipped += 1
-            bad_in_a_row += 1
-            log.text(f"step {step}: non-finite loss {loss_val} / grad norm {grad_norm}; step skipped "
-                     f"({bad_in_a_row} in a row, {skipped} in all)")
-            if bad_in_a_row >= t.max_bad_steps:
-                fix = (f"last good checkpoint: {last_good}; resume from it (train.resume={last_good}) "
-                       "with a lower train.lr" if last_good else
-                       "no checkpoint was saved yet; restart with a lower train.lr")
-                raise TrainingError(f"{bad_in_a_row} non-finite steps in a row (limit train.max_bad_steps="
-                                    f"{t.max_bad_steps}); {fix}")
-            continue
-        bad_in_a_row = 0
-        window_loss += loss_val
-        window_n += 1
-        log.advance(step, loss_val)
-        if step % t.log_interval == 0 or step == end:
-            dt = time.perf_counter() - t0
-            tps = tokens_per_step * window_n / dt
-            log.scalars(step, {
-                "train/loss": window_loss / window_n, "train/lr": engine.get_lr()[0],
-                "train/grad_norm": grad_norm, "train/tokens_per_sec": tps,
-                "train/mfu": flops_per_token * tps / peak, "train/skipped_steps": skipped,
-                **model.solver_stats()})
-            window_loss, window_n, t0 = 0.0, 0, time.perf_counter()
-        if val_ds is not None and (step % t.eval_interval == 0 or step == end):
-            val = evaluate(engine.module, val_ds, cfg.data.seq_len, device=device)
-            log.scalars(step, {"val/loss": val["loss"], "val/bpc": val["bpc"], "val/ppl": val["ppl"]})
+    progress = Progress(last_good=str(resume_from) if resume_from else None, skipped=skipped)
+    meter = Meter(loader.global_batch_size * cfg.data.seq_len, flops_per_token, peak)
+    val = None
+    with PreemptionWatch() as preemption:
+        while step < end:
             t0 = time.perf_counter()
-        if step % t.save_interval == 0 or step == end:
-            tag = checkpoint.save(engine, cfg, ckpt_dir, step, {"skipped": skipped}, tokenizer)
-            last_good = str(ckpt_dir / tag)
-            log.text(f"saved checkpoint {last_good}")
-            t0 = time.perf_counter()
+            loss_val, grad_norm = train_step(engine, loader, step, t.grad_accum, dp_size, device)
+            seconds = time.perf_counter() - t0
+            step += 1
+            if progress.record(step, loss_val, grad_norm, engine.was_step_applied(), t.max_bad_steps, log):
+                meter.add(loss_val, seconds)
+                log.advance(step, loss_val)
+                if step % t.log_interval == 0 or step == end:
+                    log.scalars(step, {**meter.flush(), "train/lr": engine.get_lr()[0],
+                                       "train/grad_norm": grad_norm, "train/skipped_steps": progress.skipped,
+                                       **model.solver_stats()})
+                if val_ds is not None and (step % t.eval_interval == 0 or step == end):
+                    val = evaluate(engine.module, val_ds, cfg.data.seq_len, device=device)
+                    log.scalars(step, {"val/loss": val["loss"], "val/bpc": val["bpc"], "val/ppl": val["ppl"]})
+            stop = preemption.requested()
+            if (progress.bad_in_a_row == 0 and (step % t.save_interval == 0 or step == end)) or stop:
+                tag = checkpoint.save(engine, cfg, ckpt_dir, step, {"skipped": progress.skipped}, tokenizer)
+                progress.last_good = str(ckpt_dir / tag)
+                log.text(f"saved checkpoint {progress.last_good}")
+            if stop:
+                log.close()
+                raise Preempted(f"stopped by {preemption.signal_name} after step {step}; "
+                                f"checkpoint {progress.last_good}; rerun the same command to resume")
 
     if val is None and val_ds is not None:
         val = evaluate(engine.module, val_ds, cfg.data.seq_len, device=device)
