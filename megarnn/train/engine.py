@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import torch
 
 from megarnn.config import Config
+from megarnn.parallel.launch_env import rendezvous_env
 
 
 def setup_distributed() -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed; returns (rank, world_size).
 
-    A plain `python -m megarnn train` gets a one-process group on 127.0.0.1. Under
-    torchrun the launcher's RANK / WORLD_SIZE / MASTER_* are used as they are; DeepSpeed's
-    MPI discovery is off because it takes MASTER_ADDR from `hostname -I`.
+    Ranks come from torchrun, srun or mpirun (megarnn/parallel/launch_env.py); a plain
+    `python -m megarnn train` gets a one-process group on 127.0.0.1.
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -30,21 +29,13 @@ def setup_distributed() -> tuple[int, int]:
 
     # The shared-memory comm op only serves inference all-reduce; building it costs ~100 s of g++.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+    rendezvous_env()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def use_bf16(cfg: Config) -> bool:

@@ -1,0 +1,45 @@
+"""launch/torchrun.sh and launch/mpirun.sh start 2 data-parallel gloo ranks that log the losses of
+one process, for ZeRO 1 and 2."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, TINY, run_cli
+from tests.e2e.test_quickstart import read_metrics
+
+COMMON = [*TINY, "train.max_steps=4", "train.save_interval=4", "train.eval_interval=4",
+          "data.holdout=[macbeth_gut.txt]"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    runs = {}
+    for zero in (1, 2):
+        runs[zero] = tmp_path_factory.mktemp(f"one{zero}")
+        run_cli("train", "configs/quickstart.yaml", *COMMON, "train.micro_batch_size=8",
+                f"train.out_dir={runs[zero]}", f"parallel.zero_stage={zero}")
+    return runs
+
+
+@pytest.mark.parametrize("script,zero", [("torchrun.sh", 1), ("mpirun.sh", 2)])
+def test_launcher_with_two_ranks_equals_one_process(tmp_path, one_process, script, zero):
+    run = tmp_path / "run"
+    proc = subprocess.run([str(ROOT / "launch" / script), "2", "configs/quickstart.yaml", *COMMON,
+                           "train.micro_batch_size=4", f"train.out_dir={run}", f"parallel.zero_stage={zero}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MEGARNN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in (run / "log.txt").read_text()
+    a, b = read_metrics(one_process[zero], "train/loss"), read_metrics(run, "train/loss")
+    assert sorted(b) == [1, 2, 3, 4]
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-5)
+    assert read_metrics(run, "val/loss")[4] == pytest.approx(read_metrics(one_process[zero], "val/loss")[4], rel=1e-5)
+    assert (run / "checkpoints" / "latest").read_text() == "step_000004"
+
+
+def test_launcher_usage_error():
+    proc = subprocess.run([str(ROOT / "launch" / "torchrun.sh")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage:" in proc.stderr
