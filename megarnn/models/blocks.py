@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from megarnn.config import ModelConfig
-from megarnn.models.cells import RGLRU
+from megarnn.models.cells import RGLRU, at_least_float32
 from megarnn.models.pararnn import ParaRNNMixer
 from megarnn.ops import causal_conv1d, sliding_window_attention
 
@@ -41,10 +41,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = at_least_float32(x)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.unit_offset:
-            return (y * (1.0 + self.weight.float())).type_as(x)
+            return (y * (1.0 + at_least_float32(self.weight))).type_as(x)
         return self.weight * y.type_as(x)
 
 
@@ -123,9 +123,10 @@ class LocalAttentionBlock(nn.Module):
 
     def forward(self, x, reset=None, state=None, pos=None):
         c = self.c
-        q = self.q_proj(x).unflatten(-1, (c.n_heads, c.head_dim))
-        k = self.k_proj(x).unflatten(-1, (c.n_kv_heads, c.head_dim))
-        v = self.v_proj(x).unflatten(-1, (c.n_kv_heads, c.head_dim))
+        # Head counts come from the projections, which tensor parallelism may have split.
+        q = self.q_proj(x).unflatten(-1, (-1, c.head_dim))
+        k = self.k_proj(x).unflatten(-1, (-1, c.head_dim))
+        v = self.v_proj(x).unflatten(-1, (-1, c.head_dim))
         q = rotary(q, pos, c.rope_fraction, c.rope_theta)
         k = rotary(k, pos, c.rope_fraction, c.rope_theta)
         out, cache = sliding_window_attention(q, k, v, c.attention_window, reset, state)

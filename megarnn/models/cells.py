@@ -17,6 +17,11 @@ from torch import nn
 from megarnn.ops import linear_scan
 
 RG_LRU_C = 8.0
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors in float32 (for norms, scans, losses); float32 / float64 as they are."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 _MAX_SQRT_GRADIENT = 1000.0
 
 
@@ -76,5 +81,5 @@ class RGLRU(nn.Module):
             a = a * ~r
             multiplier = torch.where(r, torch.ones_like(multiplier), multiplier)
         b = x * gate_x * multiplier
-        h = linear_scan(a.float(), b.float(), h0, backend=self.scan_backend)
+        h = linear_scan(at_least_float32(a), at_least_float32(b), h0, backend=self.scan_backend)
         return h.to(x.dtype), h[:, -1]

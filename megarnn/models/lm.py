@@ -20,7 +20,9 @@ from torch import nn
 
 from megarnn.config import ModelConfig
 from megarnn.models.blocks import ResidualBlock, RMSNorm
+from megarnn.models.cells import at_least_float32
 from megarnn.models.mamba2 import Mamba2Block
+from megarnn.parallel.tensor import copy_to_tp, vocab_parallel_cross_entropy
 
 
 def build_block(c: ModelConfig, kind: str) -> nn.Module:
@@ -46,6 +48,7 @@ class RecurrentLM(nn.Module):
             nn.init.normal_(self.lm_head.weight, std=1 / math.sqrt(c.d_model))
         self.embed_scale = torch.tensor(math.sqrt(c.d_model), dtype=torch.bfloat16, device="cpu").item() if griffin else 1.0
         self.soft_cap = c.logits_soft_cap if griffin else 0.0
+        self.tp_group = None  # set by megarnn.parallel.plan: logits are then this rank's vocabulary slice
 
     def forward(self, tokens: torch.Tensor, state: dict | None = None,
                 reset: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
@@ -70,7 +73,7 @@ class RecurrentLM(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = nn.functional.linear(x, weight)
+        logits = nn.functional.linear(copy_to_tp(x, self.tp_group), weight)
         cap = self.soft_cap
         return torch.tanh(logits / cap) * cap if cap > 0 else logits
 
@@ -79,6 +82,13 @@ class RecurrentLM(nn.Module):
              reset: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Decode one step: tokens (B, 1) -> logits (B, 1, V), state. Memory does not grow with time."""
         return self(tokens, state, reset)
+
+    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-token loss (B, T) in float32; vocabulary-parallel when the logits are split."""
+        if self.tp_group is not None:
+            return vocab_parallel_cross_entropy(logits, targets, self.tp_group)
+        return nn.functional.cross_entropy(at_least_float32(logits).flatten(0, 1), targets.flatten(),
+                                           reduction="none").view(targets.shape)
 
     def solver_stats(self) -> dict[str, float]:
         """The last forward's Newton solve per ParaRNN layer: {"newton/iters/layer_3": ...}."""

@@ -16,6 +16,7 @@ from torch import nn
 
 from megarnn.config import ModelConfig
 from megarnn.models.blocks import RMSNorm
+from megarnn.models.cells import at_least_float32
 from megarnn.ops import causal_conv1d, ssd_scan
 
 
@@ -28,7 +29,7 @@ class GatedGroupRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        h = (y.float() * nn.functional.silu(z.float())).unflatten(-1, (self.groups, -1))
+        h = (at_least_float32(y) * nn.functional.silu(at_least_float32(z))).unflatten(-1, (self.groups, -1))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.flatten(-2).to(y.dtype)
 
@@ -39,6 +40,7 @@ class Mamba2Mixer(nn.Module):
         self.c = c
         self.d_inner = c.expand * c.d_model
         self.n_heads = self.d_inner // c.ssm_head_dim
+        self.n_groups = c.n_groups
         self.conv_dim = self.d_inner + 2 * c.n_groups * c.d_state
         self.in_proj = nn.Linear(c.d_model, self.d_inner + self.conv_dim + self.n_heads, bias=False)
         bound = 1 / math.sqrt(c.conv_width)  # kaiming_uniform(a=sqrt(5)) of a (conv_dim, 1, W) weight
@@ -58,11 +60,12 @@ class Mamba2Mixer(nn.Module):
         c, state = self.c, state or {}
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
         xbc, conv_state = causal_conv1d(xbc, self.conv_weight, self.conv_bias, state.get("conv"), reset)
-        xs, B, C = nn.functional.silu(xbc).split([self.d_inner, c.n_groups * c.d_state, c.n_groups * c.d_state], -1)
+        G = self.n_groups
+        xs, B, C = nn.functional.silu(xbc).split([self.d_inner, G * c.d_state, G * c.d_state], -1)
         y, ssm_state = ssd_scan(
             xs.unflatten(-1, (self.n_heads, c.ssm_head_dim)), nn.functional.softplus(dt + self.dt_bias),
-            -torch.exp(self.A_log.float()), B.unflatten(-1, (c.n_groups, c.d_state)),
-            C.unflatten(-1, (c.n_groups, c.d_state)), self.D, c.chunk_size, state.get("ssm"), reset,
+            -torch.exp(at_least_float32(self.A_log)), B.unflatten(-1, (G, c.d_state)),
+            C.unflatten(-1, (G, c.d_state)), self.D, c.chunk_size, state.get("ssm"), reset,
             backend=c.scan_backend or None)
         y = self.norm(y.flatten(-2), z)
         return self.out_proj(y), {"conv": conv_state, "ssm": ssm_state}

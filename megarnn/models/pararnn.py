@@ -36,6 +36,7 @@ from torch import nn
 from megarnn.models.cells import BlockDiagonalLinear
 from megarnn.ops.conv import causal_conv1d
 from megarnn.ops.newton import DEFAULT_MAX_ITERS, NewtonCell, newton_solve
+from megarnn.parallel.tensor import all_reduce_sum
 
 
 def _recurrent_init(n: int, width: int) -> nn.Parameter:
@@ -151,16 +152,21 @@ CELLS = {"gru": ParaGRUCell, "lstm": ParaLSTMCell}
 
 
 class GatedRMSNorm(nn.Module):
-    """rms_norm(y) * w * silu(gate), normalised in float32 (Mamba2-style output gate)."""
+    """rms_norm(y) * w * silu(gate), normalised in float32 (Mamba2-style output gate).
+
+    Under tensor parallelism the channels are split across `tp_group`: the mean square is
+    then summed over the group (`full_dim` is the unsplit width).
+    """
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
-        self.eps = eps
+        self.eps, self.full_dim, self.tp_group = eps, dim, None
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         yf = y.float() if y.dtype not in (torch.float32, torch.float64) else y
-        yf = yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + self.eps)
+        sq = all_reduce_sum(yf.pow(2).sum(-1, keepdim=True), self.tp_group)
+        yf = yf * torch.rsqrt(sq / self.full_dim + self.eps)
         return (yf * self.weight).to(gate.dtype) * nn.functional.silu(gate)
 
 

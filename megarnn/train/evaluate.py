@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from megarnn.data.indexed import IndexedDataset
 
@@ -49,8 +48,8 @@ def _add_dataset(model, ds: IndexedDataset, seq_len: int, batch_size: int, devic
         state = None
         for s in range(0, length, seq_len):
             logits, state = model(inp[:, s:s + seq_len], state)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), tgt[:, s:s + seq_len].flatten(), reduction="none")
-            totals[0] += (loss * mask[:, s:s + seq_len].flatten()).sum().item()
+            loss = model.cross_entropy(logits, tgt[:, s:s + seq_len])
+            totals[0] += (loss * mask[:, s:s + seq_len]).sum().item()
         totals[1] += int(mask.sum())
         totals[2] += int(sum(ds.n_chars[i] for i in idx))
         totals[3] += int(sum(ds.n_bytes[i] for i in idx))

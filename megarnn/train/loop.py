@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from megarnn.config import Config
 from megarnn.data.loader import PackedLoader
@@ -60,10 +59,10 @@ def find_resume(cfg: Config) -> Path | None:
     return ckpt_dir / tag
 
 
-def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_loss(model, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over tokens where mask is True. logits (B, T, V); targets, mask (B, T)."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    m = mask.flatten().to(ce.dtype)
+    ce = model.cross_entropy(logits, targets)
+    m = mask.to(ce.dtype)
     return (ce * m).sum() / m.sum().clamp(min=1)
 
 
@@ -114,7 +113,7 @@ def train_step(engine, loader, step: int, grad_accum: int, dp_size: int, device)
     for micro in range(grad_accum):
         b = {k: v.to(device) for k, v in loader.micro_batch(step, micro).items()}
         logits, _ = engine(b["tokens"], reset=b["reset"])
-        loss = masked_loss(logits, b["targets"], b["loss_mask"])
+        loss = masked_loss(engine.module, logits, b["targets"], b["loss_mask"])
         engine.backward(loss)
         engine.step()
         loss_sum += loss.detach()

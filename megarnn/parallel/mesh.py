@@ -1,0 +1,79 @@
+"""ParallelMesh: the ranks of a job as a dp x pp x cp x tp grid, with one process group per line.
+
+Rank layout (tp varies fastest, so a tensor-parallel group sits on one node):
+    rank = ((dp_i * pp + pp_i) * cp + cp_i) * tp + tp_i
+`mesh.group("tp")` is the group of ranks that differ only in their tp coordinate, and so
+on for "cp", "pp" and "dp". Sizes that do not divide the world are rejected before any
+group is built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+
+from megarnn.errors import ConfigError
+
+AXES = ("dp", "pp", "cp", "tp")  # outermost first
+
+
+@dataclass
+class ParallelMesh:
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    rank: int
+    groups: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, tp: int = 1, pp: int = 1, cp: int = 1) -> "ParallelMesh":
+        """Split the initialised default group. Every rank must call this, in the same order."""
+        world, rank = dist.get_world_size(), dist.get_rank()
+        dp = check_sizes(world, tp, pp, cp)
+        mesh = cls(tp=tp, pp=pp, cp=cp, dp=dp, rank=rank)
+        for axis in AXES:
+            for members in mesh.lines(axis):
+                group = dist.new_group(members)  # collective: every rank creates every group
+                if rank in members:
+                    mesh.groups[axis] = group
+        return mesh
+
+    def sizes(self) -> dict[str, int]:
+        return {"dp": self.dp, "pp": self.pp, "cp": self.cp, "tp": self.tp}
+
+    def coords(self, rank: int | None = None) -> dict[str, int]:
+        """{"dp": i, "pp": j, "cp": k, "tp": l} of `rank` (default: this rank)."""
+        r, out = self.rank if rank is None else rank, {}
+        for axis in reversed(AXES):
+            n = self.sizes()[axis]
+            out[axis], r = r % n, r // n
+        return out
+
+    def lines(self, axis: str) -> list[list[int]]:
+        """All groups along `axis`: lists of ranks that differ only in that coordinate."""
+        world = self.tp * self.pp * self.cp * self.dp
+        lines: dict[tuple, list[int]] = {}
+        for r in range(world):
+            c = self.coords(r)
+            key = tuple(c[a] for a in AXES if a != axis)
+            lines.setdefault(key, []).append(r)
+        return list(lines.values())
+
+    def group(self, axis: str):
+        return self.groups[axis]
+
+    def rank_in(self, axis: str) -> int:
+        return self.coords()[axis]
+
+
+def check_sizes(world: int, tp: int, pp: int, cp: int) -> int:
+    """Returns dp = world / (tp * pp * cp); raises ConfigError with the numbers otherwise."""
+    for name, v in (("tp", tp), ("pp", pp), ("cp", cp)):
+        if v < 1:
+            raise ConfigError(f"parallel.{name}={v} must be >= 1")
+    if world % (tp * pp * cp):
+        raise ConfigError(f"{world} processes cannot be split into tp={tp} x pp={pp} x cp={cp} "
+                          f"(= {tp * pp * cp}) times a whole number of data-parallel replicas; launch a "
+                          f"multiple of {tp * pp * cp} processes or change parallel.tp/pp/cp")
+    return world // (tp * pp * cp)

@@ -1,0 +1,139 @@
+"""How each family is split across a tensor-parallel group: one function per mixer, one place.
+
+    apply_tensor_parallel(model, group)   # in place; the model then computes this rank's share
+
+Every family splits by heads or channels, so the recurrences stay local (no communication
+inside a scan or a Newton solve), and each residual branch ends in one all-reduce:
+  Griffin / Hawk  recurrent block: linear_x, linear_y column-parallel; conv, RG-LRU gate
+                  blocks and Lambda split by channel / head; linear_out row-parallel.
+                  attention: query heads split; the single key/value head replicated;
+                  o_proj row-parallel.
+  Mamba2          in_proj column-parallel per component (z, x, B, C, dt: heads and groups),
+                  so a resharded checkpoint stays correct; conv per component; dt_bias,
+                  A_log, D and the gated norm by head / group; out_proj row-parallel.
+  ParaRNN         in_proj column-parallel per component (u, gate); conv, cell gates
+                  (block-diagonal heads), diagonal recurrences and peepholes by channel;
+                  the gated RMSNorm sums its mean square over the group; out_proj row-parallel.
+  All             gated MLP: gate, up column-parallel, down row-parallel; embedding and
+                  (tied) head split by vocabulary, with vocabulary-parallel cross-entropy.
+"""
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch import nn
+
+from megarnn.config import ModelConfig
+from megarnn.errors import ConfigError
+from megarnn.models.blocks import GatedMLP, LocalAttentionBlock, RecurrentBlock
+from megarnn.models.mamba2 import Mamba2Mixer
+from megarnn.models.pararnn import ParaRNNMixer
+from megarnn.parallel.tensor import (ColumnParallelLinear, ReplicatedLinear, RowParallelLinear,
+                                     VocabParallelEmbedding, sharded_parameter)
+
+
+def check_tensor_parallel(c: ModelConfig, tp: int) -> None:
+    """Reject sizes that do not split evenly, with the numbers, before any group is built."""
+    c = c.resolved()
+
+    def need(n: int, what: str) -> None:
+        if n % tp:
+            raise ConfigError(f"parallel.tp={tp} does not divide {what}={n}; choose parallel.tp dividing it")
+    need(c.vocab_size, "model.vocab_size")
+    kinds = set(c.block_types())
+    if kinds & {"R", "A", "G", "L"}:
+        need(c.n_heads, "model.n_heads")
+        need(c.mlp_width, "the MLP width (model.mlp_width)")
+    if "A" in kinds and c.n_kv_heads > 1:
+        need(c.n_kv_heads, "model.n_kv_heads")
+    if "M" in kinds:
+        need(c.n_groups, "model.n_groups")
+        need(c.expand * c.d_model // c.ssm_head_dim, "the Mamba2 head count")
+
+
+def apply_tensor_parallel(model: nn.Module, group) -> nn.Module:
+    """Replace every layer of `model` (a full RecurrentLM) by this rank's shard, in place."""
+    check_tensor_parallel(model.c, dist.get_world_size(group))
+    for module in list(model.modules()):
+        if isinstance(module, RecurrentBlock):
+            _recurrent(module, group)
+        elif isinstance(module, LocalAttentionBlock):
+            _attention(module, group)
+        elif isinstance(module, Mamba2Mixer):
+            _mamba2(module, group)
+        elif isinstance(module, ParaRNNMixer):
+            _pararnn(module, group)
+        elif isinstance(module, GatedMLP):
+            module.gate_proj = ColumnParallelLinear(module.gate_proj, group)
+            module.up_proj = ColumnParallelLinear(module.up_proj, group)
+            module.down_proj = RowParallelLinear(module.down_proj, group)
+    model.embed_tokens = VocabParallelEmbedding(model.embed_tokens, group)
+    if model.lm_head is not None:
+        model.lm_head = ColumnParallelLinear(model.lm_head, group)
+    model.tp_group = group
+    return model
+
+
+def _split(module: nn.Module, name: str, group, dim: int = 0, components: list[int] | None = None) -> None:
+    setattr(module, name, sharded_parameter(getattr(module, name), dim, components, group))
+
+
+def _recurrent(m: RecurrentBlock, group) -> None:
+    tp = dist.get_world_size(group)
+    m.linear_x = ColumnParallelLinear(m.linear_x, group)
+    m.linear_y = ColumnParallelLinear(m.linear_y, group)
+    m.linear_out = RowParallelLinear(m.linear_out, group)
+    _split(m, "conv_weight", group)
+    _split(m, "conv_bias", group)
+    lru = m.rg_lru
+    for gate in (lru.input_gate, lru.recurrent_gate):  # (heads, width, width): whole heads per rank
+        _split(gate, "weight", group)
+        _split(gate, "bias", group)
+        gate.n_blocks //= tp
+    _split(lru, "recurrent_param", group)
+
+
+def _attention(m: LocalAttentionBlock, group) -> None:
+    m.q_proj = ColumnParallelLinear(m.q_proj, group)
+    if m.c.n_kv_heads == 1:
+        m.k_proj, m.v_proj = ReplicatedLinear(m.k_proj, group), ReplicatedLinear(m.v_proj, group)
+    else:
+        m.k_proj, m.v_proj = ColumnParallelLinear(m.k_proj, group), ColumnParallelLinear(m.v_proj, group)
+    m.o_proj = RowParallelLinear(m.o_proj, group)
+
+
+def _mamba2(m: Mamba2Mixer, group) -> None:
+    tp = dist.get_world_size(group)
+    gn = m.n_groups * m.c.d_state
+    m.in_proj = ColumnParallelLinear(m.in_proj, group, [m.d_inner, m.d_inner, gn, gn, m.n_heads])
+    _split(m, "conv_weight", group, 0, [m.d_inner, gn, gn])
+    _split(m, "conv_bias", group, 0, [m.d_inner, gn, gn])
+    for name in ("dt_bias", "A_log", "D"):
+        _split(m, name, group)
+    _split(m.norm, "weight", group)
+    m.out_proj = RowParallelLinear(m.out_proj, group)
+    m.d_inner, m.n_heads, m.n_groups = m.d_inner // tp, m.n_heads // tp, m.n_groups // tp
+    m.conv_dim = m.d_inner + 2 * m.n_groups * m.c.d_state
+    m.norm.groups //= tp
+
+
+def _pararnn(m: ParaRNNMixer, group) -> None:
+    tp = dist.get_world_size(group)
+    hidden = m.out_proj.in_features
+    m.in_proj = ColumnParallelLinear(m.in_proj, group, [hidden, hidden])
+    _split(m, "conv_weight", group)
+    _split(m, "conv_bias", group)
+    cell = m.cell
+    for gate in cell.project.gates:
+        _split(gate, "weight", group)
+        _split(gate, "bias", group)
+        gate.n_blocks //= tp
+    _split(cell, "recurrent", group, 1)
+    if hasattr(cell, "peephole"):
+        _split(cell, "peephole", group, 1)
+    local = hidden // tp
+    if hasattr(cell, "width"):
+        cell.width = local
+    cell.state_size = cell.state_size // tp
+    _split(m.norm, "weight", group)
+    m.norm.tp_group = group
+    m.out_proj = RowParallelLinear(m.out_proj, group)
