@@ -95,6 +95,27 @@ class ModelConfig:
         """One letter per layer, the pattern repeated: n_layers=5, "RRA" -> R R A R R."""
         return [self.block_pattern[i % len(self.block_pattern)] for i in range(self.n_layers)]
 
+    def check_tensor_parallel(self, tp: int) -> None:
+        """Reject sizes that tp does not divide, with the numbers (vocab_size 0 is padded later)."""
+        if tp == 1:
+            return
+        c = self.resolved()
+
+        def need(n: int, what: str) -> None:
+            if n % tp:
+                raise ConfigError(f"parallel.tp={tp} does not divide {what}={n}; choose parallel.tp dividing it")
+        if c.vocab_size:
+            need(c.vocab_size, "model.vocab_size")
+        kinds = set(c.block_types())
+        if kinds & {"R", "A", "G", "L"}:
+            need(c.n_heads, "model.n_heads")
+            need(c.mlp_width, "the MLP width (model.mlp_width)")
+        if "A" in kinds and c.n_kv_heads > 1:
+            need(c.n_kv_heads, "model.n_kv_heads")
+        if "M" in kinds:
+            need(c.n_groups, "model.n_groups")
+            need(c.expand * c.d_model // c.ssm_head_dim, "the Mamba2 head count")
+
     def validate(self) -> None:
         if self.family not in FAMILY_BLOCKS:
             raise ConfigError(
@@ -136,11 +157,10 @@ class ParallelConfig:
             v = getattr(self, name)
             if v < 1:
                 raise ConfigError(f"parallel.{name}={v} must be >= 1")
-            if v > 1:
+            if v > 1 and name != "tp":
                 raise ConfigError(
-                    f"parallel.{name}={v}: tensor, pipeline and context parallelism are not "
-                    f"implemented yet; set parallel.{name}=1 (data parallelism works: launch more "
-                    "processes with torchrun)")
+                    f"parallel.{name}={v}: pipeline and context parallelism are not in the trainer "
+                    f"yet; set parallel.{name}=1 (tensor and data parallelism work)")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={self.zero_stage}; expected 0, 1, 2 or 3")
 
@@ -234,6 +254,7 @@ class Config:
     def validate(self) -> "Config":
         self.model.validate()
         self.parallel.validate()
+        self.model.check_tensor_parallel(self.parallel.tp)
         self.data.validate()
         self.train.validate()
         return self

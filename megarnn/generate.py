@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from megarnn.parallel.tensor import gather_from_tp
+
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
@@ -15,6 +17,8 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 200, temperatu
     logits, state = model(torch.tensor([ids], device=device))
     out = []
     for _ in range(max_new_tokens):
+        if getattr(model, "tp_group", None) is not None:  # every tensor-parallel rank samples the same token
+            logits = gather_from_tp(logits, model.tp_group)
         nxt = sample(logits[0, -1].float().cpu(), temperature, top_k, gen)
         if nxt == tokenizer.eos_id:
             break

@@ -14,6 +14,7 @@ from megarnn.config import Config, ModelConfig
 from megarnn.data.tokenizer import Tokenizer
 from megarnn.errors import CheckpointError
 from megarnn.models import RecurrentLM
+from megarnn.parallel.tensor import merge_shards
 from megarnn.train.checkpoint import resolve_checkpoint
 
 
@@ -60,14 +61,20 @@ def _load_checkpoint(path: Path) -> tuple[RecurrentLM, Tokenizer]:
 
 
 def _module_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The full model's weights: tensor-parallel shards (mp_rank_XX) merged as megarnn.json says."""
     d = ckpt_dir / tag
     files = sorted(d.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise CheckpointError(f"{d}: no mp_rank_*_model_states.pt; not a DeepSpeed checkpoint")
-    sd = torch.load(files[0], map_location="cpu", weights_only=False)
-    module = sd.get("module")
-    if module and all(v.numel() > 0 for v in module.values()):
-        return {k: v.float() for k, v in module.items()}
-    # ZeRO-3 keeps only partitions in the model file: gather them from the optimizer shards.
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    shards = [torch.load(f, map_location="cpu", weights_only=False).get("module") for f in files]
+    if not all(m and all(v.numel() > 0 for v in m.values()) for m in shards):
+        if len(files) > 1:
+            raise CheckpointError(f"{d}: ZeRO-3 with tensor parallelism cannot be read yet; export it from a "
+                                  "run with parallel.zero_stage <= 2")
+        # ZeRO-3 keeps only partitions in the model file: gather them from the optimizer shards.
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    splits = json.loads((d / "megarnn.json").read_text()).get("tp_split", {})
+    return {k: merge_shards([m[k] for m in shards], *splits[k]).float() if k in splits else v.float()
+            for k, v in shards[0].items()}
+

@@ -43,8 +43,10 @@ def test_sizes_that_must_divide_are_checked():
 
 
 def test_unimplemented_parallelism_is_refused_with_a_fix():
-    with pytest.raises(ConfigError, match="parallel.tp=2.*set parallel.tp=1"):
-        load_config("configs/quickstart.yaml", ["parallel.tp=2"])
+    with pytest.raises(ConfigError, match="parallel.pp=2.*set parallel.pp=1"):
+        load_config("configs/quickstart.yaml", ["parallel.pp=2"])
+    with pytest.raises(ConfigError, match="parallel.tp=3 does not divide model.n_heads=4"):
+        load_config("configs/quickstart.yaml", ["parallel.tp=3"])
 
 
 def test_bad_override_syntax_and_missing_file():

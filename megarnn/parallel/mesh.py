@@ -77,3 +77,43 @@ def check_sizes(world: int, tp: int, pp: int, cp: int) -> int:
                           f"(= {tp * pp * cp}) times a whole number of data-parallel replicas; launch a "
                           f"multiple of {tp * pp * cp} processes or change parallel.tp/pp/cp")
     return world // (tp * pp * cp)
+
+
+class DeepSpeedMPU:
+    """The `mpu` object DeepSpeed asks for model / data parallel groups (Megatron's names).
+
+    DeepSpeed's "model parallel" group is our tensor-parallel group: it all-reduces gradient
+    norms over it (counting replicated parameters once, sharded ones marked
+    `tensor_model_parallel`) and names checkpoint files by its rank (mp_rank_XX).
+    """
+
+    def __init__(self, mesh: ParallelMesh):
+        self.mesh = mesh
+
+    def get_model_parallel_group(self):
+        return self.mesh.group("tp")
+
+    def get_model_parallel_rank(self) -> int:
+        return self.mesh.rank_in("tp")
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.mesh.tp
+
+    def get_data_parallel_group(self):
+        return self.mesh.group("dp")
+
+    def get_data_parallel_rank(self) -> int:
+        return self.mesh.rank_in("dp")
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.mesh.dp
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return next(line for line in self.mesh.lines("dp") if self.mesh.rank in line)
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return next(line for line in self.mesh.lines("tp") if self.mesh.rank in line)[0]

@@ -23,7 +23,6 @@ import torch.distributed as dist
 from torch import nn
 
 from megarnn.config import ModelConfig
-from megarnn.errors import ConfigError
 from megarnn.models.blocks import GatedMLP, LocalAttentionBlock, RecurrentBlock
 from megarnn.models.mamba2 import Mamba2Mixer
 from megarnn.models.pararnn import ParaRNNMixer
@@ -33,21 +32,7 @@ from megarnn.parallel.tensor import (ColumnParallelLinear, ReplicatedLinear, Row
 
 def check_tensor_parallel(c: ModelConfig, tp: int) -> None:
     """Reject sizes that do not split evenly, with the numbers, before any group is built."""
-    c = c.resolved()
-
-    def need(n: int, what: str) -> None:
-        if n % tp:
-            raise ConfigError(f"parallel.tp={tp} does not divide {what}={n}; choose parallel.tp dividing it")
-    need(c.vocab_size, "model.vocab_size")
-    kinds = set(c.block_types())
-    if kinds & {"R", "A", "G", "L"}:
-        need(c.n_heads, "model.n_heads")
-        need(c.mlp_width, "the MLP width (model.mlp_width)")
-    if "A" in kinds and c.n_kv_heads > 1:
-        need(c.n_kv_heads, "model.n_kv_heads")
-    if "M" in kinds:
-        need(c.n_groups, "model.n_groups")
-        need(c.expand * c.d_model // c.ssm_head_dim, "the Mamba2 head count")
+    c.check_tensor_parallel(tp)
 
 
 def apply_tensor_parallel(model: nn.Module, group) -> nn.Module:

@@ -119,10 +119,21 @@ def shard(t: torch.Tensor, dim: int, sizes: list[int], rank: int, world: int) ->
     return torch.cat(parts, dim=dim).clone()
 
 
+def merge_shards(parts: list[torch.Tensor], dim: int, sizes: list[int]) -> torch.Tensor:
+    """Inverse of `shard`: parts[r] is rank r's shard -> the full tensor."""
+    out, start = [], 0
+    for n in sizes:
+        k = n // len(parts)
+        out += [p.narrow(dim, start, k) for p in parts]
+        start += k
+    return torch.cat(out, dim)
+
+
 def sharded_parameter(full: torch.Tensor, dim: int, sizes: list[int] | None, group) -> nn.Parameter:
     sizes = sizes or [full.shape[dim]]
     p = nn.Parameter(shard(full.detach(), dim, sizes, _rank(group), _world(group)))
     p.tp_split = (dim, list(sizes))
+    p.tensor_model_parallel = True  # DeepSpeed counts it on every rank in the gradient norm
     return p
 
 

@@ -75,6 +75,12 @@ def check_compatible(meta: dict, cfg: Config, where: Path) -> None:
         desc = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise CheckpointError(f"{where} was written by another model ({desc}); use a matching config, "
                               "a new train.out_dir, or train.resume=never")
+    saved_tp = meta.get("parallel", {}).get("tp", 1)
+    if saved_tp != cfg.parallel.tp:
+        raise CheckpointError(f"{where} was written with parallel.tp={saved_tp} and this run has "
+                              f"parallel.tp={cfg.parallel.tp}; resuming on another tensor-parallel layout is "
+                              f"not supported yet: resume with parallel.tp={saved_tp}, or export the checkpoint "
+                              "(megarnn export) and start from the export")
 
 
 def save(engine, cfg: Config, ckpt_dir: Path, step: int, client: dict, tokenizer) -> str:
@@ -85,8 +91,12 @@ def save(engine, cfg: Config, ckpt_dir: Path, step: int, client: dict, tokenizer
         d = ckpt_dir / tag
         (d / "config.yaml").write_text(cfg.to_yaml())
         tokenizer.save(d / "tokenizer")
-        # megarnn.json marks the checkpoint complete; `latest` moves only after it exists.
-        (d / META_FILE).write_text(json.dumps({"step": step, "model": cfg.to_dict()["model"]}, indent=1))
+        # megarnn.json marks the checkpoint complete; `latest` moves only after it exists. It also
+        # records how tensor parallelism cut each parameter, so the shards can be merged.
+        splits = {n: list(p.tp_split) for n, p in engine.module.named_parameters() if hasattr(p, "tp_split")}
+        meta = {"step": step, "model": cfg.to_dict()["model"], "parallel": cfg.to_dict()["parallel"],
+                "tp_split": splits}
+        (d / META_FILE).write_text(json.dumps(meta, indent=1))
         tmp = ckpt_dir / ".latest.tmp"
         tmp.write_text(tag)
         tmp.replace(ckpt_dir / "latest")

@@ -14,9 +14,10 @@ import torch
 
 from megarnn.config import Config
 from megarnn.parallel.launch_env import rendezvous_env
+from megarnn.parallel.mesh import DeepSpeedMPU, ParallelMesh, check_sizes
 
 
-def setup_distributed() -> tuple[int, int]:
+def setup_distributed(cfg: Config | None = None) -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed; returns (rank, world_size).
 
     Ranks come from torchrun, srun or mpirun (megarnn/parallel/launch_env.py); a plain
@@ -30,6 +31,9 @@ def setup_distributed() -> tuple[int, int]:
     # The shared-memory comm op only serves inference all-reduce; building it costs ~100 s of g++.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     rendezvous_env()
+    if cfg is not None:  # reject a layout that does not fit before any process group exists
+        p = cfg.parallel
+        check_sizes(int(os.environ["WORLD_SIZE"]), p.tp, p.pp, p.cp)
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
@@ -67,16 +71,26 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
     `_global_grad_norm` (get_global_grad_norm). ZeRO stages do the same check themselves.
     """
 
-    def __init__(self, params, max_grad_norm: float = 0.0, **kwargs):
+    def __init__(self, params, max_grad_norm: float = 0.0, tp_group=None, **kwargs):
         super().__init__(params, **kwargs)
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm, self.tp_group = max_grad_norm, tp_group
         self.overflow = False
         self._global_grad_norm = 0.0
+
+    def _global_norm(self, params) -> torch.Tensor:
+        """L2 norm of all gradients; under tensor parallelism shards are summed over the group
+        and replicated parameters (identical on every rank) counted once."""
+        sq = lambda ps: sum((p.grad.float().pow(2).sum() for p in ps), torch.zeros(()))  # noqa: E731
+        if self.tp_group is None:
+            return sq(params).sqrt()
+        sharded = sq([p for p in params if getattr(p, "tensor_model_parallel", False)])
+        torch.distributed.all_reduce(sharded, group=self.tp_group)
+        return (sharded + sq([p for p in params if not getattr(p, "tensor_model_parallel", False)])).sqrt()
 
     @torch.no_grad()
     def step(self, closure=None):
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = self._global_norm(params)
         self._global_grad_norm = norm.item()
         self.overflow = not math.isfinite(self._global_grad_norm)
         if self.overflow:
@@ -99,7 +113,7 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, dp_size: int):
+def build_engine(cfg: Config, model: torch.nn.Module, mesh: ParallelMesh):
     import deepspeed
 
     t = cfg.train
@@ -108,11 +122,12 @@ def build_engine(cfg: Config, model: torch.nn.Module, dp_size: int):
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kwargs = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
     if cfg.parallel.zero_stage == 0:
-        optimizer = SkipNonFiniteAdamW(groups, max_grad_norm=t.grad_clip, **kwargs)
+        tp_group = mesh.group("tp") if mesh.tp > 1 else None
+        optimizer = SkipNonFiniteAdamW(groups, max_grad_norm=t.grad_clip, tp_group=tp_group, **kwargs)
     else:
         optimizer = torch.optim.AdamW(groups, **kwargs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, dp_size), dist_init_required=False)
+        config=deepspeed_config(cfg, mesh.dp), mpu=DeepSpeedMPU(mesh), dist_init_required=False)
     return engine

@@ -25,11 +25,14 @@ from megarnn.data.prepare import prepare_run_data, split_files
 from megarnn.errors import ConfigError, TrainingError
 from megarnn.models import RecurrentLM
 from megarnn.train import checkpoint
+from megarnn.parallel.mesh import ParallelMesh
+from megarnn.parallel.plan import apply_tensor_parallel
 from megarnn.train.engine import build_engine, setup_distributed
 from megarnn.train.evaluate import evaluate
 from megarnn.train.metrics import MetricsLogger, peak_flops
 
 FINAL_LINE = "held-out bits per character: {:.3f}"
+VOCAB_MULTIPLE = 128
 
 
 def check_writable(out_dir: Path) -> None:
@@ -107,7 +110,7 @@ class PreemptionWatch:
         return False
 
 
-def train_step(engine, loader, step: int, grad_accum: int, dp_size: int, device) -> tuple[float, float]:
+def train_step(engine, loader, step: int, grad_accum: int, mesh: ParallelMesh, device) -> tuple[float, float]:
     """One optimizer step over grad_accum micro batches -> (mean loss over all ranks, grad norm)."""
     loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum):
@@ -117,9 +120,9 @@ def train_step(engine, loader, step: int, grad_accum: int, dp_size: int, device)
         engine.backward(loss)
         engine.step()
         loss_sum += loss.detach()
-    dist.all_reduce(loss_sum)
+    dist.all_reduce(loss_sum, group=mesh.group("dp"))  # tensor-parallel ranks hold the same loss
     grad_norm = engine.get_global_grad_norm()
-    return loss_sum.item() / (grad_accum * dp_size), float("nan") if grad_norm is None else float(grad_norm)
+    return loss_sum.item() / (grad_accum * mesh.dp), float("nan") if grad_norm is None else float(grad_norm)
 
 
 @dataclasses.dataclass
@@ -176,12 +179,12 @@ def train(cfg: Config) -> dict[str, float]:
     check_writable(run_dir)
     resume_from = find_resume(cfg)
 
-    rank, world = setup_distributed()
+    rank, world = setup_distributed(cfg)
+    mesh = ParallelMesh.build(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp)
     t = cfg.train
     if t.threads > 0:
         torch.set_num_threads(t.threads)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    dp_size = world  # tp = pp = cp = 1 until the parallel layers land
 
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -189,8 +192,8 @@ def train(cfg: Config) -> dict[str, float]:
     dist.barrier()
     if rank != 0:
         tokenizer, train_ds, val_ds = prepare_run_data(cfg.data, run_dir)
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = tokenizer.vocab_size
+    if cfg.model.vocab_size == 0:  # padded, as Megatron does, so any tp up to 128 divides it
+        cfg.model.vocab_size = -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     elif cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size}; set model.vocab_size=0 to take the tokenizer's")
@@ -199,20 +202,23 @@ def train(cfg: Config) -> dict[str, float]:
 
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = RecurrentLM(cfg.model).to(device)
-    engine = build_engine(cfg, model, dp_size)
+    n_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.data.seq_len)
+    if mesh.tp > 1:
+        apply_tensor_parallel(model, mesh.group("tp"))
+    engine = build_engine(cfg, model, mesh)
     step, skipped = 0, 0
     if resume_from is not None:
         client = checkpoint.load(engine, cfg, resume_from)
         step, skipped = client["step"], client.get("skipped", 0)
 
     loader = PackedLoader([train_ds], cfg.data.seq_len, t.micro_batch_size, t.grad_accum,
-                          cfg.data.seed, rank, dp_size)
+                          cfg.data.seed, mesh.rank_in("dp"), mesh.dp)
     log = MetricsLogger(run_dir, rank == 0, t.max_steps, step, t.progress)
     ckpt_dir = run_dir / "checkpoints"
-    flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    log.text(f"layout: {mesh.sizes()} (dp x pp x cp x tp)") if world > 1 else None
     peak = peak_flops(t.peak_tflops) * world
     if step == 0:
-        log.text(f"model: {model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs "
+        log.text(f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs "
                  f"per token; data: {train_ds.n_tokens} train tokens; {world} process(es) on {device.type}")
     else:
         log.text(f"resumed from {resume_from} at step {step}")
@@ -224,7 +230,7 @@ def train(cfg: Config) -> dict[str, float]:
     with PreemptionWatch() as preemption:
         while step < end:
             t0 = time.perf_counter()
-            loss_val, grad_norm = train_step(engine, loader, step, t.grad_accum, dp_size, device)
+            loss_val, grad_norm = train_step(engine, loader, step, t.grad_accum, mesh, device)
             seconds = time.perf_counter() - t0
             step += 1
             if progress.record(step, loss_val, grad_norm, engine.was_step_applied(), t.max_bad_steps, log):
@@ -249,7 +255,7 @@ def train(cfg: Config) -> dict[str, float]:
 
     if val is None and val_ds is not None:
         val = evaluate(engine.module, val_ds, cfg.data.seq_len, device=device)
-    if t.sample_tokens > 0 and rank == 0:
+    if t.sample_tokens > 0 and mesh.rank_in("dp") == 0:  # a tensor-parallel group samples together
         from megarnn.generate import generate
         text = generate(engine.module, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
         log.text("sample:\n" + text)

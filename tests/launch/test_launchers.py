@@ -1,5 +1,5 @@
-"""launch/torchrun.sh and launch/mpirun.sh start 2 data-parallel gloo ranks that log the losses of
-one process, for ZeRO 1 and 2."""
+"""launch/torchrun.sh and launch/mpirun.sh start 2 gloo ranks — data parallel (ZeRO 1, 2) or tensor
+parallel — that log the losses of one process; a tensor-parallel checkpoint loads as the full model."""
 import os
 import subprocess
 import sys
@@ -23,11 +23,13 @@ def one_process(tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("script,zero", [("torchrun.sh", 1), ("mpirun.sh", 2)])
-def test_launcher_with_two_ranks_equals_one_process(tmp_path, one_process, script, zero):
+@pytest.mark.parametrize("script,zero,tp", [("torchrun.sh", 1, 1), ("mpirun.sh", 2, 1), ("torchrun.sh", 1, 2)])
+def test_launcher_with_two_ranks_equals_one_process(tmp_path, one_process, script, zero, tp):
     run = tmp_path / "run"
+    batch = 8 // (2 // tp)  # the same global batch as the one-process run
     proc = subprocess.run([str(ROOT / "launch" / script), "2", "configs/quickstart.yaml", *COMMON,
-                           "train.micro_batch_size=4", f"train.out_dir={run}", f"parallel.zero_stage={zero}"],
+                           f"train.micro_batch_size={batch}", f"train.out_dir={run}", f"parallel.zero_stage={zero}",
+                           f"parallel.tp={tp}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "MEGARNN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -38,6 +40,17 @@ def test_launcher_with_two_ranks_equals_one_process(tmp_path, one_process, scrip
         assert b[s] == pytest.approx(a[s], rel=1e-5)
     assert read_metrics(run, "val/loss")[4] == pytest.approx(read_metrics(one_process[zero], "val/loss")[4], rel=1e-5)
     assert (run / "checkpoints" / "latest").read_text() == "step_000004"
+    if tp > 1:  # the shards merge into the full model, which matches the one-process run's
+        import torch
+
+        import megarnn
+        merged, tok = megarnn.load(run)
+        single, _ = megarnn.load(one_process[zero])
+        tokens = torch.tensor([[tok.bos_id] + tok.encode("Fair is foul, and foul is fair")])
+        torch.testing.assert_close(merged(tokens)[0], single(tokens)[0], rtol=1e-4, atol=1e-4)
+        err = run_cli("train", "configs/quickstart.yaml", *COMMON, f"train.out_dir={run}", "train.max_steps=6",
+                      check=False)
+        assert err.returncode == 2 and "written with parallel.tp=2" in err.stderr
 
 
 def test_launcher_usage_error():

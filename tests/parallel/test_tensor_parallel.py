@@ -16,6 +16,7 @@ from megarnn.errors import ConfigError
 from megarnn.models import RecurrentLM
 from megarnn.parallel.launch_env import free_port
 from megarnn.parallel.plan import apply_tensor_parallel, check_tensor_parallel
+from megarnn.parallel.tensor import merge_shards
 
 FAMILIES = {
     "griffin": dict(family="griffin", block_pattern="RRA", n_heads=4, attention_window=5),
@@ -28,15 +29,9 @@ FAMILIES = {
 
 def _gather_full(p, group):
     """Reassemble a sharded parameter's gradient from its tp_split record."""
-    dim, sizes = p.tp_split
     parts = [torch.empty_like(p.grad) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, p.grad.contiguous(), group=group)
-    out, start = [], 0
-    for n in sizes:
-        k = n // len(parts)
-        out += [q.narrow(dim, start, k) for q in parts]
-        start += k
-    return torch.cat(out, dim)
+    return merge_shards(parts, *p.tp_split)
 
 
 def _loss(model, tokens, reset):

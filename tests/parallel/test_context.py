@@ -1,0 +1,372 @@
+"""Context parallelism equals one process: every sequence primitive, forward and gradients.
+
+One spawned gloo launch per world size runs all checks (startup costs seconds): each rank
+builds the full inputs from the same seed, computes the single-process op on the whole
+sequence, runs the CP op on its chunk and compares, in float64. Replicated inputs' gradients
+(h0, A, D, cell and conv parameters) are summed over the cp group first, as the caller does.
+Resets fall inside chunks, on a chunk's last step and exactly at rank boundaries; T_local = 1
+is covered. The 4-process launch also runs cp = 2 checks on two sub-groups (ranks {0, 1} and
+{2, 3}), which exercises the group-rank -> global-rank mapping of the neighbour exchange.
+"""
+import json
+import os
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from megarnn.models.pararnn import ParaGRUCell, ParaLSTMCell
+from megarnn.ops import causal_conv1d, linear_scan, newton_solve, sliding_window_attention, ssd_scan
+from megarnn.parallel.context import (cp_causal_conv1d, cp_halo, cp_linear_scan, cp_newton_solve, cp_ssd_scan,
+                                      cp_sliding_window_attention)
+from megarnn.parallel.launch_env import free_port
+
+DT = torch.float64
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------
+# Helpers run inside the ranks.
+# ------------------------------------------------------------------------------------------
+
+def _ctx(group):
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _local(t, group, Tl, grad=True):
+    """This rank's chunk of a full (B, T, ...) tensor, as a fresh leaf."""
+    rank, _ = _ctx(group)
+    out = t.detach()[:, rank * Tl:(rank + 1) * Tl].clone()
+    return out.requires_grad_(grad and t.dtype.is_floating_point)
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+def _summed(t, group):
+    """A replicated input's gradient summed over the group (what the caller's all-reduce does)."""
+    t = t.clone()
+    dist.all_reduce(t, group=group)
+    return t
+
+
+def _resets(B, T, Tl):
+    """(B, T) bool: row 0 at the first rank boundary and inside rank 1's chunk; row 1 inside
+    rank 0's chunk, on its last step (the next halo sees it) and at the last rank boundary."""
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    for b, t in [(0, Tl), (0, Tl + Tl // 2), (1, 1), (1, Tl - 1), (1, T - Tl)]:
+        if 0 <= t < T:
+            reset[b, t] = True
+    return reset
+
+
+def _close(got, want, what):
+    torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"{what}: {m}")
+
+
+def _same_on_all_ranks(obj, group, what):
+    objs = [None] * dist.get_world_size(group)
+    dist.all_gather_object(objs, obj, group=group)
+    assert all(o == objs[0] for o in objs), f"{what} differ across ranks: {objs}"
+
+
+# ------------------------------------------------------------------------------------------
+# Checks: each raises on a mismatch. Every rank calls the same ones in the same order.
+# ------------------------------------------------------------------------------------------
+
+def check_linear_scan(group, Tl):
+    rank, cp = _ctx(group)
+    B, D, T = 2, 3, cp * Tl
+    torch.manual_seed(100 + Tl)
+    a = (0.5 + 0.5 * torch.rand(B, T, D, dtype=DT)).masked_fill(_resets(B, T, Tl)[..., None], 0.0)
+    b, h0, gy = torch.randn(B, T, D, dtype=DT), torch.randn(B, D, dtype=DT), torch.randn(B, T, D, dtype=DT)
+    full = [_leaf(a), _leaf(b), _leaf(h0)]
+    ref = linear_scan(*full, backend="reference")
+    ref_grads = torch.autograd.grad(ref, full, gy)
+
+    la, lb, lh0 = _local(a, group, Tl), _local(b, group, Tl), _leaf(h0)  # h0 passed on every rank
+    out = cp_linear_scan(la, lb, lh0, group=group)
+    _close(out, ref[:, rank * Tl:(rank + 1) * Tl], "h")
+    da, db, dh0 = torch.autograd.grad(out, [la, lb, lh0], _local(gy, group, Tl, grad=False))
+    _close(da, ref_grads[0][:, rank * Tl:(rank + 1) * Tl], "da")
+    _close(db, ref_grads[1][:, rank * Tl:(rank + 1) * Tl], "db")
+    _close(_summed(dh0, group), ref_grads[2], "dh0")
+    if rank > 0:
+        assert not dh0.any(), "h0 is read on rank 0 only; its gradient elsewhere must be zero"
+    # Without h0 (zeros), and in float32 with float32 carries.
+    _close(cp_linear_scan(la, lb, group=group), linear_scan(a, b)[:, rank * Tl:(rank + 1) * Tl], "h, h0=None")
+    out32 = cp_linear_scan(la.float(), lb.float(), lh0.float(), group=group)
+    torch.testing.assert_close(out32, ref[:, rank * Tl:(rank + 1) * Tl].float(), rtol=1e-5, atol=1e-5)
+
+
+def check_ssd(group, Tl, chunk_size):
+    rank, cp = _ctx(group)
+    B, T, H, P, G, N = 2, cp * Tl, 4, 3, 2, 4
+    torch.manual_seed(200 + Tl)
+    x, dt = torch.randn(B, T, H, P, dtype=DT), F.softplus(torch.randn(B, T, H, dtype=DT))
+    A, Bm, Cm = -torch.exp(0.5 * torch.randn(H, dtype=DT)), torch.randn(B, T, G, N, dtype=DT), torch.randn(B, T, G, N, dtype=DT)
+    Dp, s0 = torch.randn(H, dtype=DT), torch.randn(B, H, P, N, dtype=DT)
+    reset = _resets(B, T, Tl)
+    gy, gs = torch.randn(B, T, H, P, dtype=DT), torch.randn(B, H, P, N, dtype=DT)
+    full = [_leaf(t) for t in (x, dt, A, Bm, Cm, Dp, s0)]
+    y, state = ssd_scan(*full[:6], initial_state=full[6], reset=reset, backend="reference")
+    ref_grads = torch.autograd.grad((y * gy).sum() + (state * gs).sum(), full)
+
+    lx, ldt, lB, lC = (_local(t, group, Tl) for t in (x, dt, Bm, Cm))
+    lA, lD = _leaf(A), _leaf(Dp)
+    ls0 = _leaf(s0) if rank == 0 else None  # read on rank 0 only
+    ly, final = cp_ssd_scan(lx, ldt, lA, lB, lC, lD, chunk_size, ls0, _local(reset, group, Tl), group=group)
+    _close(ly, y[:, rank * Tl:(rank + 1) * Tl], "y")
+    _close(final, state, "final state (every rank)")
+    loss = (ly * _local(gy, group, Tl, grad=False)).sum()
+    if rank == cp - 1:  # the final state enters the loss once
+        loss = loss + (final * gs).sum()
+    wrt = [lx, ldt, lA, lB, lC, lD] + ([ls0] if ls0 is not None else [])
+    grads = torch.autograd.grad(loss, wrt)
+    for name, i in [("dx", 0), ("ddt", 1), ("dB", 3), ("dC", 4)]:
+        _close(grads[i], ref_grads[i][:, rank * Tl:(rank + 1) * Tl], name)
+    _close(_summed(grads[2], group), ref_grads[2], "dA")
+    _close(_summed(grads[5], group), ref_grads[5], "dD")
+    if rank == 0:
+        _close(grads[6], ref_grads[6], "d initial_state")
+
+
+def _cell(kind, width=4):
+    torch.manual_seed(300)
+    cell = {"gru": ParaGRUCell, "lstm": ParaLSTMCell}[kind](width, 2).to(DT)
+    with torch.no_grad():  # stronger coupling than at init
+        cell.recurrent.uniform_(-1, 1)
+        if hasattr(cell, "peephole"):
+            cell.peephole.uniform_(-1, 1)
+    return cell
+
+
+def _step_params(cell):
+    return [p for n, p in cell.named_parameters() if not n.startswith("project.")]
+
+
+def _newton_inputs(cell, B, T, Tl):
+    torch.manual_seed(400 + Tl)
+    x = torch.randn(B, T, 3, cell.state_size // (2 if cell.jacobian_structure == "block2" else 1), dtype=DT)
+    return x, torch.randn(B, cell.state_size, dtype=DT), _resets(B, T, Tl), torch.randn(B, T, cell.state_size, dtype=DT)
+
+
+def _solve_grads(solve, cell, x, h0, gy):
+    h = solve(x, h0)
+    return h, torch.autograd.grad(h, [x, h0] + _step_params(cell), gy)
+
+
+def check_newton(group, kind, Tl):
+    """CP Newton == one-rank Newton == the sequential recurrence, forward and all gradients."""
+    rank, cp = _ctx(group)
+    cell = _cell(kind)
+    B, T = 2, cp * Tl
+    x, h0, reset, gy = _newton_inputs(cell, B, T, Tl)
+    seq, seq_grads = _solve_grads(lambda x, h: newton_solve(cell, x, h, reset=reset, backend="sequential"),
+                                  cell, _leaf(x), _leaf(h0), gy)
+    one_stats = {}
+    one, one_grads = _solve_grads(lambda x, h: newton_solve(cell, x, h, reset=reset, max_iters=30, stats=one_stats),
+                                  cell, _leaf(x), _leaf(h0), gy)
+    stats = {}
+    lx, lh0 = _local(x, group, Tl), _leaf(h0)
+    h = cp_newton_solve(cell, lx, lh0, _local(reset, group, Tl), max_iters=30, group=group, stats=stats)
+    grads = torch.autograd.grad(h, [lx, lh0] + _step_params(cell), _local(gy, group, Tl, grad=False))
+    sl = slice(rank * Tl, (rank + 1) * Tl)
+    for ref, ref_grads, name in [(one, one_grads, "one-rank Newton"), (seq, seq_grads, "sequential")]:
+        _close(h, ref[:, sl], f"h vs {name}")
+        _close(grads[0], ref_grads[0][:, sl], f"dx vs {name}")
+        _close(_summed(grads[1], group), ref_grads[1], f"dh0 vs {name}")
+        for i, (got, want) in enumerate(zip(grads[2:], ref_grads[2:])):
+            _close(_summed(got, group), want, f"d param {i} vs {name}")
+    _same_on_all_ranks(stats, group, "Newton stats")
+    assert stats["converged"] and not stats["fallback"], stats
+    assert stats["iters"] == one_stats["iters"], (stats, one_stats)
+
+
+def check_newton_iterates_and_fallback(group, kind, Tl):
+    """Fixed-iteration mode (strict=False) gives one-rank Newton's iterate after 1 and 2
+    updates; strict with max_iters=0 falls back, rank by rank, to the sequential answer."""
+    rank, cp = _ctx(group)
+    cell = _cell(kind)
+    B, T = 2, cp * Tl
+    x, h0, reset, gy = _newton_inputs(cell, B, T, Tl)
+    sl = slice(rank * Tl, (rank + 1) * Tl)
+    lx, lreset = _local(x, group, Tl), _local(reset, group, Tl)
+    for iters in (1, 2):
+        one_stats, stats = {}, {}
+        one = newton_solve(cell, x, h0, reset=reset, max_iters=iters, tol=0.0, strict=False, stats=one_stats)
+        h = cp_newton_solve(cell, lx, h0, lreset, max_iters=iters, tol=0.0, strict=False, group=group, stats=stats)
+        _close(h, one[:, sl], f"iterate {iters}")
+        _same_on_all_ranks(stats, group, "stats")
+        assert stats["iters"] == iters and not stats["converged"] and not stats["fallback"], stats
+        torch.testing.assert_close(stats["residual"], one_stats["residual"], rtol=1e-8, atol=1e-14)
+    stats = {}
+    seq, seq_grads = _solve_grads(lambda x, h: newton_solve(cell, x, h, reset=reset, backend="sequential"),
+                                  cell, _leaf(x), _leaf(h0), gy)
+    lx, lh0 = _leaf(lx), _leaf(h0)
+    h = cp_newton_solve(cell, lx, lh0, lreset, max_iters=0, tol=1e-14, group=group, stats=stats)
+    _same_on_all_ranks(stats, group, "fallback stats")
+    assert stats["fallback"] and stats["converged"] and stats["iters"] == 0, stats
+    _close(h, seq[:, sl], "fallback h")
+    grads = torch.autograd.grad(h, [lx, lh0] + _step_params(cell), _local(gy, group, Tl, grad=False))
+    _close(grads[0], seq_grads[0][:, sl], "fallback dx")
+    _close(_summed(grads[1], group), seq_grads[1], "fallback dh0")
+
+
+def check_halo_conv(group, Tl, W):
+    rank, cp = _ctx(group)
+    B, D, T = 2, 3, cp * Tl
+    torch.manual_seed(500 + Tl + W)
+    x, w, bias = torch.randn(B, T, D, dtype=DT), torch.randn(D, W, dtype=DT), torch.randn(D, dtype=DT)
+    reset, gy = _resets(B, T, Tl), torch.randn(B, T, D, dtype=DT)
+    sl = slice(rank * Tl, (rank + 1) * Tl)
+    # The halo itself: the W - 1 steps before the chunk, zeros before the sequence.
+    padded = torch.cat([x.new_zeros(B, W - 1, D), x], dim=1)
+    _close(cp_halo(_local(x, group, Tl), W, group), padded[:, rank * Tl:rank * Tl + W - 1], "halo")
+    for rst in (reset, None):
+        full = [_leaf(x), _leaf(w), _leaf(bias)]
+        y, state = causal_conv1d(*full, reset=rst)
+        ref_grads = torch.autograd.grad(y, full, gy)
+        lx, lw, lb = _local(x, group, Tl), _leaf(w), _leaf(bias)
+        ly, lstate = cp_causal_conv1d(lx, lw, lb, None if rst is None else _local(rst, group, Tl), group=group)
+        _close(ly, y[:, sl], f"conv y (reset={rst is not None})")
+        if rank == cp - 1:
+            _close(lstate, state, "conv state after the sequence")
+        dx, dw, db = torch.autograd.grad(ly, [lx, lw, lb], _local(gy, group, Tl, grad=False))
+        _close(dx, ref_grads[0][:, sl], "conv dx")
+        _close(_summed(dw, group), ref_grads[1], "conv dweight")
+        _close(_summed(db, group), ref_grads[2], "conv dbias")
+
+
+def check_attention(group, Tl, window):
+    rank, cp = _ctx(group)
+    B, T, H, Hkv, Dh = 2, cp * Tl, 2, 1, 4
+    torch.manual_seed(600 + Tl + window)
+    q, k, v = torch.randn(B, T, H, Dh, dtype=DT), torch.randn(B, T, Hkv, Dh, dtype=DT), torch.randn(B, T, Hkv, Dh, dtype=DT)
+    gy = torch.randn(B, T, H, Dh, dtype=DT)
+    sl = slice(rank * Tl, (rank + 1) * Tl)
+    for rst in (_resets(B, T, Tl), None):
+        full = [_leaf(q), _leaf(k), _leaf(v)]
+        out, _ = sliding_window_attention(*full, window, rst, backend="sdpa")
+        ref_grads = torch.autograd.grad(out, full, gy)
+        local = [_local(t, group, Tl) for t in (q, k, v)]
+        lout, _ = cp_sliding_window_attention(*local, window, None if rst is None else _local(rst, group, Tl),
+                                              group=group)
+        _close(lout, out[:, sl], f"attention out (reset={rst is not None})")
+        grads = torch.autograd.grad(lout, local, _local(gy, group, Tl, grad=False))
+        for name, got, want in zip("qkv", grads, ref_grads):
+            _close(got, want[:, sl], f"attention d{name}")
+
+
+PLAN_2 = [  # (check name, function, kwargs, group): "world" or "pairs" (sub-groups {0, 1}, {2, 3})
+    ("linear_scan", "check_linear_scan", dict(Tl=5), "world"),
+    ("linear_scan_T1", "check_linear_scan", dict(Tl=1), "world"),
+    ("ssd", "check_ssd", dict(Tl=6, chunk_size=4), "world"),
+    ("ssd_T1", "check_ssd", dict(Tl=1, chunk_size=4), "world"),
+    ("newton_gru", "check_newton", dict(kind="gru", Tl=6), "world"),
+    ("newton_lstm", "check_newton", dict(kind="lstm", Tl=6), "world"),
+    ("newton_gru_T1", "check_newton", dict(kind="gru", Tl=1), "world"),
+    ("newton_iterates_fallback_gru", "check_newton_iterates_and_fallback", dict(kind="gru", Tl=4), "world"),
+    ("newton_iterates_fallback_lstm", "check_newton_iterates_and_fallback", dict(kind="lstm", Tl=4), "world"),
+    ("conv", "check_halo_conv", dict(Tl=5, W=4), "world"),
+    ("conv_multi_hop", "check_halo_conv", dict(Tl=2, W=4), "world"),
+    ("attention", "check_attention", dict(Tl=6, window=4), "world"),
+    ("attention_multi_hop", "check_attention", dict(Tl=2, window=5), "world"),
+]
+PLAN_4 = [
+    ("linear_scan", "check_linear_scan", dict(Tl=3), "world"),
+    ("linear_scan_T1", "check_linear_scan", dict(Tl=1), "world"),
+    ("ssd", "check_ssd", dict(Tl=2, chunk_size=4), "world"),
+    ("newton_gru", "check_newton", dict(kind="gru", Tl=3), "world"),
+    ("newton_lstm", "check_newton", dict(kind="lstm", Tl=3), "world"),
+    ("newton_iterates_fallback_lstm", "check_newton_iterates_and_fallback", dict(kind="lstm", Tl=2), "world"),
+    ("conv_multi_hop_T1", "check_halo_conv", dict(Tl=1, W=4), "world"),
+    ("attention_multi_hop_T1", "check_attention", dict(Tl=1, window=4), "world"),
+    ("pairs_newton_lstm", "check_newton", dict(kind="lstm", Tl=3), "pairs"),
+    ("pairs_conv", "check_halo_conv", dict(Tl=2, W=4), "pairs"),
+]
+
+
+def _worker(rank, world, port, out_dir, plan):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    groups = {"world": dist.group.WORLD}
+    if world == 4:  # every rank creates every group, then keeps its own pair
+        pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        groups["pairs"] = pairs[rank // 2]
+    results = {}
+    try:
+        for name, fn, kwargs, group in plan:
+            try:
+                globals()[fn](groups[group], **kwargs)
+                results[name] = ""
+            except Exception:  # record it; the other ranks stay in step (checks assert after collectives)
+                results[name] = traceback.format_exc()
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
+def _launch(world, plan, out_dir):
+    mp.spawn(_worker, args=(world, free_port(), str(out_dir), plan), nprocs=world, join=True)
+    return [json.load(open(out_dir / f"rank{r}.json")) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def cp2(tmp_path_factory):
+    return _launch(2, PLAN_2, tmp_path_factory.mktemp("cp2"))
+
+
+@pytest.fixture(scope="module")
+def cp4(tmp_path_factory):
+    return _launch(4, PLAN_4, tmp_path_factory.mktemp("cp4"))
+
+
+def _assert_passed(results, *names):
+    for name in names:
+        failures = [f"rank {r}:\n{res[name]}" for r, res in enumerate(results) if res.get(name, "missing")]
+        assert not failures, f"{name} failed\n" + "\n".join(failures)
+
+
+# ------------------------------------------------------------------------------------------
+# The tests: each names the property its checks prove.
+# ------------------------------------------------------------------------------------------
+
+def test_cp_linear_scan_equals_one_process_forward_and_gradients(cp2, cp4):
+    _assert_passed(cp2, "linear_scan", "linear_scan_T1")
+    _assert_passed(cp4, "linear_scan", "linear_scan_T1")
+
+
+def test_cp_ssd_scan_equals_one_process_forward_final_state_and_gradients(cp2, cp4):
+    _assert_passed(cp2, "ssd", "ssd_T1")
+    _assert_passed(cp4, "ssd")
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_context_parallel_newton_equals_one_rank_newton_equals_sequential(cp2, cp4, kind):
+    _assert_passed(cp2, f"newton_{kind}")
+    _assert_passed(cp4, f"newton_{kind}", "pairs_newton_lstm")
+    if kind == "gru":
+        _assert_passed(cp2, "newton_gru_T1")
+
+
+def test_cp_newton_iterates_equal_one_rank_iterates_and_fallback_is_sequential(cp2, cp4):
+    _assert_passed(cp2, "newton_iterates_fallback_gru", "newton_iterates_fallback_lstm")
+    _assert_passed(cp4, "newton_iterates_fallback_lstm")
+
+
+def test_cp_halo_conv_equals_one_process_across_resets_and_hops(cp2, cp4):
+    _assert_passed(cp2, "conv", "conv_multi_hop")
+    _assert_passed(cp4, "conv_multi_hop_T1", "pairs_conv")
+
+
+def test_cp_sliding_window_attention_equals_one_process(cp2, cp4):
+    _assert_passed(cp2, "attention", "attention_multi_hop")
+    _assert_passed(cp4, "attention_multi_hop_T1")
