@@ -151,6 +151,7 @@ class ParallelConfig:
     pp: int = 1
     cp: int = 1
     zero_stage: int = 1
+    activation_checkpointing: int = 0  # recompute every k-th block in backward (1: all, 0: none)
 
     def validate(self) -> None:
         for name in ("tp", "pp", "cp"):
@@ -161,6 +162,9 @@ class ParallelConfig:
                 raise ConfigError(
                     f"parallel.{name}={v}: pipeline and context parallelism are not in the trainer "
                     f"yet; set parallel.{name}=1 (tensor and data parallelism work)")
+        if self.activation_checkpointing < 0:
+            raise ConfigError(f"parallel.activation_checkpointing={self.activation_checkpointing}; expected 0 "
+                              "(none), 1 (every block) or k (every k-th block)")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={self.zero_stage}; expected 0, 1, 2 or 3")
 

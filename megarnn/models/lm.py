@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from megarnn.config import ModelConfig
@@ -49,6 +50,7 @@ class RecurrentLM(nn.Module):
         self.embed_scale = torch.tensor(math.sqrt(c.d_model), dtype=torch.bfloat16, device="cpu").item() if griffin else 1.0
         self.soft_cap = c.logits_soft_cap if griffin else 0.0
         self.tp_group = None  # set by megarnn.parallel.plan: logits are then this rank's vocabulary slice
+        self.checkpoint_every = 0  # activation checkpointing of every k-th block (0: none)
 
     def forward(self, tokens: torch.Tensor, state: dict | None = None,
                 reset: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
@@ -65,8 +67,12 @@ class RecurrentLM(nn.Module):
         pos = torch.arange(pos0, pos0 + tokens.shape[1], device=tokens.device)
         x = self.embed_tokens(tokens) * self.embed_scale
         new_states = []
-        for layer, s in zip(self.layers, layer_states):
-            x, s = layer(x, reset, s, pos)
+        for i, (layer, s) in enumerate(zip(self.layers, layer_states)):
+            if self.checkpoint_every and i % self.checkpoint_every == 0 and torch.is_grad_enabled():
+                # Keep only the block's input; recompute its activations in the backward pass.
+                x, s = torch.utils.checkpoint.checkpoint(layer, x, reset, s, pos, use_reentrant=False)
+            else:
+                x, s = layer(x, reset, s, pos)
             new_states.append(s)
         logits = self.logits(self.final_norm(x))
         return logits, {"pos": pos0 + tokens.shape[1], "layers": new_states}

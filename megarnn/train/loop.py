@@ -202,6 +202,7 @@ def train(cfg: Config) -> dict[str, float]:
 
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = RecurrentLM(cfg.model).to(device)
+    model.checkpoint_every = cfg.parallel.activation_checkpointing
     n_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.data.seq_len)
     if mesh.tp > 1:
         apply_tensor_parallel(model, mesh.group("tp"))
