@@ -226,6 +226,7 @@ class TrainConfig:
     eval_tokens: int = 0  # tokens per periodic eval; 0 = the whole validation set
     save_interval: int = 500
     resume: str = "auto"  # auto | never | a checkpoint path
+    keep_checkpoints: int = 0  # keep the newest K complete checkpoints; 0 keeps all
     max_bad_steps: int = 5  # consecutive non-finite steps before stopping
     peak_tflops: float = 0.0  # for MFU; 0: a table for known GPUs, 1.0 on CPU
     threads: int = 0  # torch CPU threads; 0 leaves torch's default

@@ -15,7 +15,7 @@ from megarnn.data.tokenizer import Tokenizer
 from megarnn.errors import CheckpointError
 from megarnn.models import RecurrentLM
 from megarnn.parallel.tensor import merge_shards
-from megarnn.train.checkpoint import resolve_checkpoint
+from megarnn.train.checkpoint import read_meta, resolve_checkpoint, verify
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[RecurrentLM, Tokenizer]:
@@ -55,6 +55,7 @@ def _load_checkpoint(path: Path) -> tuple[RecurrentLM, Tokenizer]:
         raise CheckpointError(f"{d}: config.yaml is missing; the checkpoint is incomplete")
     import yaml
     cfg = Config.from_dict(yaml.safe_load(cfg_file.read_text()))
+    verify(d, read_meta(ckpt_dir, tag))
     model = RecurrentLM(cfg.model)
     model.load_state_dict(_module_state_dict(ckpt_dir, tag))
     return model, Tokenizer.load(d / "tokenizer")

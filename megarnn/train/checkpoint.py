@@ -4,14 +4,20 @@ Layout (DeepSpeed's, under <out_dir>/checkpoints):
   latest                   the tag of the newest complete checkpoint (DeepSpeed writes it last)
   step_000100/             DeepSpeed's model / optimizer shards and our client state:
                            step, consumed samples, skipped steps, RNG states, config
-  step_000100/megarnn.json what the checkpoint is (step, model config): read before loading
+  step_000100/megarnn.json what the checkpoint is (step, model and parallel config, how tensor
+                           parallelism cut each parameter, every file with size and sha256):
+                           written last, read and verified before loading
   step_000100/config.yaml  the resolved run config
   step_000100/tokenizer/   the tokenizer, so a checkpoint stands on its own
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
+import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +27,7 @@ from megarnn.config import Config
 from megarnn.errors import CheckpointError
 
 META_FILE = "megarnn.json"
+CRASH_ENV = "MEGARNN_TEST_CRASH_AT_SAVE"  # a step number: SIGKILL mid-save (tests of crash safety)
 
 
 def tag_for(step: int) -> str:
@@ -84,26 +91,79 @@ def check_compatible(meta: dict, cfg: Config, where: Path) -> None:
 
 
 def save(engine, cfg: Config, ckpt_dir: Path, step: int, client: dict, tokenizer) -> str:
+    """Write checkpoint step_NNNNNN; publish it (megarnn.json, then `latest`) only when complete."""
     tag = tag_for(step)
+    d = ckpt_dir / tag
+    if engine.global_rank == 0 and (d / META_FILE).exists():
+        (d / META_FILE).unlink()  # rewriting a step: it is incomplete until the new meta lands
     client = {**client, "step": step, "rng": rng_state(), "config": cfg.to_dict()}
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
+    _barrier()  # every rank's shards are on disk
+    if os.environ.get(CRASH_ENV) == str(step):  # fault injection for the crash tests
+        os.kill(os.getpid(), signal.SIGKILL)
     if engine.global_rank == 0:
-        d = ckpt_dir / tag
         (d / "config.yaml").write_text(cfg.to_yaml())
         tokenizer.save(d / "tokenizer")
-        # megarnn.json marks the checkpoint complete; `latest` moves only after it exists. It also
-        # records how tensor parallelism cut each parameter, so the shards can be merged.
+        # megarnn.json marks the checkpoint complete and lists every file with its checksum; it
+        # also records how tensor parallelism cut each parameter, so the shards can be merged.
         splits = {n: list(p.tp_split) for n, p in engine.module.named_parameters() if hasattr(p, "tp_split")}
         meta = {"step": step, "model": cfg.to_dict()["model"], "parallel": cfg.to_dict()["parallel"],
-                "tp_split": splits}
-        (d / META_FILE).write_text(json.dumps(meta, indent=1))
-        tmp = ckpt_dir / ".latest.tmp"
-        tmp.write_text(tag)
-        tmp.replace(ckpt_dir / "latest")
+                "tp_split": splits, "files": file_manifest(d)}
+        _write_atomic(d / META_FILE, json.dumps(meta, indent=1))
+        _write_atomic(ckpt_dir / "latest", tag)  # `latest` moves last
+        prune(ckpt_dir, cfg.train.keep_checkpoints, keep=tag)
+    _barrier()
+    return tag
+
+
+def file_manifest(d: Path) -> dict[str, dict]:
+    """{relative path: {"size", "sha256"}} of every file under d except megarnn.json."""
+    out = {}
+    for f in sorted(p for p in d.rglob("*") if p.is_file() and p.name != META_FILE):
+        h = hashlib.sha256()
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        out[str(f.relative_to(d))] = {"size": f.stat().st_size, "sha256": h.hexdigest()}
+    return out
+
+
+def verify(d: Path, meta: dict) -> None:
+    """Every file of the manifest is there, whole and unchanged; raises CheckpointError naming it."""
+    for rel, want in meta.get("files", {}).items():
+        f = d / rel
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing from the checkpoint; resume from an earlier step_* directory")
+        if f.stat().st_size != want["size"]:
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, expected {want['size']} (truncated or "
+                                  "overwritten); resume from an earlier step_* directory")
+    got = file_manifest(d)
+    for rel, want in meta.get("files", {}).items():
+        if got[rel]["sha256"] != want["sha256"]:
+            raise CheckpointError(f"{d / rel}: checksum mismatch (corrupt file); resume from an earlier "
+                                  "step_* directory")
+
+
+def prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
+    """Delete complete checkpoints older than the newest keep_last (0 keeps all)."""
+    if keep_last <= 0:
+        return
+    done = sorted(p for p in ckpt_dir.glob("step_*") if (p / META_FILE).is_file())
+    for old in done[:-keep_last]:
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _barrier() -> None:
     import torch.distributed as dist
     if dist.is_initialized():
         dist.barrier()
-    return tag
 
 
 def load(engine, cfg: Config, path: str | Path) -> dict:
@@ -111,6 +171,7 @@ def load(engine, cfg: Config, path: str | Path) -> dict:
     ckpt_dir, tag = resolve_checkpoint(path)
     meta = read_meta(ckpt_dir, tag)
     check_compatible(meta, cfg, ckpt_dir / tag)
+    verify(ckpt_dir / tag, meta)
     loaded, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                             load_lr_scheduler_states=True)
     if loaded is None:
