@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from megarnn.ops import linear_scan
+from megarnn.ops.scan import rglru_scan
 
 RG_LRU_C = 8.0
 
@@ -71,6 +72,9 @@ class RGLRU(nn.Module):
     def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None,
                 reset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, T, D); h0: (B, D) float32; reset: (B, T) bool -> y (B, T, D), h_T (B, D) float32."""
+        if self.scan_backend == "triton" or (self.scan_backend is None and x.is_cuda):
+            # One fused kernel each way: the gates never round-trip through memory.
+            return rglru_scan(x, self.input_gate(x), self.recurrent_gate(x), self.recurrent_param, h0, reset)
         gate_x = torch.sigmoid(self.input_gate(x))
         gate_a = torch.sigmoid(self.recurrent_gate(x))
         log_a = -RG_LRU_C * gate_a * nn.functional.softplus(self.recurrent_param)

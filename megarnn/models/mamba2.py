@@ -65,8 +65,7 @@ class Mamba2Mixer(nn.Module):
         y, ssm_state = ssd_scan(
             xs.unflatten(-1, (self.n_heads, c.ssm_head_dim)), nn.functional.softplus(dt + self.dt_bias),
             -torch.exp(at_least_float32(self.A_log)), B.unflatten(-1, (G, c.d_state)),
-            C.unflatten(-1, (G, c.d_state)), self.D, c.chunk_size, state.get("ssm"), reset,
-            backend=c.scan_backend or None)
+            C.unflatten(-1, (G, c.d_state)), self.D, c.chunk_size, state.get("ssm"), reset)
         y = self.norm(y.flatten(-2), z)
         return self.out_proj(y), {"conv": conv_state, "ssm": ssm_state}
 

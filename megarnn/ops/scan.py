@@ -9,12 +9,21 @@ Backends:
   "torch"      the same loop under no_grad, with the adjoint recurrence as a custom
                backward: dL/dh_t accumulates as g_t = dh_t + a_{t+1} g_{t+1};
                then db_t = g_t, da_t = g_t * h_{t-1}, dh0 = a_1 g_1.
+  "triton"     kernels/linear_scan.py (megarnn_kernels): one fused kernel each way, the state
+               in fp32 registers, h read and written once. The default on CUDA tensors; on CPU
+               only when asked for, under Triton's interpreter (TRITON_INTERPRET=1), for tests.
+
+`rglru_scan` is the RG-LRU recurrence (models/cells.py) with its gate math fused into the
+triton scan, so the gates and the decay never round-trip through memory.
 """
 from __future__ import annotations
 
-import torch
+import os
 
-BACKENDS = ("reference", "torch")
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("reference", "torch", "triton")
 
 
 def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None,
@@ -29,7 +38,7 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
         raise ValueError(f"linear_scan: a and b must both be (B, T, D); got {tuple(a.shape)} and {tuple(b.shape)}")
     if h0 is not None and h0.shape != (b.shape[0], b.shape[2]):
         raise ValueError(f"linear_scan: h0 must be (B, D) = {(b.shape[0], b.shape[2])}; got {tuple(h0.shape)}")
-    backend = backend or "torch"
+    backend = backend or ("triton" if b.is_cuda else "torch")
     if backend not in BACKENDS:
         raise ValueError(f"linear_scan: unknown backend {backend!r}; expected one of {BACKENDS}")
     if reverse:
@@ -37,6 +46,9 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
         return flip(linear_scan(flip(a), flip(b), h0, backend=backend))
     if backend == "reference":
         return linear_scan_reference(a, b, h0)
+    if backend == "triton":
+        _require_triton(b, "linear_scan")
+        return _TritonLinearScan.apply(a, b, h0)
     if h0 is None:
         h0 = b.new_zeros(b.shape[0], b.shape[2])
     return _LinearScan.apply(a, b, h0)
@@ -84,3 +96,75 @@ class _LinearScan(torch.autograd.Function):
         db = g.to(ctx.out_dtypes[1])
         dh0 = (a[:, 0].to(acc) * g[:, 0]).to(ctx.out_dtypes[2])
         return da, db, dh0
+
+
+def _require_triton(t: torch.Tensor, name: str):
+    """Import the kernels, or say why backend="triton" cannot run on t's device."""
+    if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"{name}: backend='triton' needs CUDA tensors (got {t.device}); on CPU it runs only "
+                         f"under Triton's interpreter: set TRITON_INTERPRET=1 before anything imports triton, "
+                         f"or use backend='torch'")
+    from megarnn_kernels import linear_scan as kernels
+    if not t.is_cuda and not kernels.INTERPRETED:
+        raise ValueError(f"{name}: the Triton kernels were compiled for a GPU (imported before "
+                         f"TRITON_INTERPRET=1 was set), so they cannot run on {t.device}; set it before "
+                         f"anything imports megarnn_kernels, or use backend='torch'")
+    return kernels
+
+
+class _TritonLinearScan(torch.autograd.Function):
+    """The "triton" backend: a, b: (B, T, D), h0: (B, D) or None -> h (B, T, D) in b's dtype."""
+
+    @staticmethod
+    def forward(ctx, a, b, h0):
+        kernels = _require_triton(b, "linear_scan")
+        h, _ = kernels.scan_fwd(a, b, h0)
+        ctx.save_for_backward(a, h, h0)  # h0 may be None: saved as None
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        a, h, h0 = ctx.saved_tensors
+        return _require_triton(dh, "linear_scan").scan_bwd(a, h, h0, dh)
+
+
+def rglru_scan(x: torch.Tensor, gate_x: torch.Tensor, gate_a: torch.Tensor, recurrent_param: torch.Tensor,
+               h0: torch.Tensor | None = None, reset: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RG-LRU recurrence (De et al. 2024, eq. 1-4) in one fused Triton scan each way.
+
+    x, gate_x, gate_a: (B, T, D) the input and the input / recurrence gate pre-activations
+    (W_x x + b_x, W_a x + b_a); recurrent_param: (D,) Lambda; h0: (B, D); reset: (B, T) bool.
+
+        a_t = exp(-8 sigmoid(gate_a_t) softplus(Lambda)),   a_t = 0 at a reset
+        h_t = a_t h_{t-1} + sqrt(1 - a_t^2) sigmoid(gate_x_t) x_t   (multiplier 1 at a reset)
+
+    Returns h (B, T, D) in x's dtype and h_T (B, D) in float32 (float64 for float64 x). The
+    same math as models/cells.py RGLRU.forward, including its clipped sqrt gradient. Triton
+    only: CUDA tensors, or CPU under TRITON_INTERPRET=1.
+    """
+    if x.dim() != 3 or gate_x.shape != x.shape or gate_a.shape != x.shape or recurrent_param.shape != x.shape[2:]:
+        raise ValueError(f"rglru_scan: x, gate_x, gate_a must be (B, T, D) and recurrent_param (D,); got "
+                         f"{tuple(x.shape)}, {tuple(gate_x.shape)}, {tuple(gate_a.shape)}, {tuple(recurrent_param.shape)}")
+    if h0 is not None and h0.shape != (x.shape[0], x.shape[2]):
+        raise ValueError(f"rglru_scan: h0 must be (B, D) = {(x.shape[0], x.shape[2])}; got {tuple(h0.shape)}")
+    _require_triton(x, "rglru_scan")
+    # softplus of the (D,) parameter stays in torch: it costs nothing and autograd matches cells.py exactly.
+    sp = F.softplus(recurrent_param)
+    return _TritonRGLRU.apply(x, gate_x, gate_a, sp, h0, reset)
+
+
+class _TritonRGLRU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate_x, gate_a, sp, h0, reset):
+        kernels = _require_triton(x, "rglru_scan")
+        h, h_last = kernels.rglru_fwd(x, gate_x, gate_a, sp, h0, reset)
+        ctx.save_for_backward(x, gate_x, gate_a, sp, h, h0, reset)
+        return h, h_last
+
+    @staticmethod
+    def backward(ctx, dh, dh_last):
+        x, gate_x, gate_a, sp, h, h0, reset = ctx.saved_tensors
+        dx, dgx, dga, dsp, dh0 = _require_triton(x, "rglru_scan").rglru_bwd(
+            x, gate_x, gate_a, sp, h, h0, reset, dh, dh_last)
+        return dx, dgx, dga, dsp.to(sp.dtype), dh0, None

@@ -1,0 +1,290 @@
+"""Benchmark the kernels beside their peers: time, achieved GB/s, and % of the copy bandwidth
+this script measures on the same device in the same run.
+
+    python tools/bench_kernels.py                          # GPU: realistic shapes; CPU: tiny ones
+    python tools/bench_kernels.py --shape 8 4096 4096 --dtype bf16 --reps 20
+    python tools/bench_kernels.py --only scan --no-compile
+
+Primitives: the diagonal linear scan h_t = a_t h_{t-1} + b_t, and the RG-LRU with its gates
+fused into that scan. GB/s is the minimum traffic of the op (every input read once, every output
+written once) divided by the time, the same count for every row, so rows compare directly:
+  scan fwd       a, b in; h out                      fwd+bwd adds a, h, dh in; da, db out
+  rglru fwd      x, gate_x, gate_a in; h out         fwd+bwd adds x, gate_x, gate_a, h, dh in; 3 grads out
+--dtype bf16 keeps the decay a in fp32 (bf16 rounds 0.999 to 1) and everything else in bf16.
+
+Peers (optional imports; the table says which were missing): fla's chunk_hgrn and
+fused_recurrent_hgrn (log-space decay g = log a), accelerated-scan (channels-first (B, D, T),
+T a power of two), and a torch loop over time, eager and torch.compile'd (the step compiled;
+compiling the whole unrolled loop takes minutes at T = 4096). Layout conversions happen outside
+the timed region. Without CUDA, the Triton rows run under Triton's interpreter (this script
+sets TRITON_INTERPRET=1): those numbers are correctness smoke, not speed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton's @jit kernels
+
+import torch.nn.functional as F  # noqa: E402
+
+from megarnn.models.cells import RG_LRU_C, SqrtBoundDerivative  # noqa: E402
+from megarnn.ops.scan import linear_scan, rglru_scan  # noqa: E402
+
+GPU_SHAPES = [(8, 4096, 4096), (1, 16384, 1024)]  # the second is too narrow to fill a GPU: time-chunked
+CPU_SHAPES = [(1, 128, 64)]
+
+
+@dataclass
+class Row:
+    op: str
+    impl: str
+    fwd_ms: float | None = None
+    fwdbwd_ms: float | None = None
+    note: str = ""
+    bytes: tuple[int, int] = (0, 0)  # minimum traffic (fwd, fwd+bwd)
+
+
+@dataclass
+class Report:
+    copy_gbps: float
+    rows: list[Row] = field(default_factory=list)
+    missing: dict[str, str] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------------
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_ms(fn, device, reps: int) -> float:
+    """Median milliseconds of fn() after one warm-up call (compiles, autotunes). On a GPU,
+    triton's do_bench (L2 flushed between calls) with `reps` ms of budget."""
+    fn()
+    _sync(device)
+    if device.type == "cuda":
+        import triton.testing
+        return float(triton.testing.do_bench(fn, warmup=max(1, reps // 4), rep=max(reps, 5), return_mode="median"))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth_gbps(device, reps: int) -> float:
+    """GB/s of dst.copy_(src) for a large tensor (read + write counted): the practical ceiling."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 25)  # 1 GiB / 128 MiB of fp32
+    src = torch.empty(n, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = _time_ms(lambda: dst.copy_(src), device, reps)
+    return 2 * src.nbytes / (ms * 1e-3) / 1e9
+
+
+def _measure(row: Row, fwd, fwdbwd, device, reps) -> Row:
+    """Fill a row's times; a failing implementation gets its error in the note, not a crash."""
+    try:
+        row.fwd_ms = _time_ms(fwd, device, reps)
+        if fwdbwd is not None:
+            row.fwdbwd_ms = _time_ms(fwdbwd, device, reps)
+    except Exception as e:  # a peer that does not support this shape or dtype
+        row.note = (row.note + " " if row.note else "") + f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+    return row
+
+
+def _backward(fn, inputs):
+    """A callable running fn(*inputs) forward and backward (grads cleared between calls)."""
+    def run():
+        for t in inputs:
+            t.grad = None
+        out = fn(*inputs)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(torch.ones_like(out))
+    return run
+
+
+# ------------------------------------------------------------------------------------------------
+# Scan and its peers
+# ------------------------------------------------------------------------------------------------
+
+def _torch_loop(a, b):
+    """The textbook loop, eager: T small kernels."""
+    h = torch.zeros_like(b[:, 0], dtype=torch.float32)
+    out = []
+    for t in range(b.shape[1]):
+        h = a[:, t] * h + b[:, t]
+        out.append(h)
+    return torch.stack(out, 1)
+
+
+def _compiled_loop():
+    step = torch.compile(lambda a_t, b_t, h: a_t * h + b_t.float(), dynamic=False)
+
+    def loop(a, b):
+        h = torch.zeros_like(b[:, 0], dtype=torch.float32)
+        out = []
+        for t in range(b.shape[1]):
+            h = step(a[:, t], b[:, t], h)
+            out.append(h)
+        return torch.stack(out, 1)
+    return loop
+
+
+def _scan_peers(a, b, report: Report):
+    """(name, fwd fn, args) for each importable peer; the rest go to report.missing."""
+    peers = []
+    if a.device.type != "cuda":
+        for name in ("fla chunk_hgrn", "fla fused_recurrent_hgrn", "accelerated-scan"):
+            report.missing[name] = "needs CUDA"
+        return peers
+    try:
+        from fla.ops.hgrn import chunk_hgrn, fused_recurrent_hgrn
+        g = a.clamp_min(1e-30).log().to(b.dtype).contiguous()  # HGRN: h_t = exp(g_t) h_{t-1} + x_t
+        peers += [("fla chunk_hgrn", chunk_hgrn, (b, g)), ("fla fused_recurrent_hgrn", fused_recurrent_hgrn, (b, g))]
+    except Exception as e:
+        report.missing["fla (flash-linear-attention)"] = f"{type(e).__name__}: {e}"
+    try:
+        from accelerated_scan.warp import scan as warp_scan
+        gates, tokens = (t.to(b.dtype).transpose(1, 2).contiguous() for t in (a, b))  # (B, D, T)
+        peers.append(("accelerated-scan warp", warp_scan, (gates, tokens)))
+    except Exception as e:
+        report.missing["accelerated-scan"] = f"{type(e).__name__}: {e}"
+    return peers
+
+
+def bench_scan(B, T, D, dtype, device, reps, compile_loop, report: Report):
+    from megarnn_kernels import linear_scan as kernels
+
+    a = torch.rand(B, T, D, device=device).mul_(0.1).add_(0.9)  # fp32 decays in [0.9, 1)
+    b = torch.randn(B, T, D, device=device, dtype=dtype)
+    op = f"scan {B}x{T}x{D}"
+    leaf = lambda *ts: [t.detach().clone().requires_grad_() for t in ts]  # noqa: E731
+    interp = " (interpreter)" if device.type != "cuda" else ""
+    chunk, n_chunks = kernels._plan(B, T, D, device, None)
+    rows = [(f"megarnn triton{interp}", lambda: kernels.scan_fwd(a, b),
+             _backward(lambda a, b: linear_scan(a, b, backend="triton"), leaf(a, b)),
+             f"{n_chunks} time chunks of {chunk}" if n_chunks > 1 else "")]
+    if n_chunks > 1:
+        rows.append((f"megarnn triton, 1 chunk{interp}", lambda: kernels.scan_fwd(a, b, chunk_size=T),
+                     None, "unchunked, for comparison"))
+    rows.append(("megarnn torch backend", lambda: linear_scan(a, b, backend="torch"),
+                 _backward(lambda a, b: linear_scan(a, b, backend="torch"), leaf(a, b)), "python loop, adjoint bwd"))
+    rows.append(("torch loop eager", lambda: _torch_loop(a, b), _backward(_torch_loop, leaf(a, b)), "autograd bwd"))
+    if compile_loop:
+        loop = _compiled_loop()
+        rows.append(("torch loop torch.compile", lambda: loop(a, b), _backward(loop, leaf(a, b)), "step compiled"))
+    else:
+        report.missing["torch loop torch.compile"] = "--no-compile"
+    for name, fn, args in _scan_peers(a, b, report):
+        rows.append((name, lambda fn=fn, args=args: fn(*args), _backward(fn, leaf(*args)), ""))
+    n = B * T * D
+    fwd_bytes = n * (a.element_size() + 2 * b.element_size())
+    bwd_bytes = n * (2 * a.element_size() + 3 * b.element_size())
+    for name, fwd, fwdbwd, note in rows:
+        row = Row(op, name, note=note, bytes=(fwd_bytes, fwd_bytes + bwd_bytes))
+        report.rows.append(_measure(row, fwd, fwdbwd, device, reps))
+
+
+# ------------------------------------------------------------------------------------------------
+# RG-LRU: fused gates vs the cells.py math around a plain scan
+# ------------------------------------------------------------------------------------------------
+
+def _rglru_unfused(backend):
+    """models/cells.py RGLRU.forward after its two gate matmuls, around linear_scan(backend)."""
+    def fn(x, gx, ga, param):
+        log_a = -RG_LRU_C * torch.sigmoid(ga) * F.softplus(param)
+        a = torch.exp(log_a)
+        multiplier = SqrtBoundDerivative.apply(1 - torch.exp(2 * log_a))
+        h = linear_scan(a.float(), (x * torch.sigmoid(gx) * multiplier).float(), backend=backend)
+        return h.to(x.dtype)
+    return fn
+
+
+def bench_rglru(B, T, D, dtype, device, reps, report: Report):
+    x, gx, ga = (torch.randn(B, T, D, device=device, dtype=dtype) for _ in range(3))
+    param = torch.randn(D, device=device)
+    op = f"rglru {B}x{T}x{D}"
+    leaf = lambda *ts: [t.detach().clone().requires_grad_() for t in ts]  # noqa: E731
+    interp = " (interpreter)" if device.type != "cuda" else ""
+    rows = [(f"megarnn triton fused{interp}", rglru_scan, "gates in the scan kernel"),
+            (f"cells math + triton scan{interp}", _rglru_unfused("triton"), "gates in torch"),
+            ("cells math + torch scan", _rglru_unfused("torch"), "gates in torch")]
+    n = B * T * D
+    fwd_bytes, bwd_bytes = 4 * n * x.element_size(), 8 * n * x.element_size()
+    for name, fn, note in rows:
+        row = Row(op, name, note=note, bytes=(fwd_bytes, fwd_bytes + bwd_bytes))
+        report.rows.append(_measure(row, lambda fn=fn: fn(x, gx, ga, param),
+                                    _backward(fn, leaf(x, gx, ga, param)), device, reps))
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+def _cells(ms, nbytes, copy_gbps):
+    if ms is None:
+        return ["-", "-", "-"]
+    gbps = nbytes / (ms * 1e-3) / 1e9
+    return [f"{ms:.4g}", f"{gbps:.4g}", f"{100 * gbps / copy_gbps:.3g}%"]
+
+
+def format_report(report: Report) -> str:
+    head = ["op", "implementation", "fwd ms", "GB/s", "% copy", "fwd+bwd ms", "GB/s", "% copy", "note"]
+    body = [[r.op, r.impl, *_cells(r.fwd_ms, r.bytes[0], report.copy_gbps),
+             *_cells(r.fwdbwd_ms, r.bytes[1], report.copy_gbps), r.note] for r in report.rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    out = [line(head), line(["-" * w for w in widths]), *map(line, body)]
+    out.append(f"copy bandwidth (dst.copy_(src), read + write): {report.copy_gbps:.1f} GB/s")
+    for name, why in report.missing.items():
+        out.append(f"missing: {name}: {why}")
+    return "\n".join(out)
+
+
+def _device_line(device) -> str:
+    import triton
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"device: {name}; torch {torch.__version__}; triton {triton.__version__}; python {platform.python_version()}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", nargs=3, type=int, action="append", metavar=("B", "T", "D"),
+                   help="repeatable; default: 8x4096x4096 and 1x16384x1024 on a GPU, 1x128x64 on CPU")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="activations (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--reps", type=int, default=None,
+                   help="CPU: timed calls (default 3); GPU: triton.testing.do_bench's budget in ms (default 100)")
+    p.add_argument("--only", choices=["scan", "rglru"], default=None)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (slow to compile on CPU)")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    reps = args.reps or (100 if device.type == "cuda" else 3)
+    shapes = args.shape or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    print(_device_line(device))
+    print(f"command: {' '.join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:]))}; "
+          f"dtype {dtype}; reps {reps}")
+    report = Report(copy_gbps=copy_bandwidth_gbps(device, reps))
+    for B, T, D in shapes:
+        if args.only in (None, "scan"):
+            bench_scan(B, T, D, dtype, device, reps, not args.no_compile, report)
+        if args.only in (None, "rglru"):
+            bench_rglru(B, T, D, dtype, device, reps, report)
+    print(format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
