@@ -19,7 +19,9 @@ time, so rank r folds the summaries of ranks > r. Communication never depends on
     cp_ssd_scan                 all_gather B H (1 + P N)                  all_reduce cp B H (1 + P N)
     cp_newton_solve, per iter.  send B S; all_reduce 1; all_gather n B S  (once) send m B S; all_gather n B S
                                 (n = 2 diagonal, 3 block2; m = 1 diagonal, 2 block2)
-    cp_halo / conv / attention  send (width - 1) B D per hop               the same, toward rank - 1
+    cp_halo                     send (width - 1) B D per hop              the same, toward rank - 1
+    cp_causal_conv1d            cp_halo; with resets also (width - 1) B int32 codes per hop
+    cp_sliding_window_attention cp_halo of [k | v]: (window - 1) B Hkv 2 Dh per hop; codes as conv
 
 in elements per rank ("all_gather k" sends k and receives (cp - 1) k; "send k" sends k to one
 neighbour; bytes = elements x element size; hops = ceil((width - 1) / T_local), 1 when the
@@ -29,8 +31,12 @@ sums are 4 D + 2 D = 3 S.
 Conventions shared by every function:
   - group: a torch.distributed ProcessGroup (None: the default group); all its ranks call
     the function together, with the same shapes and the same optional arguments present.
+    Backward exchanges too, so every rank backpropagates through the outputs it got (a
+    rank whose loss ignores them would leave the others waiting); the graphs are the same
+    on every rank, so autograd runs the exchanges in the same order everywhere.
   - h0 / initial_state is the state before the WHOLE sequence; only rank 0 reads it (other
-    ranks may pass None or the same tensor); its gradient is rank 0's, zero elsewhere.
+    ranks may pass None or the same tensor, and get a zero gradient for it from
+    cp_linear_scan and cp_newton_solve, none from cp_ssd_scan, which leaves it unused).
   - Replicated inputs (SSD's A and D, Newton's cell parameters, conv weights): each rank's
     gradient is its chunk's share. The CALLER all-reduces (SUM) them over the cp group, as
     the data-parallel gradient reduction over the dp x cp group does; nothing here does it,
@@ -283,7 +289,7 @@ def cp_ssd_scan(x, dt, A, B, C, D=None, chunk_size: int = 64, initial_state=None
     y, state = ssd_scan(x, dt, A, B, C, D, chunk_size, initial_state if rank == 0 else None, reset,
                         backend="torch")
     decay = _decay_from_start(dt, A, reset, acc)  # (b, T_local, H)
-    b, H = decay.shape[0], decay.shape[2]
+    H = decay.shape[2]
     gathered, y = _AllGather.apply(torch.cat([decay[:, -1], state.flatten(1)], dim=1), group, y)
     through, states = gathered[..., :H], gathered[..., H:].reshape(size, *state.shape)
     carry = final = torch.zeros_like(state)
