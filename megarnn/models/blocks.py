@@ -14,6 +14,7 @@ from megarnn.config import ModelConfig
 from megarnn.models.cells import RGLRU, at_least_float32
 from megarnn.models.pararnn import ParaRNNMixer
 from megarnn.ops import causal_conv1d, sliding_window_attention
+from megarnn.parallel.context import cp_causal_conv1d, cp_sliding_window_attention
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -76,12 +77,16 @@ class RecurrentBlock(nn.Module):
             torch.randn(c.lru_width, c.conv_width) * math.sqrt(c.w_init_variance_scale / c.conv_width))
         self.conv_bias = nn.Parameter(torch.zeros(c.lru_width))
         self.rg_lru = RGLRU(c.lru_width, c.n_heads, c.w_init_variance_scale, c.scan_backend)
+        self.cp_group = None  # context parallelism (set with rg_lru.cp_group by megarnn.parallel.plan)
 
     def forward(self, x, reset=None, state=None):
         state = state or {}
         y = gelu(self.linear_y(x))
-        u, conv_state = causal_conv1d(self.linear_x(x), self.conv_weight, self.conv_bias,
-                                      state.get("conv"), reset)
+        if self.cp_group is not None:
+            u, conv_state = cp_causal_conv1d(self.linear_x(x), self.conv_weight, self.conv_bias, reset, self.cp_group)
+        else:
+            u, conv_state = causal_conv1d(self.linear_x(x), self.conv_weight, self.conv_bias,
+                                          state.get("conv"), reset)
         h, h_last = self.rg_lru(u, state.get("h"), reset)
         return self.linear_out(h * y), {"conv": conv_state, "h": h_last}
 
@@ -120,6 +125,7 @@ class LocalAttentionBlock(nn.Module):
         self.v_proj = _linear(c.d_model, c.n_kv_heads * c.head_dim, std, bias=False)
         self.o_proj = _linear(c.n_heads * c.head_dim, c.d_model,
                               math.sqrt(c.final_w_init_variance_scale / c.d_model))
+        self.cp_group = None
 
     def forward(self, x, reset=None, state=None, pos=None):
         c = self.c
@@ -129,7 +135,10 @@ class LocalAttentionBlock(nn.Module):
         v = self.v_proj(x).unflatten(-1, (-1, c.head_dim))
         q = rotary(q, pos, c.rope_fraction, c.rope_theta)
         k = rotary(k, pos, c.rope_fraction, c.rope_theta)
-        out, cache = sliding_window_attention(q, k, v, c.attention_window, reset, state)
+        if self.cp_group is not None:
+            out, cache = cp_sliding_window_attention(q, k, v, c.attention_window, reset, self.cp_group)
+        else:
+            out, cache = sliding_window_attention(q, k, v, c.attention_window, reset, state)
         return self.o_proj(out.flatten(-2)), cache
 
 

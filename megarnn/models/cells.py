@@ -16,6 +16,7 @@ from torch import nn
 
 from megarnn.ops import linear_scan
 from megarnn.ops.scan import rglru_scan
+from megarnn.parallel.context import cp_linear_scan
 
 RG_LRU_C = 8.0
 
@@ -68,11 +69,12 @@ class RGLRU(nn.Module):
         a_sq = torch.empty(width).uniform_(0.9**2 + 1e-8, 0.999**2 + 1e-8)
         self.recurrent_param = nn.Parameter(a_sq.log().mul(0.5).neg().exp().sub(1.0).log())
         self.scan_backend = scan_backend or None
+        self.cp_group = None  # context parallelism: the sequence is split across this group
 
     def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None,
                 reset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, T, D); h0: (B, D) float32; reset: (B, T) bool -> y (B, T, D), h_T (B, D) float32."""
-        if self.scan_backend == "triton" or (self.scan_backend is None and x.is_cuda):
+        if self.cp_group is None and (self.scan_backend == "triton" or (self.scan_backend is None and x.is_cuda)):
             # One fused kernel each way: the gates never round-trip through memory.
             return rglru_scan(x, self.input_gate(x), self.recurrent_gate(x), self.recurrent_param, h0, reset)
         gate_x = torch.sigmoid(self.input_gate(x))
@@ -85,5 +87,8 @@ class RGLRU(nn.Module):
             a = a * ~r
             multiplier = torch.where(r, torch.ones_like(multiplier), multiplier)
         b = x * gate_x * multiplier
-        h = linear_scan(at_least_float32(a), at_least_float32(b), h0, backend=self.scan_backend)
+        if self.cp_group is not None:
+            h = cp_linear_scan(at_least_float32(a), at_least_float32(b), h0, self.cp_group)
+        else:
+            h = linear_scan(at_least_float32(a), at_least_float32(b), h0, backend=self.scan_backend)
         return h.to(x.dtype), h[:, -1]

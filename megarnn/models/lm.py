@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.utils.checkpoint
 from torch import nn
 
@@ -51,6 +52,7 @@ class RecurrentLM(nn.Module):
         self.soft_cap = c.logits_soft_cap if griffin else 0.0
         self.tp_group = None  # set by megarnn.parallel.plan: logits are then this rank's vocabulary slice
         self.checkpoint_every = 0  # activation checkpointing of every k-th block (0: none)
+        self.cp_group = None  # set by megarnn.parallel.plan: tokens are then this rank's chunk of time
 
     def forward(self, tokens: torch.Tensor, state: dict | None = None,
                 reset: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
@@ -59,10 +61,12 @@ class RecurrentLM(nn.Module):
         Without an incoming state the first token starts a segment (reset), as position 0
         does in RecurrentGemma.
         """
+        cp_rank = dist.get_rank(self.cp_group) if self.cp_group is not None else 0
         if state is None:
             reset = torch.zeros_like(tokens, dtype=torch.bool) if reset is None else reset.clone()
-            reset[:, 0] = True
-        pos0 = state["pos"] if state is not None else 0
+            if cp_rank == 0:  # under context parallelism only the first chunk starts the sequence
+                reset[:, 0] = True
+        pos0 = state["pos"] if state is not None else cp_rank * tokens.shape[1]
         layer_states = state["layers"] if state is not None else [None] * len(self.layers)
         pos = torch.arange(pos0, pos0 + tokens.shape[1], device=tokens.device)
         x = self.embed_tokens(tokens) * self.embed_scale

@@ -36,6 +36,7 @@ from torch import nn
 from megarnn.models.cells import BlockDiagonalLinear
 from megarnn.ops.conv import causal_conv1d
 from megarnn.ops.newton import DEFAULT_MAX_ITERS, NewtonCell, newton_solve
+from megarnn.parallel.context import cp_causal_conv1d, cp_newton_solve
 from megarnn.parallel.tensor import all_reduce_sum
 
 
@@ -194,19 +195,28 @@ class ParaRNNMixer(nn.Module):
         nn.init.normal_(self.out_proj.weight, std=1 / math.sqrt(hidden))
         self.solve_kwargs = {"max_iters": max_iters, "tol": tol, "strict": strict, "backend": backend}
         self.last_stats: dict = {}
+        self.cp_group = None  # context parallelism: the sequence is split across this group
 
     def forward(self, x: torch.Tensor, reset: torch.Tensor | None = None,
                 state: dict | None = None) -> tuple[torch.Tensor, dict]:
         """x: (B, T, d_model); reset: (B, T) bool, True at document starts -> y (B, T, d_model), state."""
         state = state or {}
         u, gate = self.in_proj(x).chunk(2, dim=-1)
-        u, conv_state = causal_conv1d(u, self.conv_weight, self.conv_bias, state.get("conv"), reset)
+        if self.cp_group is not None:
+            u, conv_state = cp_causal_conv1d(u, self.conv_weight, self.conv_bias, reset, self.cp_group)
+        else:
+            u, conv_state = causal_conv1d(u, self.conv_weight, self.conv_bias, state.get("conv"), reset)
         u = nn.functional.silu(u)
         # The solve runs in float32 at least: Newton's residual test needs the precision.
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         stats: dict = {}
-        h = newton_solve(self.cell, self.cell.project(u).to(acc), state.get("h"), reset=reset,
-                         stats=stats, **self.solve_kwargs)
+        if self.cp_group is not None:
+            kw = {k: v for k, v in self.solve_kwargs.items() if k != "backend"}
+            h = cp_newton_solve(self.cell, self.cell.project(u).to(acc), state.get("h"), reset,
+                                group=self.cp_group, stats=stats, **kw)
+        else:
+            h = newton_solve(self.cell, self.cell.project(u).to(acc), state.get("h"), reset=reset,
+                             stats=stats, **self.solve_kwargs)
         self.last_stats = stats
         y = self.norm(self.cell.output(h), gate)
         return self.out_proj(y), {"conv": conv_state, "h": h[:, -1]}

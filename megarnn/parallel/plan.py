@@ -58,6 +58,16 @@ def apply_tensor_parallel(model: nn.Module, group) -> nn.Module:
     return model
 
 
+def apply_context_parallel(model: nn.Module, group) -> nn.Module:
+    """Every rank of `group` then runs its own chunk of the sequence (rank r: steps
+    [r T/cp, (r+1) T/cp)); scans pass O(B x D) carries and convs / attention a halo.
+    Parameter gradients are each rank's share: all-reduce them (sum) over the group."""
+    for module in model.modules():
+        if hasattr(module, "cp_group"):
+            module.cp_group = group
+    return model
+
+
 def _split(module: nn.Module, name: str, group, dim: int = 0, components: list[int] | None = None) -> None:
     setattr(module, name, sharded_parameter(getattr(module, name), dim, components, group))
 
