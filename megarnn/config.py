@@ -158,10 +158,10 @@ class ParallelConfig:
             v = getattr(self, name)
             if v < 1:
                 raise ConfigError(f"parallel.{name}={v} must be >= 1")
-            if v > 1 and name != "tp":
+            if v > 1 and name == "pp":
                 raise ConfigError(
-                    f"parallel.{name}={v}: pipeline and context parallelism are not in the trainer "
-                    f"yet; set parallel.{name}=1 (tensor and data parallelism work)")
+                    f"parallel.{name}={v}: pipeline parallelism is not in the trainer yet; set "
+                    f"parallel.{name}=1 (tensor, context and data parallelism work)")
         if self.activation_checkpointing < 0:
             raise ConfigError(f"parallel.activation_checkpointing={self.activation_checkpointing}; expected 0 "
                               "(none), 1 (every block) or k (every k-th block)")
@@ -260,6 +260,9 @@ class Config:
         self.model.validate()
         self.parallel.validate()
         self.model.check_tensor_parallel(self.parallel.tp)
+        if self.data.seq_len % self.parallel.cp:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} must be divisible by parallel.cp={self.parallel.cp} "
+                              "(each context-parallel rank takes an equal chunk of every sequence)")
         self.data.validate()
         self.train.validate()
         return self

@@ -67,3 +67,8 @@ def test_model_config_from_yaml_derives_sizes():
     c = ModelConfig.from_yaml("configs/model/griffin-tiny.yaml").resolved()
     assert (c.head_dim, c.lru_width, c.mlp_width) == (16, 32, 96)
     assert ModelConfig(n_layers=5, block_pattern="RRA").block_types() == list("RRARR")
+
+
+def test_sequence_must_split_across_context_parallel_ranks():
+    with pytest.raises(ConfigError, match=r"data.seq_len=100 must be divisible by parallel.cp=3"):
+        load_config("configs/quickstart.yaml", ["data.seq_len=100", "parallel.cp=3"])

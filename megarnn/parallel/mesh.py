@@ -3,7 +3,7 @@
 Rank layout (tp varies fastest, so a tensor-parallel group sits on one node):
     rank = ((dp_i * pp + pp_i) * cp + cp_i) * tp + tp_i
 `mesh.group("tp")` is the group of ranks that differ only in their tp coordinate, and so
-on for "cp", "pp" and "dp". Sizes that do not divide the world are rejected before any
+on for "cp", "pp" and "dp"; "dp_cp" joins dp and cp (the ranks that average gradients). Sizes that do not divide the world are rejected before any
 group is built.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ class ParallelMesh:
         world, rank = dist.get_world_size(), dist.get_rank()
         dp = check_sizes(world, tp, pp, cp)
         mesh = cls(tp=tp, pp=pp, cp=cp, dp=dp, rank=rank)
-        for axis in AXES:
+        for axis in (*AXES, "dp_cp"):
             for members in mesh.lines(axis):
                 group = dist.new_group(members)  # collective: every rank creates every group
                 if rank in members:
@@ -51,12 +51,14 @@ class ParallelMesh:
         return out
 
     def lines(self, axis: str) -> list[list[int]]:
-        """All groups along `axis`: lists of ranks that differ only in that coordinate."""
+        """All groups along `axis` ("dp", ..., or "dp_cp" for both): lists of ranks that differ
+        only in those coordinates."""
+        along = axis.split("_")
         world = self.tp * self.pp * self.cp * self.dp
         lines: dict[tuple, list[int]] = {}
         for r in range(world):
             c = self.coords(r)
-            key = tuple(c[a] for a in AXES if a != axis)
+            key = tuple(c[a] for a in AXES if a not in along)
             lines.setdefault(key, []).append(r)
         return list(lines.values())
 
@@ -84,7 +86,10 @@ class DeepSpeedMPU:
 
     DeepSpeed's "model parallel" group is our tensor-parallel group: it all-reduces gradient
     norms over it (counting replicated parameters once, sharded ones marked
-    `tensor_model_parallel`) and names checkpoint files by its rank (mp_rank_XX).
+    `tensor_model_parallel`) and names checkpoint files by its rank (mp_rank_XX). Its "data
+    parallel" group is dp x cp: context-parallel ranks hold the same weights and each
+    computes a share of the gradient, so they average gradients with the replicas (the
+    loss is scaled by cp to turn that average into the sum over chunks).
     """
 
     def __init__(self, mesh: ParallelMesh):
@@ -100,16 +105,16 @@ class DeepSpeedMPU:
         return self.mesh.tp
 
     def get_data_parallel_group(self):
-        return self.mesh.group("dp")
+        return self.mesh.group("dp_cp")
 
     def get_data_parallel_rank(self) -> int:
-        return self.mesh.rank_in("dp")
+        return self.mesh.rank_in("dp") * self.mesh.cp + self.mesh.rank_in("cp")
 
     def get_data_parallel_world_size(self) -> int:
-        return self.mesh.dp
+        return self.mesh.dp * self.mesh.cp
 
     def get_data_parallel_group_ranks(self) -> list[int]:
-        return next(line for line in self.mesh.lines("dp") if self.mesh.rank in line)
+        return next(line for line in self.mesh.lines("dp_cp") if self.mesh.rank in line)
 
     get_tensor_model_parallel_group = get_model_parallel_group
     get_tensor_model_parallel_rank = get_model_parallel_rank

@@ -19,6 +19,8 @@ inside a scan or a Newton solve), and each residual branch ends in one all-reduc
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch.distributed as dist
 from torch import nn
 
@@ -66,6 +68,18 @@ def apply_context_parallel(model: nn.Module, group) -> nn.Module:
         if hasattr(module, "cp_group"):
             module.cp_group = group
     return model
+
+
+@contextlib.contextmanager
+def context_parallel_off(model: nn.Module):
+    """Run whole sequences on every rank for a while (evaluation, sampling): CP holds full weights."""
+    groups = {m: m.cp_group for m in model.modules() if hasattr(m, "cp_group")}
+    apply_context_parallel(model, None)
+    try:
+        yield model
+    finally:
+        for m, g in groups.items():
+            m.cp_group = g
 
 
 def _split(module: nn.Module, name: str, group, dim: int = 0, components: list[int] | None = None) -> None:

@@ -48,6 +48,7 @@ def use_bf16(cfg: Config) -> bool:
 
 
 def deepspeed_config(cfg: Config, dp_size: int) -> dict:
+    """dp_size: the ranks DeepSpeed averages gradients over (data x context parallel)."""
     t = cfg.train
     zero = cfg.parallel.zero_stage
     return {
@@ -129,5 +130,5 @@ def build_engine(cfg: Config, model: torch.nn.Module, mesh: ParallelMesh):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, mesh.dp), mpu=DeepSpeedMPU(mesh), dist_init_required=False)
+        config=deepspeed_config(cfg, mesh.dp * mesh.cp), mpu=DeepSpeedMPU(mesh), dist_init_required=False)
     return engine

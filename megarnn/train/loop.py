@@ -26,7 +26,7 @@ from megarnn.errors import ConfigError, TrainingError
 from megarnn.models import RecurrentLM
 from megarnn.train import checkpoint
 from megarnn.parallel.mesh import ParallelMesh
-from megarnn.parallel.plan import apply_tensor_parallel
+from megarnn.parallel.plan import apply_context_parallel, apply_tensor_parallel, context_parallel_off
 from megarnn.train.engine import build_engine, setup_distributed
 from megarnn.train.evaluate import evaluate
 from megarnn.train.metrics import MetricsLogger, peak_flops
@@ -62,11 +62,19 @@ def find_resume(cfg: Config) -> Path | None:
     return ckpt_dir / tag
 
 
-def masked_loss(model, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over tokens where mask is True. logits (B, T, V); targets, mask (B, T)."""
+def masked_loss(model, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                cp_group=None) -> torch.Tensor:
+    """Mean cross-entropy over tokens where mask is True. logits (B, T, V); targets, mask (B, T).
+
+    Under context parallelism this rank holds a chunk of each sequence: it returns its share,
+    (sum over its tokens) / (masked tokens of the whole sequences), so the shares add up to the mean.
+    """
     ce = model.cross_entropy(logits, targets)
     m = mask.to(ce.dtype)
-    return (ce * m).sum() / m.sum().clamp(min=1)
+    count = m.sum()
+    if cp_group is not None:
+        dist.all_reduce(count, group=cp_group)
+    return (ce * m).sum() / count.clamp(min=1)
 
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the job stopped cleanly and should be run again
@@ -113,14 +121,19 @@ class PreemptionWatch:
 def train_step(engine, loader, step: int, grad_accum: int, mesh: ParallelMesh, device) -> tuple[float, float]:
     """One optimizer step over grad_accum micro batches -> (mean loss over all ranks, grad norm)."""
     loss_sum = torch.zeros((), device=device)
+    cp_group, i = (mesh.group("cp"), mesh.rank_in("cp")) if mesh.cp > 1 else (None, 0)
     for micro in range(grad_accum):
-        b = {k: v.to(device) for k, v in loader.micro_batch(step, micro).items()}
+        b = loader.micro_batch(step, micro)
+        n = b["tokens"].shape[1] // mesh.cp  # context parallelism: this rank's chunk of time
+        b = {k: v[:, i * n:(i + 1) * n].to(device) for k, v in b.items()}
         logits, _ = engine(b["tokens"], reset=b["reset"])
-        loss = masked_loss(engine.module, logits, b["targets"], b["loss_mask"])
-        engine.backward(loss)
+        loss = masked_loss(engine.module, logits, b["targets"], b["loss_mask"], cp_group)
+        # DeepSpeed averages gradients over dp x cp; x cp turns the cp average into the sum of shares.
+        engine.backward(loss * mesh.cp)
         engine.step()
         loss_sum += loss.detach()
-    dist.all_reduce(loss_sum, group=mesh.group("dp"))  # tensor-parallel ranks hold the same loss
+    # Context-parallel shares add up to each replica's loss; tensor-parallel ranks hold the same loss.
+    dist.all_reduce(loss_sum, group=mesh.group("dp_cp"))
     grad_norm = engine.get_global_grad_norm()
     return loss_sum.item() / (grad_accum * mesh.dp), float("nan") if grad_norm is None else float(grad_norm)
 
@@ -172,6 +185,12 @@ class Meter:
         return out
 
 
+def run_eval(model, val_ds, seq_len: int, device) -> dict[str, float]:
+    """Whole held-out documents on every rank (context parallelism off: each rank has the weights)."""
+    with context_parallel_off(model):
+        return evaluate(model, val_ds, seq_len, device=device)
+
+
 def train(cfg: Config) -> dict[str, float]:
     """Run (or resume) training as configured; returns the final validation metrics."""
     run_dir = Path(cfg.train.out_dir)
@@ -206,6 +225,8 @@ def train(cfg: Config) -> dict[str, float]:
     n_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.data.seq_len)
     if mesh.tp > 1:
         apply_tensor_parallel(model, mesh.group("tp"))
+    if mesh.cp > 1:
+        apply_context_parallel(model, mesh.group("cp"))
     engine = build_engine(cfg, model, mesh)
     step, skipped = 0, 0
     if resume_from is not None:
@@ -242,7 +263,7 @@ def train(cfg: Config) -> dict[str, float]:
                                        "train/grad_norm": grad_norm, "train/skipped_steps": progress.skipped,
                                        **model.solver_stats()})
                 if val_ds is not None and (step % t.eval_interval == 0 or step == end):
-                    val = evaluate(engine.module, val_ds, cfg.data.seq_len, device=device)
+                    val = run_eval(engine.module, val_ds, cfg.data.seq_len, device)
                     log.scalars(step, {"val/loss": val["loss"], "val/bpc": val["bpc"], "val/ppl": val["ppl"]})
             stop = preemption.requested()
             if (progress.bad_in_a_row == 0 and (step % t.save_interval == 0 or step == end)) or stop:
@@ -255,10 +276,11 @@ def train(cfg: Config) -> dict[str, float]:
                                 f"checkpoint {progress.last_good}; rerun the same command to resume")
 
     if val is None and val_ds is not None:
-        val = evaluate(engine.module, val_ds, cfg.data.seq_len, device=device)
+        val = run_eval(engine.module, val_ds, cfg.data.seq_len, device)
     if t.sample_tokens > 0 and mesh.rank_in("dp") == 0:  # a tensor-parallel group samples together
         from megarnn.generate import generate
-        text = generate(engine.module, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
+        with context_parallel_off(engine.module):
+            text = generate(engine.module, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
         log.text("sample:\n" + text)
     log.close_bar()
     if val is not None:

@@ -1,5 +1,6 @@
-"""launch/torchrun.sh and launch/mpirun.sh start 2 gloo ranks — data parallel (ZeRO 1, 2) or tensor
-parallel — that log the losses of one process; a tensor-parallel checkpoint loads as the full model."""
+"""launch/torchrun.sh and launch/mpirun.sh start 2 gloo ranks — data parallel (ZeRO 1, 2), tensor
+parallel or context parallel — that log the losses of one process; a tensor-parallel checkpoint
+loads as the full model."""
 import os
 import subprocess
 import sys
@@ -23,13 +24,14 @@ def one_process(tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("script,zero,tp", [("torchrun.sh", 1, 1), ("mpirun.sh", 2, 1), ("torchrun.sh", 1, 2)])
-def test_launcher_with_two_ranks_equals_one_process(tmp_path, one_process, script, zero, tp):
+@pytest.mark.parametrize("script,zero,tp,cp", [("torchrun.sh", 1, 1, 1), ("mpirun.sh", 2, 1, 1),
+                                              ("torchrun.sh", 1, 2, 1), ("torchrun.sh", 2, 1, 2)])
+def test_launcher_with_two_ranks_equals_one_process(tmp_path, one_process, script, zero, tp, cp):
     run = tmp_path / "run"
-    batch = 8 // (2 // tp)  # the same global batch as the one-process run
+    batch = 8 // (2 // (tp * cp))  # the same global batch as the one-process run
     proc = subprocess.run([str(ROOT / "launch" / script), "2", "configs/quickstart.yaml", *COMMON,
                            f"train.micro_batch_size={batch}", f"train.out_dir={run}", f"parallel.zero_stage={zero}",
-                           f"parallel.tp={tp}"],
+                           f"parallel.tp={tp}", f"parallel.cp={cp}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "MEGARNN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
