@@ -152,6 +152,7 @@ class ParallelConfig:
     cp: int = 1
     zero_stage: int = 1
     activation_checkpointing: int = 0  # recompute every k-th block in backward (1: all, 0: none)
+    sequence_parallel: bool = False  # Megatron SP: norms and residuals split along T in the tp group
 
     def validate(self) -> None:
         for name in ("tp", "pp", "cp"):
@@ -260,6 +261,10 @@ class Config:
         self.model.validate()
         self.parallel.validate()
         self.model.check_tensor_parallel(self.parallel.tp)
+        p = self.parallel
+        if p.sequence_parallel and (p.tp < 2 or self.data.seq_len % (p.cp * p.tp)):
+            raise ConfigError(f"parallel.sequence_parallel needs parallel.tp >= 2 and data.seq_len={self.data.seq_len} "
+                              f"divisible by parallel.cp x parallel.tp = {p.cp * p.tp}; change them or turn it off")
         if self.data.seq_len % self.parallel.cp:
             raise ConfigError(f"data.seq_len={self.data.seq_len} must be divisible by parallel.cp={self.parallel.cp} "
                               "(each context-parallel rank takes an equal chunk of every sequence)")

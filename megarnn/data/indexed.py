@@ -13,6 +13,7 @@ Format (version 1), for a shard named PREFIX:
 
 Both files are written under temporary names and renamed, the .bin first: a shard
 whose .idx exists is complete. Opening checks sizes and (by default) both checksums.
+A directory of shards made by `megarnn preprocess` is described in megarnn/data/preprocess.py.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from megarnn.errors import DataError
 
 MAGIC = b"MGRNIDX1"
 FORMAT_VERSION = 1
+HEADER_KEYS = ("format_version", "dtype", "vocab_size", "tokenizer_sha256", "n_docs", "n_tokens",
+               "bin_sha256", "index_sha256")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -37,28 +40,91 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def write_shard(prefix: str | os.PathLike, docs: list[np.ndarray], n_chars: list[int], n_bytes: list[int],
                 vocab_size: int, tokenizer_sha256: str, extra: dict | None = None) -> None:
     """Write documents (each a 1-D int array) as PREFIX.bin / PREFIX.idx, atomically."""
-    prefix = Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    dtype = token_dtype(vocab_size)
-    lengths = np.array([len(d) for d in docs], dtype=np.int64)
-    offsets = np.zeros(len(docs) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    tokens = np.concatenate(docs).astype(dtype) if docs else np.zeros(0, dtype)
-    arrays = offsets.tobytes() + np.asarray(n_chars, np.int64).tobytes() + np.asarray(n_bytes, np.int64).tobytes()
-    header = {
-        "format_version": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": vocab_size,
-        "tokenizer_sha256": tokenizer_sha256, "n_docs": len(docs), "n_tokens": int(offsets[-1]),
-        "bin_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
-        "index_sha256": hashlib.sha256(arrays).hexdigest(), **(extra or {}),
-    }
-    head = json.dumps(header).encode()
-    bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
-    idx_path.unlink(missing_ok=True)  # an old .idx must never describe a new .bin
-    _write_atomic(bin_path, tokens.tobytes())
-    _write_atomic(idx_path, MAGIC + struct.pack("<I", len(head)) + head + arrays)
+    with ShardWriter(prefix, vocab_size, tokenizer_sha256, extra) as w:
+        for doc, c, b in zip(docs, n_chars, n_bytes):
+            w.add(np.asarray(doc), [len(doc)], [c], [b])
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+class ShardWriter:
+    """Write one shard document batch by document batch, without holding its tokens in memory.
+
+        with ShardWriter(prefix, vocab_size, tokenizer_sha256, extra) as w:
+            w.add(tokens, lengths, n_chars, n_bytes)   # any number of times
+        # on leaving the block: .bin renamed into place, then .idx; on an exception: nothing left
+
+    Tokens go to a temporary `.PREFIX.bin.tmp` as they come (their sha256 computed on the way);
+    finish() writes the index and renames both, the .bin first, so a shard whose .idx exists
+    is complete. abort() removes the temporary file.
+    """
+
+    def __init__(self, prefix: str | os.PathLike, vocab_size: int, tokenizer_sha256: str, extra: dict | None = None):
+        self.prefix = Path(prefix)
+        self.prefix.parent.mkdir(parents=True, exist_ok=True)
+        self.vocab_size, self.tokenizer_sha256, self.extra = vocab_size, tokenizer_sha256, extra or {}
+        self.dtype = token_dtype(vocab_size)
+        self.bin_path, self.idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
+        self.idx_path.unlink(missing_ok=True)  # an old .idx must never describe a new .bin
+        self._tmp = self.bin_path.with_name(f".{self.bin_path.name}.tmp")
+        self._file = open(self._tmp, "wb")
+        self._sha = hashlib.sha256()
+        self._lengths: list[np.ndarray] = []
+        self._n_chars: list[np.ndarray] = []
+        self._n_bytes: list[np.ndarray] = []
+        self.n_docs = self.n_tokens = 0
+
+    def add(self, tokens: np.ndarray, lengths, n_chars, n_bytes) -> None:
+        """Append documents: tokens (sum(lengths),) back to back; lengths, n_chars, n_bytes (n,)."""
+        lengths = np.asarray(lengths, np.int64)
+        if int(lengths.sum()) != len(tokens) or not len(lengths) == len(n_chars) == len(n_bytes):
+            raise ValueError(f"{len(tokens)} tokens for lengths summing to {int(lengths.sum())}, "
+                             f"or {len(lengths)}/{len(n_chars)}/{len(n_bytes)} docs disagree")
+        if len(tokens) and (int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0):
+            raise ValueError(f"token ids outside [0, {self.vocab_size}) for shard {self.prefix}")
+        data = np.ascontiguousarray(tokens, dtype=self.dtype).tobytes()
+        self._file.write(data)
+        self._sha.update(data)
+        self._lengths.append(lengths)
+        self._n_chars.append(np.asarray(n_chars, np.int64))
+        self._n_bytes.append(np.asarray(n_bytes, np.int64))
+        self.n_docs += len(lengths)
+        self.n_tokens += len(tokens)
+
+    def finish(self) -> dict:
+        """Write the .idx, rename both into place; returns the header."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
+        arrays = offsets.tobytes() + cat(self._n_chars).tobytes() + cat(self._n_bytes).tobytes()
+        header = {
+            "format_version": FORMAT_VERSION, "dtype": self.dtype.name, "vocab_size": self.vocab_size,
+            "tokenizer_sha256": self.tokenizer_sha256, "n_docs": self.n_docs, "n_tokens": self.n_tokens,
+            "bin_sha256": self._sha.hexdigest(), "index_sha256": hashlib.sha256(arrays).hexdigest(), **self.extra,
+        }
+        head = json.dumps(header).encode()
+        os.replace(self._tmp, self.bin_path)
+        write_atomic(self.idx_path, MAGIC + struct.pack("<I", len(head)) + head + arrays)
+        return header
+
+    def abort(self) -> None:
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finish()
+        else:
+            self.abort()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write bytes to a temporary name beside path, fsync, rename: readers see all or nothing."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -89,9 +155,14 @@ class IndexedDataset:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise DataError(f"{idx_path}: corrupt header; re-run `megarnn preprocess`") from None
         h = self.header
+        if not isinstance(h, dict):
+            raise DataError(f"{idx_path}: corrupt header; re-run `megarnn preprocess`")
         if h.get("format_version") != FORMAT_VERSION:
             raise DataError(f"{idx_path}: format version {h.get('format_version')}, this megarnn reads "
                             f"{FORMAT_VERSION}; re-run `megarnn preprocess`")
+        missing = [k for k in HEADER_KEYS if k not in h]
+        if missing:
+            raise DataError(f"{idx_path}: corrupt header (missing {missing}); re-run `megarnn preprocess`")
         n = h["n_docs"]
         arrays = raw[12 + hlen:]
         if len(arrays) != 8 * (3 * n + 1):
@@ -101,6 +172,8 @@ class IndexedDataset:
             raise DataError(f"{idx_path}: checksum mismatch (corrupt index); re-run `megarnn preprocess`")
         a = np.frombuffer(arrays, dtype=np.int64)
         self.offsets, self.n_chars, self.n_bytes = a[:n + 1], a[n + 1:2 * n + 1], a[2 * n + 1:]
+        if h["dtype"] not in ("uint16", "uint32"):
+            raise DataError(f"{idx_path}: corrupt header (token dtype {h['dtype']!r}); re-run `megarnn preprocess`")
         self.dtype = np.dtype(h["dtype"])
         expected = h["n_tokens"] * self.dtype.itemsize
         if bin_path.stat().st_size != expected:

@@ -9,14 +9,12 @@ plus the training files named in `data.holdout` (whole files, so nothing leaks).
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-import numpy as np
-
 from megarnn.config import DataConfig
-from megarnn.data.corpus import read_documents, resolve_files
-from megarnn.data.indexed import IndexedDataset, write_shard
+from megarnn.data.corpus import file_source, fingerprint, iter_raw_batches, read_documents, resolve_files
+from megarnn.data.indexed import IndexedDataset, ShardWriter
+from megarnn.data.preprocess import encode_in_order
 from megarnn.data.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
 from megarnn.errors import DataError
 
@@ -37,7 +35,9 @@ def split_files(cfg: DataConfig) -> tuple[list[Path], list[Path]]:
 
 def load_or_train_tokenizer(cfg: DataConfig, run_dir: Path, train_files: list[Path]) -> Tokenizer:
     if cfg.tokenizer:
-        return Tokenizer.load(cfg.tokenizer)
+        tok = Tokenizer.load(cfg.tokenizer)
+        tok.save(run_dir / "tokenizer")  # the run directory carries the tokenizer it was trained with
+        return tok
     saved = run_dir / "tokenizer" / MODEL_FILE
     if saved.is_file():
         return Tokenizer.load(saved)
@@ -49,24 +49,19 @@ def load_or_train_tokenizer(cfg: DataConfig, run_dir: Path, train_files: list[Pa
 
 def build_shard(files: list[Path], tokenizer: Tokenizer, prefix: Path, text_key: str) -> IndexedDataset:
     """Tokenize `files` into one shard at `prefix`, or reuse it if sources and tokenizer match."""
-    fingerprint = _fingerprint(files)
+    sources = [file_source(f) for f in files]
+    fp = fingerprint(sources)
     if Path(f"{prefix}.idx").is_file():
         try:
             ds = IndexedDataset(prefix)
-            if (ds.header.get("sources_sha256") == fingerprint
-                    and ds.header["tokenizer_sha256"] == tokenizer.sha256):
+            if ds.header.get("sources_sha256") == fp and ds.header["tokenizer_sha256"] == tokenizer.sha256:
                 return ds
         except DataError:
             pass  # stale or damaged: rebuild below
-    docs, n_chars, n_bytes = [], [], []
-    for f in files:
-        for text in read_documents(f, text_key):
-            ids = [tokenizer.bos_id] + tokenizer.encode(text) + [tokenizer.eos_id]
-            docs.append(np.asarray(ids, dtype=np.int64))
-            n_chars.append(len(text))
-            n_bytes.append(len(text.encode("utf-8")))
-    write_shard(prefix, docs, n_chars, n_bytes, tokenizer.vocab_size, tokenizer.sha256,
-                extra={"sources_sha256": fingerprint, "sources": [str(f) for f in files]})
+    extra = {"sources_sha256": fp, "sources": [str(f) for f in files]}
+    with ShardWriter(prefix, tokenizer.vocab_size, tokenizer.sha256, extra) as w:
+        for enc in encode_in_order(iter_raw_batches(sources, text_key), tokenizer, 1, text_key):
+            w.add(enc.tokens, enc.lengths, enc.n_chars, enc.n_bytes)
     return IndexedDataset(prefix)
 
 
@@ -78,9 +73,27 @@ def prepare_run_data(cfg: DataConfig, run_dir: Path) -> tuple[Tokenizer, Indexed
     return tok, train, val
 
 
-def _fingerprint(files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+def shard_loader(shard_dirs: list[str], tokenizer: Tokenizer, seq_len: int, micro_batch_size: int,
+                 grad_accum: int, seed: int, dp_rank: int, dp_size: int, weights: list[float] | None = None,
+                 val_fraction: float = 0.0, verify: bool = True):
+    """Training loader and held-out documents over directories made by `megarnn preprocess`.
+
+    Without weights the directories form one corpus (documents numbered across them in order);
+    with weights (one per directory) each is a corpus of the blend. Returns (PackedLoader,
+    list of DocumentSubset for evaluate, or None when val_fraction is 0).
+    """
+    from megarnn.data.loader import PackedLoader, validation_split
+    from megarnn.data.preprocess import open_shards
+
+    corpora = [open_shards(d, tokenizer, verify) for d in shard_dirs]
+    if weights:
+        if len(weights) != len(corpora):
+            raise DataError(f"{len(weights)} blend weights for {len(corpora)} shard directories; give one each")
+        groups = corpora
+    else:
+        groups = [[ds for c in corpora for ds in c]]
+    data = groups if weights else groups[0]
+    loader = PackedLoader(data, seq_len, micro_batch_size, grad_accum, seed, dp_rank, dp_size,
+                          weights=list(weights) if weights else None, val_fraction=val_fraction)
+    val = [validation_split(g, val_fraction) for g in groups] if val_fraction > 0 else None
+    return loader, val

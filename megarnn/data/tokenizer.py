@@ -4,6 +4,13 @@ Trained tokenizers round-trip text exactly: no normalisation (identity rule), no
 or removed whitespace, byte fallback for unseen characters, and "\\n" as a piece of its
 own (SentencePiece trains on lines, so newlines would otherwise cost a byte token each).
 Ids: 0 <unk>, 1 <s> (bos, starts every document), 2 </s> (eos), 3 <pad>.
+
+    tok = build_tokenizer(["corpus/*.jsonl", "hf:json:more/*.jsonl"], "tok/", vocab_size=8192)
+    tok = build_tokenizer(["existing.model"], "tok/")       # an existing SentencePiece model, copied in
+    enc = tok.encode_documents(["first doc", "second"])      # [bos] + ids + [eos] per document, flat
+
+A tokenizer directory holds tokenizer.model; its sha256 is stamped into every shard, run
+directory, checkpoint and export so data and models can be matched to it.
 """
 from __future__ import annotations
 
@@ -12,14 +19,39 @@ import io
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import sentencepiece as spm
 
 from megarnn.errors import DataError
 
 MODEL_FILE = "tokenizer.model"
+MODEL_TYPES = ("bpe", "unigram")
+
+
+@dataclass
+class EncodedDocs:
+    """Documents framed as [bos] + ids + [eos], back to back.
+
+    tokens (sum(lengths),) in the requested dtype; lengths, n_chars, n_bytes (n_docs,) int64:
+    tokens, characters and UTF-8 bytes of each document.
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    n_chars: np.ndarray
+    n_bytes: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def docs(self) -> list[np.ndarray]:
+        """The documents as views into tokens."""
+        ends = np.cumsum(self.lengths)
+        return [self.tokens[e - n:e] for e, n in zip(ends, self.lengths)]
 
 
 class Tokenizer:
@@ -65,10 +97,38 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.DecodeIds([int(i) for i in ids])
 
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
+        """Each text -> its ids as an int32 array (SentencePiece's batch API, num_threads C++ threads)."""
+        try:
+            return self.sp.Encode(texts, out_type="numpy", num_threads=num_threads)
+        except (ValueError, RuntimeError, TypeError):  # older sentencepiece has no numpy output
+            return [np.asarray(ids, np.int32) for ids in self.sp.Encode(texts, num_threads=num_threads)]
+
+    def encode_documents(self, texts: list[str], dtype=np.int32, num_threads: int = 1) -> EncodedDocs:
+        """texts -> EncodedDocs: each document framed by bos and eos, so every document starts a sequence."""
+        ids = self.encode_batch(texts, num_threads)
+        lengths = np.fromiter((len(i) + 2 for i in ids), np.int64, len(ids))
+        ends = np.cumsum(lengths)
+        tokens = np.empty(int(ends[-1]) if len(ends) else 0, dtype)
+        body = np.ones(len(tokens), bool)  # vectorised framing: no per-document numpy calls
+        body[ends - lengths] = body[ends - 1] = False
+        tokens[ends - lengths] = self.bos_id
+        tokens[ends - 1] = self.eos_id
+        if len(ids):
+            tokens[body] = np.concatenate(ids)
+        n_chars = np.fromiter((len(t) for t in texts), np.int64, len(texts))
+        n_bytes = np.fromiter((len(t.encode("utf-8")) for t in texts), np.int64, len(texts))
+        return EncodedDocs(tokens, lengths, n_chars, n_bytes)
+
 
 def train_tokenizer(documents: Iterable[str], vocab_size: int, model_type: str = "bpe",
                     max_lines: int = 2_000_000) -> Tokenizer:
-    """Train on the lines of `documents` (at most max_lines); returns the tokenizer in memory."""
+    """Train on the lines of `documents` (at most max_lines); returns the tokenizer in memory.
+
+    model_type: "bpe" or "unigram"; byte fallback and the special tokens unk/bos/eos/pad = 0/1/2/3.
+    """
+    if model_type not in MODEL_TYPES:
+        raise DataError(f"tokenizer model type {model_type!r}; expected one of {MODEL_TYPES}")
     def lines():
         n = 0
         for doc in documents:
@@ -91,6 +151,37 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, model_type: str =
     except RuntimeError as e:
         raise DataError(f"SentencePiece training failed: {e}. A smaller data.vocab_size or more text may help") from None
     return Tokenizer(model.getvalue())
+
+
+def import_tokenizer(model_path: str | os.PathLike, output_dir: str | os.PathLike) -> Tokenizer:
+    """Copy an existing SentencePiece .model into output_dir (as tokenizer.model) after checking it.
+
+    The model must define bos and eos: every document is framed by them.
+    """
+    tok = Tokenizer.load(model_path)
+    missing = [name for name, i in (("bos", tok.bos_id), ("eos", tok.eos_id)) if i < 0]
+    if missing:
+        raise DataError(f"{model_path}: the SentencePiece model has no {' / '.join(missing)} token (id -1); "
+                        "megarnn frames every document with them: retrain with bos_id/eos_id set, "
+                        "or train one with `megarnn tokenizer`")
+    tok.save(output_dir)
+    return tok
+
+
+def build_tokenizer(inputs: list[str], output_dir: str | os.PathLike, vocab_size: int = 0,
+                    model_type: str = "bpe", text_key: str = "text") -> Tokenizer:
+    """`megarnn tokenizer`: train on inputs (files, globs, pkg:, hf:) or, when the one input is a
+    .model file, import it; the tokenizer is saved to output_dir/tokenizer.model."""
+    if len(inputs) == 1 and inputs[0].endswith(".model"):
+        return import_tokenizer(inputs[0], output_dir)
+    from megarnn.data.corpus import iter_documents
+
+    if vocab_size <= 0:
+        raise DataError(f"vocab size {vocab_size}: give the number of pieces to train (e.g. --vocab-size 8192), "
+                        "or pass one existing .model file")
+    tok = train_tokenizer(iter_documents(inputs, text_key), vocab_size, model_type)
+    tok.save(output_dir)
+    return tok
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

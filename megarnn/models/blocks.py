@@ -15,6 +15,7 @@ from megarnn.models.cells import RGLRU, at_least_float32
 from megarnn.models.pararnn import ParaRNNMixer
 from megarnn.ops import causal_conv1d, sliding_window_attention
 from megarnn.parallel.context import cp_causal_conv1d, cp_sliding_window_attention
+from megarnn.parallel.tensor import copy_to_tp
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -40,13 +41,16 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps, self.unit_offset = eps, unit_offset
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+        self.sp_group = None  # sequence parallel: each rank normalises its own tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = at_least_float32(x)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # Under sequence parallelism the weight's gradient is the sum over the ranks' tokens.
+        w = copy_to_tp(self.weight, self.sp_group) if self.sp_group is not None else self.weight
         if self.unit_offset:
-            return (y * (1.0 + at_least_float32(self.weight))).type_as(x)
-        return self.weight * y.type_as(x)
+            return (y * (1.0 + at_least_float32(w))).type_as(x)
+        return w * y.type_as(x)
 
 
 class GatedMLP(nn.Module):

@@ -24,7 +24,7 @@ from megarnn.config import ModelConfig
 from megarnn.models.blocks import ResidualBlock, RMSNorm
 from megarnn.models.cells import at_least_float32
 from megarnn.models.mamba2 import Mamba2Block
-from megarnn.parallel.tensor import copy_to_tp, vocab_parallel_cross_entropy
+from megarnn.parallel.tensor import copy_to_tp, gather_seq, vocab_parallel_cross_entropy
 
 
 def build_block(c: ModelConfig, kind: str) -> nn.Module:
@@ -53,6 +53,7 @@ class RecurrentLM(nn.Module):
         self.tp_group = None  # set by megarnn.parallel.plan: logits are then this rank's vocabulary slice
         self.checkpoint_every = 0  # activation checkpointing of every k-th block (0: none)
         self.cp_group = None  # set by megarnn.parallel.plan: tokens are then this rank's chunk of time
+        self.sequence_parallel = False  # set by megarnn.parallel.plan: activations split along T in tp
 
     def forward(self, tokens: torch.Tensor, state: dict | None = None,
                 reset: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
@@ -83,7 +84,8 @@ class RecurrentLM(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = nn.functional.linear(copy_to_tp(x, self.tp_group), weight)
+        x = gather_seq(x, self.tp_group) if self.sequence_parallel else copy_to_tp(x, self.tp_group)
+        logits = nn.functional.linear(x, weight)
         cap = self.soft_cap
         return torch.tanh(logits / cap) * cap if cap > 0 else logits
 

@@ -16,6 +16,9 @@ inside a scan or a Newton solve), and each residual branch ends in one all-reduc
                   the gated RMSNorm sums its mean square over the group; out_proj row-parallel.
   All             gated MLP: gate, up column-parallel, down row-parallel; embedding and
                   (tied) head split by vocabulary, with vocabulary-parallel cross-entropy.
+  Sequence        (apply_sequence_parallel) the residual stream between layers split along T
+  parallel        within the tp group: gathers before column-parallel layers, reduce-scatters
+                  after row-parallel ones (megarnn/parallel/tensor.py).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megarnn.config import ModelConfig
-from megarnn.models.blocks import GatedMLP, LocalAttentionBlock, RecurrentBlock
+from megarnn.models.blocks import GatedMLP, LocalAttentionBlock, RecurrentBlock, RMSNorm
 from megarnn.models.mamba2 import Mamba2Mixer
 from megarnn.models.pararnn import ParaRNNMixer
 from megarnn.parallel.tensor import (ColumnParallelLinear, ReplicatedLinear, RowParallelLinear,
@@ -70,16 +73,36 @@ def apply_context_parallel(model: nn.Module, group) -> nn.Module:
     return model
 
 
+def apply_sequence_parallel(model: nn.Module, group, on: bool = True) -> nn.Module:
+    """Megatron sequence parallelism on a tensor-parallel model: between layers each rank of
+    `group` holds T / tp steps of the residual stream (norms and residual adds on a shard)."""
+    for m in model.modules():
+        if hasattr(m, "sequence_parallel"):
+            m.sequence_parallel = on
+        if isinstance(m, RMSNorm):
+            m.sp_group = group if on else None
+    return model
+
+
 @contextlib.contextmanager
-def context_parallel_off(model: nn.Module):
-    """Run whole sequences on every rank for a while (evaluation, sampling): CP holds full weights."""
-    groups = {m: m.cp_group for m in model.modules() if hasattr(m, "cp_group")}
+def whole_sequences(model: nn.Module):
+    """Run whole sequences on every rank for a while (evaluation, sampling): context and
+    sequence parallelism off (their ranks hold full weights); tensor parallelism stays."""
+    cp = {m: m.cp_group for m in model.modules() if hasattr(m, "cp_group")}
+    sp = {m: (m.sequence_parallel, getattr(m, "sp_group", None)) for m in model.modules()
+          if hasattr(m, "sequence_parallel") or isinstance(m, RMSNorm)}
     apply_context_parallel(model, None)
+    apply_sequence_parallel(model, None, on=False)
     try:
         yield model
     finally:
-        for m, g in groups.items():
+        for m, g in cp.items():
             m.cp_group = g
+        for m, (on, g) in sp.items():
+            if hasattr(m, "sequence_parallel"):
+                m.sequence_parallel = on
+            if isinstance(m, RMSNorm):
+                m.sp_group = g
 
 
 def _split(module: nn.Module, name: str, group, dim: int = 0, components: list[int] | None = None) -> None:

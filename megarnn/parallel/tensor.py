@@ -4,6 +4,15 @@ Communication, each an autograd function over the tensor-parallel group:
     copy_to_tp       forward identity,   backward all-reduce   (input of a column-parallel layer)
     reduce_from_tp   forward all-reduce, backward identity     (output of a row-parallel layer)
     all_reduce_sum   forward all-reduce, backward all-reduce   (a sum each rank uses for its shard)
+    gather_seq       forward all-gather along T, backward reduce-scatter   (sequence parallel:
+    scatter_seq      forward reduce-scatter along T, backward all-gather    Megatron-SP, Korthikanti
+                                                                            et al. 2022)
+
+Under sequence parallelism (`layer.sequence_parallel = True`) the residual stream between
+layers holds T / tp steps per rank: column-parallel layers gather the sequence first,
+row-parallel layers and the embedding reduce-scatter it, and every parameter that all ranks
+use on their own tokens (norm weights, row-parallel biases, replicated projections) goes
+through copy_to_tp, so its gradient is the sum over the ranks' tokens.
     gather_from_tp   forward all-gather along a dim, backward keep the local slice
 
 Layers built from a full (unsharded) module, keeping only this rank's slice:
@@ -91,6 +100,53 @@ def all_reduce_sum(x, group):
     return _AllReduceSum.apply(x, group) if group is not None else x
 
 
+def _local_rows(x, group, dim: int):
+    n = x.shape[dim] // _world(group)
+    return x.narrow(dim, _rank(group) * n, n).contiguous()
+
+
+def _all_gather_cat(x, group, dim: int):
+    parts = [torch.empty_like(x) for _ in range(_world(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+class _GatherSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather_cat(x, group, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)  # gloo has no reduce-scatter: all-reduce, keep our rows
+        return _local_rows(g, ctx.group, 1), None
+
+
+class _ScatterSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return _local_rows(x, group, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather_cat(g, ctx.group, 1), None
+
+
+def gather_seq(x, group):
+    """(B, T / tp, ...) -> (B, T, ...); backward reduce-scatters."""
+    return _GatherSeq.apply(x, group)
+
+
+def scatter_seq(x, group):
+    """(B, T, ...) partial sums -> (B, T / tp, ...) of the total; backward all-gathers."""
+    return _ScatterSeq.apply(x, group)
+
+
 def copy_to_tp(x, group):
     return _CopyToTP.apply(x, group) if group is not None else x
 
@@ -142,12 +198,13 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, full: nn.Linear, group, components: list[int] | None = None):
         super().__init__()
-        self.group = group
+        self.group, self.sequence_parallel = group, False
         self.weight = sharded_parameter(full.weight, 0, components, group)
         self.bias = sharded_parameter(full.bias, 0, components, group) if full.bias is not None else None
 
     def forward(self, x):
-        return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
+        x = gather_seq(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -155,13 +212,17 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, full: nn.Linear, group):
         super().__init__()
-        self.group = group
+        self.group, self.sequence_parallel = group, False
         self.weight = sharded_parameter(full.weight, 1, None, group)
         self.bias = nn.Parameter(full.bias.detach().clone()) if full.bias is not None else None
 
     def forward(self, x):
-        y = reduce_from_tp(F.linear(x, self.weight), self.group)
-        return y + self.bias if self.bias is not None else y
+        y = F.linear(x, self.weight)
+        if not self.sequence_parallel:
+            y = reduce_from_tp(y, self.group)
+            return y + self.bias if self.bias is not None else y
+        y = scatter_seq(y, self.group)
+        return y + copy_to_tp(self.bias, self.group) if self.bias is not None else y
 
 
 class ReplicatedLinear(nn.Module):
@@ -171,12 +232,17 @@ class ReplicatedLinear(nn.Module):
 
     def __init__(self, full: nn.Linear, group):
         super().__init__()
-        self.group = group
+        self.group, self.sequence_parallel = group, False
         self.weight = nn.Parameter(full.weight.detach().clone())
         self.bias = nn.Parameter(full.bias.detach().clone()) if full.bias is not None else None
 
     def forward(self, x):
-        return copy_to_tp(F.linear(x, self.weight, self.bias), self.group)
+        if not self.sequence_parallel:
+            return copy_to_tp(F.linear(x, self.weight, self.bias), self.group)
+        # Each rank's output gradient is partial (its heads): sum the weight's over the group,
+        # and let the gather's reduce-scatter sum the input's.
+        bias = copy_to_tp(self.bias, self.group) if self.bias is not None else None
+        return F.linear(gather_seq(x, self.group), copy_to_tp(self.weight, self.group), bias)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -184,7 +250,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, full: nn.Embedding, group):
         super().__init__()
-        self.group = group
+        self.group, self.sequence_parallel = group, False
         self.weight = sharded_parameter(full.weight, 0, None, group)
         self.start = _rank(group) * self.weight.shape[0]
 
@@ -192,7 +258,8 @@ class VocabParallelEmbedding(nn.Module):
         local = tokens - self.start
         outside = (local < 0) | (local >= self.weight.shape[0])
         x = F.embedding(local.masked_fill(outside, 0), self.weight)
-        return reduce_from_tp(x.masked_fill(outside[..., None], 0.0), self.group)
+        x = x.masked_fill(outside[..., None], 0.0)
+        return scatter_seq(x, self.group) if self.sequence_parallel else reduce_from_tp(x, self.group)
 
 
 class _VocabParallelCE(torch.autograd.Function):

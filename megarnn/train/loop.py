@@ -26,7 +26,8 @@ from megarnn.errors import ConfigError, TrainingError
 from megarnn.models import RecurrentLM
 from megarnn.train import checkpoint
 from megarnn.parallel.mesh import ParallelMesh
-from megarnn.parallel.plan import apply_context_parallel, apply_tensor_parallel, context_parallel_off
+from megarnn.parallel.plan import (apply_context_parallel, apply_sequence_parallel, apply_tensor_parallel,
+                                   whole_sequences)
 from megarnn.train.engine import build_engine, setup_distributed
 from megarnn.train.evaluate import evaluate
 from megarnn.train.metrics import MetricsLogger, peak_flops
@@ -186,8 +187,8 @@ class Meter:
 
 
 def run_eval(model, val_ds, seq_len: int, device) -> dict[str, float]:
-    """Whole held-out documents on every rank (context parallelism off: each rank has the weights)."""
-    with context_parallel_off(model):
+    """Whole held-out documents on every rank (context / sequence parallelism off)."""
+    with whole_sequences(model):
         return evaluate(model, val_ds, seq_len, device=device)
 
 
@@ -227,6 +228,8 @@ def train(cfg: Config) -> dict[str, float]:
         apply_tensor_parallel(model, mesh.group("tp"))
     if mesh.cp > 1:
         apply_context_parallel(model, mesh.group("cp"))
+    if cfg.parallel.sequence_parallel:
+        apply_sequence_parallel(model, mesh.group("tp"))
     engine = build_engine(cfg, model, mesh)
     step, skipped = 0, 0
     if resume_from is not None:
@@ -279,7 +282,7 @@ def train(cfg: Config) -> dict[str, float]:
         val = run_eval(engine.module, val_ds, cfg.data.seq_len, device)
     if t.sample_tokens > 0 and mesh.rank_in("dp") == 0:  # a tensor-parallel group samples together
         from megarnn.generate import generate
-        with context_parallel_off(engine.module):
+        with whole_sequences(engine.module):
             text = generate(engine.module, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
         log.text("sample:\n" + text)
     log.close_bar()

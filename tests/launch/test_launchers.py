@@ -1,5 +1,5 @@
 """launch/torchrun.sh and launch/mpirun.sh start 2 gloo ranks — data parallel (ZeRO 1, 2), tensor
-parallel or context parallel — that log the losses of one process; a tensor-parallel checkpoint
+parallel with sequence parallelism, or context parallel — that log the losses of one process; a tensor-parallel checkpoint
 loads as the full model."""
 import os
 import subprocess
@@ -31,7 +31,7 @@ def test_launcher_with_two_ranks_equals_one_process(tmp_path, one_process, scrip
     batch = 8 // (2 // (tp * cp))  # the same global batch as the one-process run
     proc = subprocess.run([str(ROOT / "launch" / script), "2", "configs/quickstart.yaml", *COMMON,
                            f"train.micro_batch_size={batch}", f"train.out_dir={run}", f"parallel.zero_stage={zero}",
-                           f"parallel.tp={tp}", f"parallel.cp={cp}"],
+                           f"parallel.tp={tp}", f"parallel.cp={cp}", f"parallel.sequence_parallel={tp > 1}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "MEGARNN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

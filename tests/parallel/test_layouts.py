@@ -1,4 +1,5 @@
-"""Context parallelism alone (2 ranks) and combined tp2 x cp2 (4 ranks) equal one process:
+"""Context parallelism alone (2 ranks) and combined tp2 x cp2 with sequence parallelism (4 ranks)
+equal one process:
 loss and every gradient, for every family, with documents starting inside chunks and at a
 chunk boundary."""
 import copy
@@ -12,14 +13,14 @@ from megarnn.config import ModelConfig
 from megarnn.models import RecurrentLM
 from megarnn.parallel.launch_env import free_port
 from megarnn.parallel.mesh import ParallelMesh
-from megarnn.parallel.plan import apply_context_parallel, apply_tensor_parallel
+from megarnn.parallel.plan import apply_context_parallel, apply_sequence_parallel, apply_tensor_parallel
 from megarnn.parallel.tensor import merge_shards
 from tests.parallel.test_tensor_parallel import FAMILIES
 
 T = 12
 
 
-def _check(name, mesh):
+def _check(name, mesh, sp):
     torch.manual_seed(0)
     c = ModelConfig(vocab_size=64, d_model=16, n_layers=3, lru_width=16, **FAMILIES[name])
     full = RecurrentLM(c).double()
@@ -29,6 +30,8 @@ def _check(name, mesh):
     par = copy.deepcopy(full)
     if mesh.tp > 1:
         apply_tensor_parallel(par, mesh.group("tp"))
+    if sp:
+        apply_sequence_parallel(par, mesh.group("tp"))
     cp_group = mesh.group("cp")
     apply_context_parallel(par, cp_group)
     tokens = torch.randint(0, 64, (2, T + 1))
@@ -58,21 +61,21 @@ def _check(name, mesh):
                                    msg=lambda m: f"{name} {mesh.sizes()}: {pname}: {m}")
 
 
-def _worker(rank, world, port, tp, cp):
+def _worker(rank, world, port, tp, cp, sp):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
         mesh = ParallelMesh.build(tp=tp, cp=cp)
         for name in FAMILIES:
-            _check(name, mesh)
+            _check(name, mesh, sp)
     finally:
         dist.destroy_process_group()
 
 
 def test_context_parallel_model_equals_one_process():
-    mp.spawn(_worker, args=(2, free_port(), 1, 2), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), 1, 2, False), nprocs=2, join=True)
 
 
-def test_tensor_times_context_parallel_on_4_ranks_equals_one_process():
-    mp.spawn(_worker, args=(4, free_port(), 2, 2), nprocs=4, join=True)
+def test_tensor_times_context_times_sequence_parallel_on_4_ranks_equals_one_process():
+    mp.spawn(_worker, args=(4, free_port(), 2, 2, True), nprocs=4, join=True)

@@ -1,4 +1,5 @@
-"""Tensor parallelism equals one process: loss, every gradient, and three optimizer steps, per family.
+"""Tensor parallelism, without and with Megatron sequence parallelism, equals one process: loss,
+every gradient, and three optimizer steps, per family.
 
 Each spawned gloo rank builds the full model (same seed), keeps a full copy as the
 one-process reference, shards the other with apply_tensor_parallel, and compares.
@@ -15,7 +16,7 @@ from megarnn.config import ModelConfig
 from megarnn.errors import ConfigError
 from megarnn.models import RecurrentLM
 from megarnn.parallel.launch_env import free_port
-from megarnn.parallel.plan import apply_tensor_parallel, check_tensor_parallel
+from megarnn.parallel.plan import apply_sequence_parallel, apply_tensor_parallel, check_tensor_parallel
 from megarnn.parallel.tensor import merge_shards
 
 FAMILIES = {
@@ -39,7 +40,7 @@ def _loss(model, tokens, reset):
     return model.cross_entropy(logits, tokens[:, 1:]).mean()
 
 
-def _check_family(name, group):
+def _check_family(name, group, sp):
     torch.manual_seed(0)
     c = ModelConfig(vocab_size=64, d_model=16, n_layers=3, lru_width=16, **FAMILIES[name])
     full = RecurrentLM(c).double()
@@ -47,6 +48,8 @@ def _check_family(name, group):
         for p in full.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     tp = apply_tensor_parallel(copy.deepcopy(full), group)
+    if sp:
+        apply_sequence_parallel(tp, group)
     tokens = torch.randint(0, 64, (2, 13))
     reset = torch.zeros(2, 13, dtype=torch.bool)
     reset[1, 6] = True
@@ -57,7 +60,8 @@ def _check_family(name, group):
     full_grads = dict(full.named_parameters())
     for n, p in tp.named_parameters():
         g = _gather_full(p, group) if hasattr(p, "tp_split") else p.grad
-        torch.testing.assert_close(g, full_grads[n].grad, rtol=1e-9, atol=1e-11, msg=lambda m: f"{name}: {n}: {m}")
+        torch.testing.assert_close(g, full_grads[n].grad, rtol=1e-9, atol=1e-11,
+                                   msg=lambda m: f"{name} sp={sp}: {n}: {m}")
     # Three optimizer steps keep them together.
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (full, tp)]
     for _ in range(3):
@@ -76,7 +80,8 @@ def _worker(rank, world, port, names):
     torch.set_num_threads(1)
     try:
         for name in names:
-            _check_family(name, dist.group.WORLD)
+            for sp in (False, True):
+                _check_family(name, dist.group.WORLD, sp)
     finally:
         dist.destroy_process_group()
 
