@@ -89,7 +89,7 @@ def whole_sequences(model: nn.Module):
     """Run whole sequences on every rank for a while (evaluation, sampling): context and
     sequence parallelism off (their ranks hold full weights); tensor parallelism stays."""
     cp = {m: m.cp_group for m in model.modules() if hasattr(m, "cp_group")}
-    sp = {m: (m.sequence_parallel, getattr(m, "sp_group", None)) for m in model.modules()
+    sp = {m: (getattr(m, "sequence_parallel", False), getattr(m, "sp_group", None)) for m in model.modules()
           if hasattr(m, "sequence_parallel") or isinstance(m, RMSNorm)}
     apply_context_parallel(model, None)
     apply_sequence_parallel(model, None, on=False)
