@@ -60,7 +60,7 @@ logger = logging.getLogger("megarnn.newton")
 
 def default_tol(dtype: torch.dtype) -> float:
     """Residual max-norm accepted as converged, per compute dtype (states are O(1))."""
-    return {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+    return {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-2)
 
 
 class NewtonCell(nn.Module):

@@ -1,4 +1,5 @@
-"""Every family trains through `megarnn train`, exports, and loads back (Mamba2 also in transformers)."""
+"""Every family trains through `megarnn train` by changing only the model config, exports, and
+loads back (Hawk and Mamba2 also in transformers; Griffin is the quickstart's own test)."""
 import pytest
 import torch
 
@@ -7,7 +8,7 @@ from tests.conftest import TINY, run_cli
 from tests.e2e.test_quickstart import read_metrics
 
 
-@pytest.mark.parametrize("model,fmt", [("mamba2-tiny", "hf"), ("paragru-tiny", "safetensors"),
+@pytest.mark.parametrize("model,fmt", [("hawk-tiny", "hf"), ("mamba2-tiny", "hf"), ("paragru-tiny", "safetensors"),
                                        ("paralstm-tiny", "safetensors")])
 def test_family_trains_exports_and_loads(tmp_path, model, fmt):
     run = tmp_path / "run"
