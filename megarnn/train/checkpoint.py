@@ -90,7 +90,23 @@ def check_compatible(meta: dict, cfg: Config, where: Path) -> None:
                               "(megarnn export) and start from the export")
 
 
-def save(engine, cfg: Config, ckpt_dir: Path, step: int, client: dict, tokenizer) -> str:
+def check_layout(meta: dict, cfg: Config, replicas: int, where: Path) -> None:
+    """ZeRO partitions the optimizer state over the dp x cp ranks: DeepSpeed cannot reload it on
+    another number of them (stage 0 keeps whole states and can)."""
+    saved = meta.get("layout", {})
+    zero = cfg.parallel.zero_stage
+    if saved.get("zero_stage", zero) != zero:
+        raise CheckpointError(f"{where} was written with parallel.zero_stage={saved['zero_stage']} and this run has "
+                              f"{zero}; resume with parallel.zero_stage={saved['zero_stage']}")
+    was = saved.get("dp", replicas) * saved.get("cp", 1)
+    if zero > 0 and was != replicas:
+        raise CheckpointError(f"{where} was written with {was} data x context parallel ranks under ZeRO-{zero} and "
+                              f"this run has {replicas}; DeepSpeed cannot re-partition ZeRO optimizer state: resume "
+                              f"with {was} of them (or write checkpoints with parallel.zero_stage=0, which resume "
+                              "on any number)")
+
+
+def save(engine, cfg: Config, ckpt_dir: Path, step: int, client: dict, tokenizer, layout: dict) -> str:
     """Write checkpoint step_NNNNNN; publish it (megarnn.json, then `latest`) only when complete."""
     tag = tag_for(step)
     d = ckpt_dir / tag
@@ -108,7 +124,8 @@ def save(engine, cfg: Config, ckpt_dir: Path, step: int, client: dict, tokenizer
         # also records how tensor parallelism cut each parameter, so the shards can be merged.
         splits = {n: list(p.tp_split) for n, p in engine.module.named_parameters() if hasattr(p, "tp_split")}
         meta = {"step": step, "model": cfg.to_dict()["model"], "parallel": cfg.to_dict()["parallel"],
-                "tp_split": splits, "files": file_manifest(d)}
+                "layout": {**layout, "zero_stage": cfg.parallel.zero_stage}, "tp_split": splits,
+                "files": file_manifest(d)}
         _write_atomic(d / META_FILE, json.dumps(meta, indent=1))
         _write_atomic(ckpt_dir / "latest", tag)  # `latest` moves last
         prune(ckpt_dir, cfg.train.keep_checkpoints, keep=tag)
@@ -166,11 +183,15 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def load(engine, cfg: Config, path: str | Path) -> dict:
-    """Load weights, optimizer, LR schedule and RNG into `engine`; returns our client state."""
+def load(engine, cfg: Config, path: str | Path, replicas: int) -> dict:
+    """Load weights, optimizer, LR schedule and RNG into `engine`; returns our client state.
+
+    replicas: this run's data x context parallel ranks (checked against the checkpoint's).
+    """
     ckpt_dir, tag = resolve_checkpoint(path)
     meta = read_meta(ckpt_dir, tag)
     check_compatible(meta, cfg, ckpt_dir / tag)
+    check_layout(meta, cfg, replicas, ckpt_dir / tag)
     verify(ckpt_dir / tag, meta)
     loaded, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                             load_lr_scheduler_states=True)

@@ -233,7 +233,7 @@ def train(cfg: Config) -> dict[str, float]:
     engine = build_engine(cfg, model, mesh)
     step, skipped = 0, 0
     if resume_from is not None:
-        client = checkpoint.load(engine, cfg, resume_from)
+        client = checkpoint.load(engine, cfg, resume_from, mesh.dp * mesh.cp)
         step, skipped = client["step"], client.get("skipped", 0)
 
     loader = PackedLoader([train_ds], cfg.data.seq_len, t.micro_batch_size, t.grad_accum,
@@ -270,7 +270,8 @@ def train(cfg: Config) -> dict[str, float]:
                     log.scalars(step, {"val/loss": val["loss"], "val/bpc": val["bpc"], "val/ppl": val["ppl"]})
             stop = preemption.requested()
             if (progress.bad_in_a_row == 0 and (step % t.save_interval == 0 or step == end)) or stop:
-                tag = checkpoint.save(engine, cfg, ckpt_dir, step, {"skipped": progress.skipped}, tokenizer)
+                tag = checkpoint.save(engine, cfg, ckpt_dir, step, {"skipped": progress.skipped}, tokenizer,
+                                      mesh.sizes())
                 progress.last_good = str(ckpt_dir / tag)
                 log.text(f"saved checkpoint {progress.last_good}")
             if stop:

@@ -1,0 +1,42 @@
+"""Resuming on another data / context parallel layout: ZeRO-0 checkpoints move between cp2, dp2 and
+one process with the losses continuing as the uninterrupted run; ZeRO-1 refuses with the numbers."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, TINY, run_cli
+from tests.e2e.test_quickstart import read_metrics
+
+COMMON = [*TINY, "train.max_steps=6", "train.save_interval=2", "train.eval_interval=100", "data.holdout=[]"]
+
+
+def _launch(nproc, *args):
+    proc = subprocess.run([str(ROOT / "launch" / "torchrun.sh"), str(nproc), "configs/quickstart.yaml", *COMMON, *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MEGARNN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_zero0_resumes_across_cp2_dp2_and_one_process(tmp_path):
+    straight, moved = tmp_path / "straight", tmp_path / "moved"
+    z0 = "parallel.zero_stage=0"
+    run_cli("train", "configs/quickstart.yaml", *COMMON, z0, "train.micro_batch_size=8", f"train.out_dir={straight}")
+    _launch(2, z0, "parallel.cp=2", "train.micro_batch_size=8", f"train.out_dir={moved}", "train.exit_at_step=2")
+    _launch(2, z0, "train.micro_batch_size=4", f"train.out_dir={moved}", "train.exit_at_step=4")  # cp2 -> dp2
+    run_cli("train", "configs/quickstart.yaml", *COMMON, z0, "train.micro_batch_size=8",
+            f"train.out_dir={moved}")  # dp2 -> one process
+    a, b = read_metrics(straight, "train/loss"), read_metrics(moved, "train/loss")
+    assert sorted(b) == list(range(1, 7))
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-5)
+
+
+def test_zero1_refuses_another_number_of_replicas(tmp_path):
+    run = tmp_path / "run"
+    _launch(2, "train.micro_batch_size=4", f"train.out_dir={run}", "train.exit_at_step=2")
+    proc = run_cli("train", "configs/quickstart.yaml", *COMMON, "train.micro_batch_size=8", f"train.out_dir={run}",
+                   check=False)
+    assert proc.returncode == 2
+    assert "written with 2 data x context parallel ranks under ZeRO-1 and this run has 1" in proc.stderr
