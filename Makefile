@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install quickstart test clean
+.PHONY: install quickstart test test-slurm clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ quickstart: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The real-Slurm test alone (root on Debian; installs slurmctld, slurmd, slurm-client, munge).
+test-slurm: install
+	tools/install_slurm.sh
+	$(BIN)/python -m pytest -q tests/launch/test_slurm.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

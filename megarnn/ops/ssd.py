@@ -12,13 +12,19 @@ Backends:
                are passed from chunk to chunk by a short loop (T / Q steps). Resets enter
                as masks on which segments of decay may be crossed, never as -inf logs, so
                no log-space subtraction loses precision.
+  "triton"     kernels/ssd.py (megarnn_kernels.ssd): the same chunked algorithm as Triton matmul
+               kernels, forward and backward (the backward recomputes the chunk states from the
+               inputs, so only the inputs are saved). The default on CUDA tensors; on CPU only
+               when asked for, under Triton's interpreter (TRITON_INTERPRET=1), for tests.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("reference", "torch")
+from megarnn.ops.scan import _require_triton
+
+BACKENDS = ("reference", "torch", "triton")
 
 
 def ssd_scan(x, dt, A, B, C, D=None, chunk_size: int = 64, initial_state=None, reset=None,
@@ -26,7 +32,8 @@ def ssd_scan(x, dt, A, B, C, D=None, chunk_size: int = 64, initial_state=None, r
     """x: (B, T, H, P); dt: (B, T, H) > 0; A: (H,) < 0; B, C: (B, T, G, N); D: (H,) or None;
     initial_state: (B, H, P, N); reset: (B, T) bool -> y: (B, T, H, P), final state (B, H, P, N).
 
-    Accumulates in float32 (float64 for float64 inputs); y has the dtype of x.
+    Accumulates in float32 (float64 for float64 inputs); y has the dtype of x. backend=None picks
+    "triton" for CUDA tensors and "torch" elsewhere.
     """
     b, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
@@ -34,9 +41,12 @@ def ssd_scan(x, dt, A, B, C, D=None, chunk_size: int = 64, initial_state=None, r
         raise ValueError(f"ssd_scan: expected x (B,T,H,P), dt (B,T,H), A (H,), B = C (B,T,G,N) with H % G == 0; "
                          f"got x {tuple(x.shape)}, dt {tuple(dt.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, "
                          f"C {tuple(C.shape)}")
-    backend = backend or "torch"
+    backend = backend or ("triton" if x.is_cuda else "torch")
     if backend not in BACKENDS:
         raise ValueError(f"ssd_scan: unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "triton":
+        _check_state_and_reset(initial_state, reset, b, T, H, P, N)
+        return _TritonSSD.apply(x, dt, A, B, C, D, initial_state, reset, chunk_size)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     rep = H // G
     Bh = B.to(acc).repeat_interleave(rep, dim=2)  # (b, T, H, N)
@@ -98,3 +108,45 @@ def _ssd_chunked(x, dt, A, B, C, state, reset, Q):
     from_start = torch.exp(Acs) * (seg == 0)[..., None]  # (b, c, l, H)
     y = y + torch.einsum("bclhn,bchpn,bclh->bclhp", C, starts, from_start)
     return y.reshape(b, nc * Q, H, P)[:, :T], state
+
+
+def _check_state_and_reset(initial_state, reset, b, T, H, P, N):
+    if initial_state is not None and initial_state.shape != (b, H, P, N):
+        raise ValueError(f"ssd_scan: initial_state must be (B, H, P, N) = {(b, H, P, N)}; "
+                         f"got {tuple(initial_state.shape)}")
+    if reset is not None and reset.shape != (b, T):
+        raise ValueError(f"ssd_scan: reset must be (B, T) = {(b, T)} bool; got {tuple(reset.shape)}")
+
+
+def _ssd_kernels(t: torch.Tensor):
+    """megarnn_kernels.ssd, or a ValueError saying why backend="triton" cannot run on t's device
+    (the same check as linear_scan's, plus this module's own interpreter flag)."""
+    _require_triton(t, "ssd_scan")
+    from megarnn_kernels import ssd as kernels
+    if not t.is_cuda and not kernels.INTERPRETED:
+        raise ValueError(f"ssd_scan: the Triton kernels were compiled for a GPU (imported before "
+                         f"TRITON_INTERPRET=1 was set), so they cannot run on {t.device}; set it before "
+                         f"anything imports megarnn_kernels, or use backend='torch'")
+    return kernels
+
+
+class _TritonSSD(torch.autograd.Function):
+    """The "triton" backend: ssd_scan's arguments -> (y (B, T, H, P) in x's dtype, final state
+    (B, H, P, N) in fp32 / fp64). Saves only the inputs; the backward recomputes the states."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, initial_state, reset, chunk_size):
+        kernels = _ssd_kernels(x)
+        y, state = kernels.ssd_fwd(x, dt, A, B, C, chunk_size, D, initial_state, reset)
+        ctx.save_for_backward(x, dt, A, B, C, D, initial_state, reset)
+        ctx.chunk_size = chunk_size
+        ctx.set_materialize_grads(False)  # an unused final state costs nothing in the backward
+        return y, state
+
+    @staticmethod
+    def backward(ctx, dy, dstate):
+        x, dt, A, B, C, D, initial_state, reset = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(x)
+        grads = _ssd_kernels(x).ssd_bwd(x, dt, A, B, C, ctx.chunk_size, D, initial_state, reset, dy, dstate)
+        return (*grads, None, None)

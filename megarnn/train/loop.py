@@ -115,7 +115,10 @@ class PreemptionWatch:
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
-            signal.signal(sig, old)
+            # After a stop the checkpoint is saved and this process exits 75. When the first rank
+            # exits, launchers TERM the others (srun --kill-on-bad-exit, torchrun): ignoring that
+            # keeps every rank's status 75, which is what tells the sbatch script to requeue.
+            signal.signal(sig, signal.SIG_IGN if self.signal_name else old)
         return False
 
 
