@@ -2,6 +2,7 @@
 
     megarnn train CONFIG.yaml [key.sub=value ...] [--dry-run]
     megarnn tokenizer --input FILE... --vocab-size N --output DIR
+    megarnn preprocess --input FILE...|hf:NAME --tokenizer DIR --output DIR [--workers N]
     megarnn generate MODEL_DIR --prompt TEXT [--max-new-tokens N]
     megarnn eval MODEL_DIR --data DIR
     megarnn export CHECKPOINT OUTPUT_DIR [--format safetensors|hf]
@@ -48,14 +49,18 @@ def cmd_train(args) -> int:
 
 
 def cmd_tokenizer(args) -> int:
-    from megarnn.data.corpus import read_documents, resolve_files
-    from megarnn.data.tokenizer import train_tokenizer
+    from megarnn.data.tokenizer import build_tokenizer
 
-    files = resolve_files(args.input)
-    tok = train_tokenizer((d for f in files for d in read_documents(f, args.text_key)),
-                          args.vocab_size, args.model_type)
-    tok.save(args.output)
+    tok = build_tokenizer(args.input, args.output, args.vocab_size, args.model_type, args.text_key)
     print(f"tokenizer with {tok.vocab_size} pieces written to {args.output}")
+    return 0
+
+
+def cmd_preprocess(args) -> int:
+    from megarnn.data.preprocess import preprocess
+
+    preprocess(args.input, args.tokenizer, args.output, workers=args.workers, text_key=args.text_key,
+               docs_per_shard=args.docs_per_shard, log=print)
     return 0
 
 
@@ -71,17 +76,21 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     import megarnn
     from megarnn.data.indexed import IndexedDataset
+    from megarnn.data.preprocess import MANIFEST, open_shards
     from megarnn.errors import DataError
     from megarnn.train.evaluate import evaluate
 
     model, tokenizer = megarnn.load(args.model_dir)
     data = Path(args.data)
-    prefixes = sorted(p.with_suffix("") for p in data.glob("*.idx")) if data.is_dir() else [data]
-    if not prefixes:
-        raise DataError(f"{data}: no *.idx shards found; pass a directory of shards or one shard prefix")
-    datasets = [IndexedDataset(prefix) for prefix in prefixes]
-    for ds in datasets:
-        ds.check_tokenizer(tokenizer.sha256, tokenizer.vocab_size)
+    if data.is_dir() and ((data / MANIFEST).is_file() or any(data.glob("shard-*.idx"))):
+        datasets = open_shards(data, tokenizer)  # a `megarnn preprocess` directory, complete and checked
+    else:
+        prefixes = sorted(p.with_suffix("") for p in data.glob("*.idx")) if data.is_dir() else [data]
+        if not prefixes:
+            raise DataError(f"{data}: no *.idx shards found; pass a directory of shards or one shard prefix")
+        datasets = [IndexedDataset(prefix) for prefix in prefixes]
+        for ds in datasets:
+            ds.check_tokenizer(tokenizer.sha256, tokenizer.vocab_size)
     r = evaluate(model, datasets, args.seq_len, args.batch_size)
     out = {"loss": r["loss"], "perplexity": r["ppl"], "bits_per_char": r["bpc"], "bits_per_byte": r["bpb"],
            "tokens": r["tokens"]}
@@ -107,13 +116,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true", help="print parameters, FLOPs per token and the config")
     t.set_defaults(func=cmd_train)
 
-    k = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer")
-    k.add_argument("--input", nargs="+", required=True, help="text/jsonl files or globs (pkg:PACKAGE/dir/*.txt too)")
-    k.add_argument("--vocab-size", type=int, required=True)
+    k = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer, or import an existing .model")
+    k.add_argument("--input", nargs="+", required=True,
+                   help="text/jsonl/parquet files or globs, pkg:PACKAGE/dir/*.txt, hf:json:FILES, "
+                        "hf:NAME[:CONFIG][@SPLIT]; or one existing .model file to copy in")
+    k.add_argument("--vocab-size", type=int, default=0, help="pieces to train (not needed to import a .model)")
     k.add_argument("--output", required=True)
     k.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
-    k.add_argument("--text-key", default="text")
+    k.add_argument("--text-key", default="text", help="jsonl key / parquet column / dataset field with the text")
     k.set_defaults(func=cmd_tokenizer)
+
+    pp = sub.add_parser("preprocess", help="tokenize documents into token shards (resumable, multi-process)")
+    pp.add_argument("--input", nargs="+", required=True,
+                    help="text/jsonl/parquet files or globs, pkg:PACKAGE/dir/*.txt, hf:json:FILES, hf:NAME[:CONFIG][@SPLIT]")
+    pp.add_argument("--tokenizer", required=True, help="a tokenizer directory or .model file")
+    pp.add_argument("--output", required=True, help="the shard directory; run the same command again to resume")
+    pp.add_argument("--workers", type=int, default=1, help="tokenizing processes")
+    pp.add_argument("--text-key", default="text", help="jsonl key / parquet column / dataset field with the text")
+    pp.add_argument("--docs-per-shard", type=int, default=100_000)
+    pp.set_defaults(func=cmd_preprocess)
 
     g = sub.add_parser("generate", help="sample text from a checkpoint")
     g.add_argument("model_dir", help="a run directory, its checkpoints/ directory, or one step_* checkpoint")

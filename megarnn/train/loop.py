@@ -20,8 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megarnn.config import Config
-from megarnn.data.loader import PackedLoader
-from megarnn.data.prepare import prepare_run_data, split_files
+from megarnn.data.prepare import build_run_data, split_files
 from megarnn.errors import ConfigError, TrainingError
 from megarnn.models import RecurrentLM
 from megarnn.train import checkpoint
@@ -198,7 +197,8 @@ def run_eval(model, val_ds, seq_len: int, device) -> dict[str, float]:
 def train(cfg: Config) -> dict[str, float]:
     """Run (or resume) training as configured; returns the final validation metrics."""
     run_dir = Path(cfg.train.out_dir)
-    split_files(cfg.data)  # every data path resolves, before anything is written
+    if cfg.data.train_files:
+        split_files(cfg.data)  # every data path resolves, before anything is written
     check_writable(run_dir)
     resume_from = find_resume(cfg)
 
@@ -209,12 +209,15 @@ def train(cfg: Config) -> dict[str, float]:
         torch.set_num_threads(t.threads)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
+    def data():  # rank 0 tokenizes / checks first; the others then reuse what it wrote
+        return build_run_data(cfg.data, run_dir, (cfg.data.seq_len, t.micro_batch_size, t.grad_accum),
+                              cfg.data.seed, mesh.rank_in("dp"), mesh.dp)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer, train_ds, val_ds = prepare_run_data(cfg.data, run_dir)
+        tokenizer, loader, val_ds = data()
     dist.barrier()
     if rank != 0:
-        tokenizer, train_ds, val_ds = prepare_run_data(cfg.data, run_dir)
+        tokenizer, loader, val_ds = data()
     if cfg.model.vocab_size == 0:  # padded, as Megatron does, so any tp up to 128 divides it
         cfg.model.vocab_size = -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     elif cfg.model.vocab_size < tokenizer.vocab_size:
@@ -238,16 +241,15 @@ def train(cfg: Config) -> dict[str, float]:
     if resume_from is not None:
         client = checkpoint.load(engine, cfg, resume_from, mesh.dp * mesh.cp)
         step, skipped = client["step"], client.get("skipped", 0)
-
-    loader = PackedLoader([train_ds], cfg.data.seq_len, t.micro_batch_size, t.grad_accum,
-                          cfg.data.seed, mesh.rank_in("dp"), mesh.dp)
+        if "data" in client:  # the data position: exact also after a change of dp ranks or batch size
+            loader.load_state_dict(client["data"])
     log = MetricsLogger(run_dir, rank == 0, t.max_steps, step, t.progress)
     ckpt_dir = run_dir / "checkpoints"
     log.text(f"layout: {mesh.sizes()} (dp x pp x cp x tp)") if world > 1 else None
     peak = peak_flops(t.peak_tflops) * world
     if step == 0:
         log.text(f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs "
-                 f"per token; data: {train_ds.n_tokens} train tokens; {world} process(es) on {device.type}")
+                 f"per token; {world} process(es) on {device.type}")
     else:
         log.text(f"resumed from {resume_from} at step {step}")
 
@@ -273,7 +275,8 @@ def train(cfg: Config) -> dict[str, float]:
                     log.scalars(step, {"val/loss": val["loss"], "val/bpc": val["bpc"], "val/ppl": val["ppl"]})
             stop = preemption.requested()
             if (progress.bad_in_a_row == 0 and (step % t.save_interval == 0 or step == end)) or stop:
-                tag = checkpoint.save(engine, cfg, ckpt_dir, step, {"skipped": progress.skipped}, tokenizer,
+                client = {"skipped": progress.skipped, "data": loader.state_dict(step)}
+                tag = checkpoint.save(engine, cfg, ckpt_dir, step, client, tokenizer,
                                       mesh.sizes())
                 progress.last_good = str(ckpt_dir / tag)
                 log.text(f"saved checkpoint {progress.last_good}")
