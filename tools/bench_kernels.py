@@ -1,18 +1,36 @@
-"""Benchmark the kernels beside their peers: time, achieved GB/s, and % of the copy bandwidth
-this script measures on the same device in the same run.
+"""Benchmark the kernels beside their peers: time, achieved GB/s (and TFLOP/s for SSD), and % of
+the copy bandwidth this script measures on the same device in the same run.
 
     python tools/bench_kernels.py                          # GPU: realistic shapes; CPU: tiny ones
     python tools/bench_kernels.py --shape 8 4096 4096 --dtype bf16 --reps 20
     python tools/bench_kernels.py --only scan --no-compile
+    python tools/bench_kernels.py --only ssd --ssd-shape 8 4096 64 64 1 128 256
+    python tools/bench_kernels.py --only newton --newton-shape 8 4096 256
 
-Primitives: the diagonal linear scan h_t = a_t h_{t-1} + b_t, and the RG-LRU with its gates
-fused into that scan. GB/s is the minimum traffic of the op (every input read once, every output
+Primitives: the diagonal linear scan h_t = a_t h_{t-1} + b_t, the RG-LRU with its gates
+fused into that scan, and SSD, the chunked state-space scan of Mamba2 (--ssd-shape B T H P G N Q;
+default on a GPU: one Mamba2-1.3B layer, d_model 2048 = 64 heads of 64, N = 128, G = 1, chunk 256,
+at B = 8, T = 4096). GB/s is the minimum traffic of the op (every input read once, every output
 written once) divided by the time, the same count for every row, so rows compare directly:
   scan fwd       a, b in; h out                      fwd+bwd adds a, h, dh in; da, db out
   rglru fwd      x, gate_x, gate_a in; h out         fwd+bwd adds x, gate_x, gate_a, h, dh in; 3 grads out
---dtype bf16 keeps the decay a in fp32 (bf16 rounds 0.999 to 1) and everything else in bf16.
+  ssd fwd        x, B, C, dt in; y out               fwd+bwd adds x, B, C, dt, dy in; dx, dB, dC, ddt out
+--dtype bf16 keeps the decay a in fp32 (bf16 rounds 0.999 to 1) and everything else in bf16; for
+SSD it makes x, B, C bf16 (dt, A, D fp32, as Mamba2 keeps them).
+SSD is matmul-heavy, so its rows also give TFLOP/s: the matmul FLOPs of kernels/ssd.py's
+algorithm (`ssd_flops`: the causal intra-chunk products, C B^T, the chunk states and C S_in;
+the backward with its recomputation), the same count for every row.
+Newton: the solve of the ParaGRU / ParaLSTM cells through newton_solve's backends, float32 (the
+solve's compute dtype) whatever --dtype says, shapes B x T x W (--newton-shape; default: the
+issue's paraGRU shape 8 x 4096 x 256 on a GPU, 1 x 16 x 8 on CPU), minimum traffic
+  newton fwd     x (B, T, 3, W) in; h out            fwd+bwd adds x, h, dh in; dx out
+Its rows name the solver the triton dispatcher picks and the Newton iterations taken, and give
+the speedup of fwd+bwd over the torch sequential loop (cell.step per step, autograd backward).
 
-Peers (optional imports; the table says which were missing): fla's chunk_hgrn and
+Peers (optional imports; the table says which were missing): pararnn-torch's fused Newton for
+the cells (ParaRNN(ParaGRU / ParaLSTM), 3 iterations, its own input projection W -> 3W inside
+the timed region); mamba_ssm's Triton
+`mamba_chunk_scan_combined` for SSD (same layout, dt already positive, no resets); fla's chunk_hgrn and
 fused_recurrent_hgrn (log-space decay g = log a), accelerated-scan (channels-first (B, D, T),
 T a power of two), and a torch loop over time, eager and torch.compile'd (the step compiled;
 compiling the whole unrolled loop takes minutes at T = 4096). Layout conversions happen outside
@@ -40,6 +58,10 @@ from megarnn.ops.scan import linear_scan, rglru_scan  # noqa: E402
 
 GPU_SHAPES = [(8, 4096, 4096), (1, 16384, 1024)]  # the second is too narrow to fill a GPU: time-chunked
 CPU_SHAPES = [(1, 128, 64)]
+NEWTON_GPU_SHAPES = [(8, 4096, 256)]  # B T W: the issue's paraGRU shape, 2048 channels
+NEWTON_CPU_SHAPES = [(1, 16, 8)]  # the interpreter: ~5 ms per step and program
+SSD_GPU_SHAPES = [(8, 4096, 64, 64, 1, 128, 256)]  # B T H P G N chunk: one Mamba2-1.3B layer
+SSD_CPU_SHAPES = [(1, 32, 2, 16, 1, 16, 16)]  # the interpreter: correctness smoke only
 
 
 @dataclass
@@ -50,6 +72,7 @@ class Row:
     fwdbwd_ms: float | None = None
     note: str = ""
     bytes: tuple[int, int] = (0, 0)  # minimum traffic (fwd, fwd+bwd)
+    flops: tuple[int, int] = (0, 0)  # matmul FLOPs (fwd, fwd+bwd); 0: not reported (bandwidth-bound ops)
 
 
 @dataclass
@@ -230,20 +253,140 @@ def bench_rglru(B, T, D, dtype, device, reps, report: Report):
 
 
 # ------------------------------------------------------------------------------------------------
+# SSD (Mamba2): the Triton chunk scan vs the torch chunked backend and mamba_ssm
+# ------------------------------------------------------------------------------------------------
+
+def _ssd_inputs(B, T, H, P, G, N, dtype, device):
+    """Mamba2-like values: dt = softplus(normal - 3) ~ 0.05, A = -exp(uniform(0, log 16)) (the
+    Mamba2 init), x, B, C normal in `dtype`; dt, A, D fp32."""
+    x = torch.randn(B, T, H, P, device=device, dtype=dtype)
+    dt = F.softplus(torch.randn(B, T, H, device=device) - 3)
+    A = -torch.exp(torch.rand(H, device=device) * torch.log(torch.tensor(16.0)))
+    Bm, Cm = (torch.randn(B, T, G, N, device=device, dtype=dtype) for _ in range(2))
+    D = torch.randn(H, device=device)
+    return x, dt, A, Bm, Cm, D
+
+
+def _ssd_peers(Q, device, report: Report):
+    """(name, fn(x, dt, A, B, C, D) -> y) for each importable peer; the rest go to report.missing."""
+    name = "mamba_ssm mamba_chunk_scan_combined"
+    if device.type != "cuda":
+        report.missing[name] = "needs CUDA"
+        return []
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception as e:
+        report.missing[name] = f"{type(e).__name__}: {e}"
+        return []
+    return [(name, lambda x, dt, A, B, C, D: mamba_chunk_scan_combined(x, dt, A, B, C, Q, D=D))]
+
+
+def bench_ssd(B, T, H, P, G, N, Q, dtype, device, reps, report: Report):
+    from megarnn_kernels import ssd as kernels
+    from megarnn.ops.ssd import ssd_scan
+
+    args = _ssd_inputs(B, T, H, P, G, N, dtype, device)
+    op = f"ssd {B}x{T} H{H} P{P} G{G} N{N} Q{Q}"
+    leaf = lambda *ts: [t.detach().clone().requires_grad_() for t in ts]  # noqa: E731
+    interp = " (interpreter)" if device.type != "cuda" else ""
+    backend = lambda name: lambda *a: ssd_scan(*a, chunk_size=Q, backend=name)  # noqa: E731
+    rows = [(f"megarnn triton{interp}", lambda: kernels.ssd_fwd(*args[:5], Q, args[5]), backend("triton"),
+             "bwd recomputes the states"),
+            ("megarnn torch backend", lambda: backend("torch")(*args), backend("torch"), "chunked, autograd bwd")]
+    for name, fn in _ssd_peers(Q, device, report):
+        rows.append((name, lambda fn=fn: fn(*args), fn, ""))
+    s, tokens = args[0].element_size(), B * T
+    fwd_bytes = tokens * (2 * H * P * s + 2 * G * N * s + 4 * H)
+    bwd_bytes = tokens * (3 * H * P * s + 4 * G * N * s + 8 * H)
+    fwd_flops, bwd_flops = kernels.ssd_flops(B, T, H, P, G, N, min(Q, T))
+    for name, fwd, fn, note in rows:
+        row = Row(op, name, note=note, bytes=(fwd_bytes, fwd_bytes + bwd_bytes),
+                  flops=(fwd_flops, fwd_flops + bwd_flops))
+        report.rows.append(_measure(row, fwd, _backward(fn, leaf(*args)), device, reps))
+
+
+# ------------------------------------------------------------------------------------------------
+# Newton solve of the ParaRNN cells: the triton solvers, the torch backends, pararnn-torch
+# ------------------------------------------------------------------------------------------------
+
+def _pararnn_peer(kind, B, T, W, device, report: Report):
+    """(name, model, u) for pararnn-torch's fused Newton, or None (the reason in report.missing).
+    Its model takes u (B, T, W) and applies its own input projection inside the timed region."""
+    try:
+        import pararnn
+    except Exception as e:
+        report.missing["pararnn-torch"] = f"{type(e).__name__}: {e}"
+        return None
+    try:
+        cell = getattr(pararnn, {"gru": "ParaGRU", "lstm": "ParaLSTM"}[kind])(W, W)
+        model = pararnn.ParaRNN(cell, config=pararnn.NewtonConfig(max_iters=3)).to(device)
+    except Exception as e:
+        report.missing[f"pararnn-torch {kind}"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+        return None
+    return "pararnn-torch fused Newton", model, torch.randn(B, T, W, device=device)
+
+
+def _no_grad(fn):
+    """fn under torch.no_grad(): forward rows time the solve, not autograd's bookkeeping."""
+    def run(*args):
+        with torch.no_grad():
+            return fn(*args)
+    return run
+
+
+def bench_newton(kind, B, T, W, device, reps, report: Report):
+    from megarnn.models.pararnn import ParaGRUCell, ParaLSTMCell
+    from megarnn.ops.newton import newton_solve, triton_solver
+
+    cell = {"gru": ParaGRUCell, "lstm": ParaLSTMCell}[kind](W, 1).to(device)
+    x = torch.randn(B, T, 3, W, device=device)
+    op = f"newton {kind} {B}x{T}x{W}"
+    interp = " (interpreter)" if device.type != "cuda" else ""
+    S = cell.state_size
+    nbytes = (4 * B * T * (3 * W + S), 4 * B * T * (9 * W + 3 * S))  # fwd; fwd + bwd
+    impls = [(f"megarnn triton{interp}", "triton", f"dispatch: {triton_solver(B, T, W, device)}"),
+             (f"megarnn triton newton{interp}", "triton_newton", "fused iterations, adjoint bwd"),
+             (f"megarnn triton sequential{interp}", "triton_sequential", "fused loop, adjoint bwd"),
+             ("megarnn torch backend", "torch", "Newton in torch, adjoint bwd"),
+             ("torch sequential loop", "sequential", "cell.step per t, autograd bwd")]
+    rows = []
+    for name, backend, note in impls:
+        stats: dict = {}
+        fn = lambda x, backend=backend, stats=stats: newton_solve(cell, x, backend=backend, stats=stats)  # noqa: E731
+        row = _measure(Row(op, name, note=note, bytes=nbytes), lambda fn=fn: _no_grad(fn)(x),
+                       _backward(fn, [x.clone().requires_grad_()]), device, reps)
+        if backend in ("torch", "triton_newton") and "iters" in stats:
+            row.note += f", {stats['iters']} iters"
+        rows.append(row)
+    loop = rows[-1]
+    peer = _pararnn_peer(kind, B, T, W, device, report)
+    if peer is not None:
+        name, model, u = peer
+        rows.append(_measure(Row(op, name, note="3 iters, input projection included", bytes=nbytes),
+                             lambda: _no_grad(model)(u), _backward(model, [u.clone().requires_grad_()]), device, reps))
+    for row in rows:
+        if row is not loop and row.fwdbwd_ms and loop.fwdbwd_ms:
+            row.note += f"; {loop.fwdbwd_ms / row.fwdbwd_ms:.3g}x the loop (fwd+bwd)"
+    report.rows.extend(rows)
+
+
+# ------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------
 
-def _cells(ms, nbytes, copy_gbps):
+def _cells(ms, nbytes, flops, copy_gbps):
     if ms is None:
-        return ["-", "-", "-"]
+        return ["-", "-", "-", "-"]
     gbps = nbytes / (ms * 1e-3) / 1e9
-    return [f"{ms:.4g}", f"{gbps:.4g}", f"{100 * gbps / copy_gbps:.3g}%"]
+    tflops = f"{flops / (ms * 1e-3) / 1e12:.4g}" if flops else "-"
+    return [f"{ms:.4g}", f"{gbps:.4g}", f"{100 * gbps / copy_gbps:.3g}%", tflops]
 
 
 def format_report(report: Report) -> str:
-    head = ["op", "implementation", "fwd ms", "GB/s", "% copy", "fwd+bwd ms", "GB/s", "% copy", "note"]
-    body = [[r.op, r.impl, *_cells(r.fwd_ms, r.bytes[0], report.copy_gbps),
-             *_cells(r.fwdbwd_ms, r.bytes[1], report.copy_gbps), r.note] for r in report.rows]
+    head = ["op", "implementation", "fwd ms", "GB/s", "% copy", "TFLOP/s", "fwd+bwd ms", "GB/s", "% copy", "TFLOP/s",
+            "note"]
+    body = [[r.op, r.impl, *_cells(r.fwd_ms, r.bytes[0], r.flops[0], report.copy_gbps),
+             *_cells(r.fwdbwd_ms, r.bytes[1], r.flops[1], report.copy_gbps), r.note] for r in report.rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     out = [line(head), line(["-" * w for w in widths]), *map(line, body)]
@@ -266,7 +409,11 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="activations (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--reps", type=int, default=None,
                    help="CPU: timed calls (default 3); GPU: triton.testing.do_bench's budget in ms (default 100)")
-    p.add_argument("--only", choices=["scan", "rglru"], default=None)
+    p.add_argument("--ssd-shape", nargs=7, type=int, action="append", metavar=("B", "T", "H", "P", "G", "N", "Q"),
+                   help="repeatable; default: 8x4096, 64 heads of 64, G 1, N 128, chunk 256 on a GPU; tiny on CPU")
+    p.add_argument("--newton-shape", nargs=3, type=int, action="append", metavar=("B", "T", "W"),
+                   help="repeatable; default: 8x4096x256 on a GPU, 1x16x8 on CPU")
+    p.add_argument("--only", choices=["scan", "rglru", "ssd", "newton"], default=None)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (slow to compile on CPU)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -282,6 +429,13 @@ def main(argv=None) -> int:
             bench_scan(B, T, D, dtype, device, reps, not args.no_compile, report)
         if args.only in (None, "rglru"):
             bench_rglru(B, T, D, dtype, device, reps, report)
+    if args.only in (None, "ssd"):
+        for shape in args.ssd_shape or (SSD_GPU_SHAPES if device.type == "cuda" else SSD_CPU_SHAPES):
+            bench_ssd(*shape, dtype, device, reps, report)
+    if args.only in (None, "newton"):
+        for B, T, W in args.newton_shape or (NEWTON_GPU_SHAPES if device.type == "cuda" else NEWTON_CPU_SHAPES):
+            for kind in ("gru", "lstm"):
+                bench_newton(kind, B, T, W, device, reps, report)
     print(format_report(report))
     return 0
 

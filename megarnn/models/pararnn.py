@@ -70,6 +70,7 @@ class ParaGRUCell(NewtonCell):
     """ParaGRU (module docstring). project: (B, T, W) -> (B, T, 3, W) = (z, r, c) inputs; state (B, W)."""
 
     jacobian_structure = "diagonal"
+    triton_kind = "gru"  # megarnn_kernels.newton implements this cell's math (None in a subclass opts out)
 
     def __init__(self, width: int, n_heads: int):
         super().__init__()
@@ -105,6 +106,7 @@ class ParaLSTMCell(NewtonCell):
     state (B, 2W) = [c | h]; 2x2-block Jacobian per channel."""
 
     jacobian_structure = "block2"
+    triton_kind = "lstm"  # megarnn_kernels.newton implements this cell's math (None in a subclass opts out)
 
     def __init__(self, width: int, n_heads: int):
         super().__init__()

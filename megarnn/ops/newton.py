@@ -26,9 +26,15 @@ product of f(h*_{t-1}, x_t) with lambda_t, for all t at once.
 Document resets: where reset[:, t] is True, h_{t-1} is replaced by 0, so J_t = 0 and
 neither the solve nor the adjoint crosses the boundary.
 
-Backends: "sequential" (the textbook loop, differentiated by autograd: the reference)
-and "torch" (Newton with the adjoint backward; the default). A "triton" backend can be
-added to BACKENDS later without changing callers.
+Backends: "sequential" (the textbook loop, differentiated by autograd: the reference),
+"torch" (Newton with the adjoint backward; the default off CUDA) and "triton"
+(kernels/newton.py, for the cells it implements: ParaGRU and ParaLSTM, see triton_kind; the
+default on CUDA for them). "triton" runs one of two solvers, both with the fused adjoint
+kernel as backward: the fused sequential kernel (all T steps in one kernel, the state in
+registers) or Newton with each iteration one fused kernel (residual, Jacobian and the scan of
+the update). `triton_solver` picks one from the shape (its docstring has the rule);
+"triton_sequential" and "triton_newton" force one. On CPU the kernels run only under Triton's
+interpreter (TRITON_INTERPRET=1), for tests.
 
 Convergence policy (newton_solve's `strict`): with strict=True (default) the result is
 always the solution to tol: when Newton does not reach tol in max_iters iterations, or
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import warnings
 
 import torch
@@ -49,7 +56,7 @@ from torch import nn
 
 from megarnn.ops.scan import linear_scan
 
-BACKENDS = ("sequential", "torch")
+BACKENDS = ("sequential", "torch", "triton", "triton_sequential", "triton_newton")
 STRUCTURES = ("diagonal", "block2")
 DEFAULT_MAX_ITERS = 10
 # A residual this many times above the best seen so far means Newton is diverging.
@@ -204,12 +211,23 @@ def _newton(cell, x, h0, reset, max_iters, tol, strict) -> tuple[torch.Tensor, d
     structure = cell.jacobian_structure
     # Initial guess f(0, x_t) (paper eq. A.1), except f(h0, x_0) at t = 0, which is exact.
     h = cell.step(_prev_states(x.new_zeros(*x.shape[:2], cell.state_size), h0, reset), x)
+
+    def iterate(h):
+        f, j = cell.linearize(_prev_states(h, h0, reset), x)
+        r = h - f
+        return float(r.abs().max()), lambda: h + _solve_linear(_mask_jacobian(j, reset), -r, structure)
+
+    return _newton_loop(h, iterate, max_iters, tol, strict, lambda: sequential_solve(cell, x, h0, reset), cell, x)
+
+
+def _newton_loop(h, iterate, max_iters, tol, strict, solve_exactly, cell, x) -> tuple[torch.Tensor, dict]:
+    """The convergence policy (module docstring), shared by the backends. h: the initial guess
+    (B, T, S); iterate(h) -> (the residual max-norm of h, a function returning the next
+    iterate); solve_exactly() -> the sequential solution (the fallback). Returns h and stats."""
     eps = torch.finfo(h.dtype).eps
     best, iters = float("inf"), 0
     while True:
-        f, j = cell.linearize(_prev_states(h, h0, reset), x)
-        r = h - f
-        residual = float(r.abs().max())
+        residual, update = iterate(h)
         if residual <= tol:
             return h, _stats(iters, residual, converged=True)
         reason = _divergence(residual, best, eps)
@@ -220,13 +238,12 @@ def _newton(cell, x, h0, reset, max_iters, tol, strict) -> tuple[torch.Tensor, d
         if reason:
             break
         best = min(best, residual)
-        h = h + _solve_linear(_mask_jacobian(j, reset), -r, structure)
+        h = update()
         iters += 1
     logger.warning("newton_solve: %s (cell %s, x %s, iters=%d, residual=%.3g); "
                    "fell back to the sequential solve", reason, type(cell).__name__,
                    tuple(x.shape), iters, residual)
-    h = sequential_solve(cell, x, h0, reset)
-    return h, {**_stats(iters, residual, converged=True), "fallback": True}
+    return solve_exactly(), {**_stats(iters, residual, converged=True), "fallback": True}
 
 
 def _divergence(residual: float, best: float, eps: float) -> str:
@@ -290,6 +307,155 @@ def _grad_params(cell: nn.Module):
     return (p for p in cell.parameters() if p.requires_grad)
 
 
+# ---------------------------------------------------------------------------------------------
+# The "triton" backend (kernels/newton.py)
+# ---------------------------------------------------------------------------------------------
+
+# The cells the kernels implement, by kind: the cell attributes whose rows, stacked, are the
+# kernels' (P, W) parameter block (GRU: a_z, a_r, a_c; LSTM: a_f, a_z, a_o, p_f, p_o), with
+# x (B, T, 3, W) the gate pre-activations in the same order.
+TRITON_CELLS = {"gru": ("recurrent",), "lstm": ("recurrent", "peephole")}
+# ops may not import models (DESIGN.md: arrows point down), so until the model classes declare
+# `triton_kind` themselves they are recognised by qualified name (the exact class, not subclasses).
+_TRITON_CLASS_NAMES = {"megarnn.models.pararnn.ParaGRUCell": "gru", "megarnn.models.pararnn.ParaLSTMCell": "lstm"}
+_UNSET = object()
+
+# triton_solver's thresholds: first guesses, to tune on a GPU (tools/bench_kernels.py --only newton).
+SEQUENTIAL_MAX_T = 64  # up to this many steps the fused sequential kernel runs
+SEQUENTIAL_MIN_CHANNELS_PER_SM = 128  # from B * W = this x SMs the sequential kernel runs
+
+
+def triton_kind(cell: nn.Module) -> str | None:
+    """"gru" or "lstm" when the Triton kernels implement this cell's step, else None.
+
+    A cell class opts in with a class attribute `triton_kind = "gru"` (or "lstm"): its step()
+    must be exactly that math with the parameters named in TRITON_CELLS. A subclass that changes
+    step() sets `triton_kind = None`. ParaGRUCell and ParaLSTMCell are also known by name."""
+    kind = getattr(type(cell), "triton_kind", _UNSET)
+    if kind is _UNSET:
+        cls = type(cell)
+        kind = _TRITON_CLASS_NAMES.get(f"{cls.__module__}.{cls.__qualname__}")
+    return kind if kind in TRITON_CELLS else None
+
+
+def triton_solver(B: int, T: int, W: int, device: torch.device) -> str:
+    """"sequential" or "newton": the faster triton solver for x (B, T, 3, W) on `device`.
+
+    The fused sequential kernel moves the least data (x in, h out, once) but runs T dependent
+    steps per channel, one program per 32 channels: it is fast when the sequence is short or
+    when there are enough channels for every SM to interleave many programs and hide the step
+    latency. Newton moves ~2 (iterations + 2) times those bytes, but every (b, t, w) runs in
+    parallel (time chunks), so it wins for few channels and long sequences (training's B = 8,
+    T = 4096, W = 256: 2048 channels, 16 per H100 SM). The rule:
+
+        sequential  if T <= SEQUENTIAL_MAX_T or B * W >= SEQUENTIAL_MIN_CHANNELS_PER_SM * SMs
+        newton      otherwise
+
+    Off CUDA (the interpreter, tests) always "sequential". The thresholds are first guesses, to
+    be tuned with tools/bench_kernels.py --only newton on a GPU.
+    """
+    if device.type != "cuda" or T <= SEQUENTIAL_MAX_T:
+        return "sequential"
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return "sequential" if B * W >= SEQUENTIAL_MIN_CHANNELS_PER_SM * sms else "newton"
+
+
+def _default_backend(cell: NewtonCell, x: torch.Tensor) -> str:
+    """backend=None: "triton" for the cells it implements on CUDA in float32/64, else "torch"."""
+    if x.is_cuda and x.dtype in (torch.float32, torch.float64) and triton_kind(cell) is not None:
+        return "triton"
+    return "torch"
+
+
+def _require_kernels(x: torch.Tensor):
+    """Import kernels/newton.py, or say why the triton backend cannot run on x's device."""
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"newton_solve: backend='triton' needs CUDA tensors (got {x.device}); on CPU it runs "
+                         f"only under Triton's interpreter: set TRITON_INTERPRET=1 before anything imports "
+                         f"triton, or use backend='torch'")
+    from megarnn_kernels import newton as kernels
+    if not x.is_cuda and not kernels.INTERPRETED:
+        raise ValueError(f"newton_solve: the Triton kernels were compiled for a GPU (imported before "
+                         f"TRITON_INTERPRET=1 was set), so they cannot run on {x.device}; set it before "
+                         f"anything imports megarnn_kernels, or use backend='torch'")
+    return kernels
+
+
+def _triton_cell(cell: NewtonCell, x: torch.Tensor, backend: str) -> str:
+    """The cell's kind for the kernels, or a ValueError saying what the triton backend needs."""
+    kind = triton_kind(cell)
+    if kind is None:
+        raise ValueError(f"newton_solve: backend={backend!r} implements ParaGRUCell and ParaLSTMCell (cells "
+                         f"with triton_kind in {sorted(TRITON_CELLS)}); got {type(cell).__name__}: use "
+                         f"backend='torch'")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"newton_solve: backend={backend!r} computes in float32 or float64; got x of "
+                         f"{x.dtype}: cast x, or use backend='torch'")
+    return kind
+
+
+def _param_block(cell: NewtonCell, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """The kernels' (P, W) parameter block: the cell's TRITON_CELLS attributes stacked."""
+    return torch.cat([getattr(cell, name).detach() for name in TRITON_CELLS[kind]]).to(dtype)
+
+
+def _block_grads(cell: NewtonCell, kind: str, dblock: torch.Tensor) -> dict[int, torch.Tensor]:
+    """The (P, W) block's gradient split back into its parameters: {id(parameter): grad}."""
+    grads, row = {}, 0
+    for name in TRITON_CELLS[kind]:
+        p = getattr(cell, name)
+        grads[id(p)] = dblock[row:row + p.shape[0]].to(p.dtype)
+        row += p.shape[0]
+    return grads
+
+
+def _triton_newton(kernels, cell, kind, x, block, h0, reset, max_iters, tol, strict) -> tuple[torch.Tensor, dict]:
+    """_newton with the fused kernels: each iteration is one newton_iteration call, which
+    returns the residual of the iterate it was given and the next iterate; the fallback is the
+    fused sequential kernel."""
+    h = kernels.newton_guess(kind, x, block, h0, reset)
+
+    def iterate(h):
+        h_next, residual = kernels.newton_iteration(kind, x, block, h, h0, reset)
+        return float(residual), lambda: h_next
+
+    return _newton_loop(h, iterate, max_iters, tol, strict, lambda: kernels.sequential(kind, x, block, h0, reset),
+                        cell, x)
+
+
+class _TritonSolve(torch.autograd.Function):
+    """The triton backend: a fused solver forward (sequential or Newton), the fused adjoint
+    backward at the solution (the same math as _NewtonSolve.backward)."""
+
+    @staticmethod
+    def forward(ctx, cell, x, h0, reset, opts, stats, *params):
+        kind, solver, max_iters, tol, strict = opts
+        kernels = _require_kernels(x)
+        block = _param_block(cell, kind, x.dtype)
+        if solver == "sequential":
+            h, info = kernels.sequential(kind, x, block, h0, reset), _stats(0, 0.0, converged=True)
+        else:
+            h, info = _triton_newton(kernels, cell, kind, x, block, h0, reset, max_iters, tol, strict)
+        stats.update(info)
+        ctx.cell, ctx.kind, ctx.params = cell, kind, params
+        ctx.save_for_backward(x, h0, h, reset, block)
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, h0, h, reset, block = ctx.saved_tensors
+        dx, dblock, dh0 = _require_kernels(x).adjoint(ctx.kind, x, block, h, h0, reset, g)
+        grads = _block_grads(ctx.cell, ctx.kind, dblock)
+        need_x, need_h0 = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        dparams = (grads.get(id(p)) if need else None for p, need in zip(ctx.params, ctx.needs_input_grad[6:]))
+        return (None, dx if need_x else None, dh0 if need_h0 else None, None, None, None, *dparams)
+
+
+# ---------------------------------------------------------------------------------------------
+# The public function
+# ---------------------------------------------------------------------------------------------
+
 def newton_solve(cell: NewtonCell, x: torch.Tensor, h0: torch.Tensor | None = None,
                  max_iters: int = DEFAULT_MAX_ITERS, tol: float | None = None,
                  reset: torch.Tensor | None = None, backend: str | None = None,
@@ -304,15 +470,27 @@ def newton_solve(cell: NewtonCell, x: torch.Tensor, h0: torch.Tensor | None = No
     of x's dtype). strict: see the module docstring (fallback vs. returning the last
     iterate). stats, when given, is filled with {"iters", "residual", "fallback",
     "converged"}; "residual" is the last Newton residual (before any fallback).
-    backend: "torch" (Newton, default) or "sequential" (the reference loop). T = 1 (step-
-    mode decoding) always takes one direct step.
+    backend: "torch" (Newton), "sequential" (the reference loop), "triton" (fused kernels
+    for ParaGRU / ParaLSTM cells: the solver triton_solver picks for the shape, or forced with
+    "triton_sequential" / "triton_newton"), or None: "triton" on CUDA for the cells it
+    implements, "torch" otherwise. T = 1 (step-mode decoding) always takes one direct step,
+    except with "triton_newton" (the Newton kernels, exact after their initial guess).
     """
-    backend = backend or "torch"
+    backend = backend or _default_backend(cell, x)
     if backend not in BACKENDS:
         raise ValueError(f"newton_solve: unknown backend {backend!r}; expected one of {BACKENDS}")
     _check_inputs(cell, x, h0, reset)
     h0 = _zeros_state(cell, x) if h0 is None else h0
-    if backend == "sequential" or x.shape[1] == 1:
+    if backend.startswith("triton"):
+        kind = _triton_cell(cell, x, backend)
+        solver = backend[len("triton_"):] or triton_solver(x.shape[0], x.shape[1], x.shape[-1], x.device)
+        if solver == "newton" and max_iters < 0:
+            raise ValueError(f"newton_solve: max_iters must be >= 0; got {max_iters}")
+        tol = default_tol(x.dtype) if tol is None else tol
+        info = {}
+        h = _TritonSolve.apply(cell, x, h0, reset, (kind, solver, max_iters, tol, strict), info,
+                               *_grad_params(cell))
+    elif backend == "sequential" or x.shape[1] == 1:
         h = sequential_solve(cell, x, h0, reset)
         info = _stats(0, 0.0, converged=True)
     else:
