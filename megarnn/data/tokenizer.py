@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,10 +193,3 @@ def _atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def copy_tokenizer(src_dir: Path, dst_dir: Path) -> None:
-    """Copy a tokenizer directory's model into dst_dir (atomically)."""
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src_dir / MODEL_FILE, dst_dir / f".{MODEL_FILE}.tmp")
-    os.replace(dst_dir / f".{MODEL_FILE}.tmp", dst_dir / MODEL_FILE)
