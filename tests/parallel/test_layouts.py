@@ -15,6 +15,7 @@ from megarnn.parallel.launch_env import free_port
 from megarnn.parallel.mesh import ParallelMesh
 from megarnn.parallel.plan import apply_context_parallel, apply_sequence_parallel, apply_tensor_parallel
 from megarnn.parallel.tensor import merge_shards
+from tests.parallel.spawn_util import run_on_ranks
 from tests.parallel.test_tensor_parallel import FAMILIES
 
 T = 12
@@ -61,16 +62,14 @@ def _check(name, mesh, sp):
                                    msg=lambda m: f"{name} {mesh.sizes()}: {pname}: {m}")
 
 
+def _check_all(tp, cp, sp):
+    mesh = ParallelMesh.build(tp=tp, cp=cp)
+    for name in FAMILIES:
+        _check(name, mesh, sp)
+
+
 def _worker(rank, world, port, tp, cp, sp):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        mesh = ParallelMesh.build(tp=tp, cp=cp)
-        for name in FAMILIES:
-            _check(name, mesh, sp)
-    finally:
-        dist.destroy_process_group()
+    run_on_ranks(rank, world, port, _check_all, tp, cp, sp)
 
 
 def test_context_parallel_model_equals_one_process():

@@ -18,6 +18,7 @@ from megarnn.models import RecurrentLM
 from megarnn.parallel.launch_env import free_port
 from megarnn.parallel.plan import apply_sequence_parallel, apply_tensor_parallel, check_tensor_parallel
 from megarnn.parallel.tensor import merge_shards
+from tests.parallel.spawn_util import run_on_ranks
 
 FAMILIES = {
     "griffin": dict(family="griffin", block_pattern="RRA", n_heads=4, attention_window=5),
@@ -74,16 +75,14 @@ def _check_family(name, group, sp):
         got.backward()
 
 
+def _check_all(names):
+    for name in names:
+        for sp in (False, True):
+            _check_family(name, dist.group.WORLD, sp)
+
+
 def _worker(rank, world, port, names):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        for name in names:
-            for sp in (False, True):
-                _check_family(name, dist.group.WORLD, sp)
-    finally:
-        dist.destroy_process_group()
+    run_on_ranks(rank, world, port, _check_all, names)
 
 
 def test_tensor_parallel_equals_one_process_for_every_family():
