@@ -22,6 +22,7 @@ from megarnn.models.pararnn import ParaGRUCell, ParaLSTMCell
 from megarnn.ops import newton as newton_ops
 from megarnn.ops.newton import NewtonCell, newton_solve, sequential_solve, triton_kind, triton_solver
 from tests.conftest import ROOT
+from tests.ops.kernel_checks import assert_relative_close as _assert_close, fill_outputs_with_nan
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 kernels = newton_ops._require_kernels(torch.zeros(1, device=DEVICE))  # megarnn_kernels.newton
@@ -32,16 +33,7 @@ CELLS = {"gru": ParaGRUCell, "lstm": ParaLSTMCell}
 
 @pytest.fixture(autouse=True)
 def _nan_outputs(monkeypatch):
-    """Kernel outputs start as NaN: an element a kernel forgets to write cannot pass."""
-    monkeypatch.setattr(kernels, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
-                                                                                  device=device))
-
-
-def _assert_close(name, out, ref, tol):
-    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), f"{name}: non-finite elements (never written?)"
-    err = ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
-    assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+    fill_outputs_with_nan(monkeypatch, kernels)
 
 
 def _case(kind, T, with_h0=True, resets=(), B=2, W=8, dtype=torch.float32, seed=0):

@@ -20,6 +20,7 @@ from megarnn.ops import linear_scan, linear_scan_reference
 from megarnn.ops import scan as scan_ops
 from megarnn.ops.scan import rglru_scan
 from tests.conftest import ROOT
+from tests.ops.kernel_checks import assert_relative_close as _assert_close, fill_outputs_with_nan
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 kernels = scan_ops._require_triton(torch.zeros(1, device=DEVICE), "tests")  # megarnn_kernels.linear_scan
@@ -29,16 +30,7 @@ FP64_TOL = 1e-10
 
 @pytest.fixture(autouse=True)
 def _nan_outputs(monkeypatch):
-    """Kernel outputs start as NaN: an element a kernel forgets to write cannot pass."""
-    monkeypatch.setattr(kernels, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
-                                                                                  device=device))
-
-
-def _assert_close(name, out, ref, tol):
-    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), f"{name}: non-finite elements (never written?)"
-    err = ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
-    assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+    fill_outputs_with_nan(monkeypatch, kernels)
 
 
 def _scan_inputs(B, T, D, dtype=torch.float32, seed=0):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from megarnn.ops import ssd as ssd_ops
 from megarnn.ops import ssd_scan
 from tests.conftest import ROOT
+from tests.ops.kernel_checks import assert_relative_close as _assert_close, fill_outputs_with_nan
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 kernels = ssd_ops._ssd_kernels(torch.zeros(1, device=DEVICE))  # megarnn_kernels.ssd
@@ -29,16 +30,7 @@ NAMES = ("x", "dt", "A", "B", "C", "D", "initial_state")
 
 @pytest.fixture(autouse=True)
 def _nan_outputs(monkeypatch):
-    """Kernel outputs start as NaN: an element a kernel forgets to write cannot pass."""
-    monkeypatch.setattr(kernels, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
-                                                                                  device=device))
-
-
-def _assert_close(name, out, ref, tol):
-    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), f"{name}: non-finite elements (never written?)"
-    err = ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
-    assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+    fill_outputs_with_nan(monkeypatch, kernels)
 
 
 def _resets(kind, b, T, chunk):
