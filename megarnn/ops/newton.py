@@ -48,13 +48,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import warnings
 
 import torch
 from torch import nn
 
-from megarnn.ops.scan import linear_scan
+from megarnn.ops.scan import linear_scan, load_kernels
 
 BACKENDS = ("sequential", "torch", "triton", "triton_sequential", "triton_newton")
 STRUCTURES = ("diagonal", "block2")
@@ -369,16 +368,7 @@ def _default_backend(cell: NewtonCell, x: torch.Tensor) -> str:
 
 def _require_kernels(x: torch.Tensor):
     """Import kernels/newton.py, or say why the triton backend cannot run on x's device."""
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"newton_solve: backend='triton' needs CUDA tensors (got {x.device}); on CPU it runs "
-                         f"only under Triton's interpreter: set TRITON_INTERPRET=1 before anything imports "
-                         f"triton, or use backend='torch'")
-    from megarnn_kernels import newton as kernels
-    if not x.is_cuda and not kernels.INTERPRETED:
-        raise ValueError(f"newton_solve: the Triton kernels were compiled for a GPU (imported before "
-                         f"TRITON_INTERPRET=1 was set), so they cannot run on {x.device}; set it before "
-                         f"anything imports megarnn_kernels, or use backend='torch'")
-    return kernels
+    return load_kernels(x, "newton_solve", "newton")
 
 
 def _triton_cell(cell: NewtonCell, x: torch.Tensor, backend: str) -> str:

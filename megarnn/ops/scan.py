@@ -18,6 +18,7 @@ triton scan, so the gates and the decay never round-trip through memory.
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -98,18 +99,23 @@ class _LinearScan(torch.autograd.Function):
         return da, db, dh0
 
 
-def _require_triton(t: torch.Tensor, name: str):
-    """Import the kernels, or say why backend="triton" cannot run on t's device."""
+def load_kernels(t: torch.Tensor, name: str, module: str = "linear_scan"):
+    """Import megarnn_kernels.<module>, or say why backend="triton" cannot run on t's device.
+    Shared by every op with a "triton" backend; name is the op, for the message."""
     if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"{name}: backend='triton' needs CUDA tensors (got {t.device}); on CPU it runs only "
                          f"under Triton's interpreter: set TRITON_INTERPRET=1 before anything imports triton, "
                          f"or use backend='torch'")
-    from megarnn_kernels import linear_scan as kernels
+    kernels = importlib.import_module(f"megarnn_kernels.{module}")
     if not t.is_cuda and not kernels.INTERPRETED:
         raise ValueError(f"{name}: the Triton kernels were compiled for a GPU (imported before "
                          f"TRITON_INTERPRET=1 was set), so they cannot run on {t.device}; set it before "
                          f"anything imports megarnn_kernels, or use backend='torch'")
     return kernels
+
+
+def _require_triton(t: torch.Tensor, name: str):
+    return load_kernels(t, name, "linear_scan")
 
 
 class _TritonLinearScan(torch.autograd.Function):

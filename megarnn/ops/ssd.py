@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megarnn.ops.scan import _require_triton
+from megarnn.ops.scan import load_kernels
 
 BACKENDS = ("reference", "torch", "triton")
 
@@ -121,13 +121,7 @@ def _check_state_and_reset(initial_state, reset, b, T, H, P, N):
 def _ssd_kernels(t: torch.Tensor):
     """megarnn_kernels.ssd, or a ValueError saying why backend="triton" cannot run on t's device
     (the same check as linear_scan's, plus this module's own interpreter flag)."""
-    _require_triton(t, "ssd_scan")
-    from megarnn_kernels import ssd as kernels
-    if not t.is_cuda and not kernels.INTERPRETED:
-        raise ValueError(f"ssd_scan: the Triton kernels were compiled for a GPU (imported before "
-                         f"TRITON_INTERPRET=1 was set), so they cannot run on {t.device}; set it before "
-                         f"anything imports megarnn_kernels, or use backend='torch'")
-    return kernels
+    return load_kernels(t, "ssd_scan", "ssd")
 
 
 class _TritonSSD(torch.autograd.Function):
