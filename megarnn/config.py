@@ -153,16 +153,17 @@ class ParallelConfig:
     zero_stage: int = 1
     activation_checkpointing: int = 0  # recompute every k-th block in backward (1: all, 0: none)
     sequence_parallel: bool = False  # Megatron SP: norms and residuals split along T in the tp group
+    pp_balance: str = "parameters"  # pipeline stages: "parameters", "uniform" or blocks per stage "3,5"
 
     def validate(self) -> None:
         for name in ("tp", "pp", "cp"):
             v = getattr(self, name)
             if v < 1:
                 raise ConfigError(f"parallel.{name}={v} must be >= 1")
-            if v > 1 and name == "pp":
-                raise ConfigError(
-                    f"parallel.{name}={v}: pipeline parallelism is not in the trainer yet; set "
-                    f"parallel.{name}=1 (tensor, context and data parallelism work)")
+        if self.pp > 1 and self.zero_stage > 1:
+            raise ConfigError(f"parallel.pp={self.pp} with parallel.zero_stage={self.zero_stage}: DeepSpeed's "
+                              "pipeline engine supports ZeRO stages 0 and 1 only (gradients are reduced per stage); "
+                              "set parallel.zero_stage=1")
         if self.activation_checkpointing < 0:
             raise ConfigError(f"parallel.activation_checkpointing={self.activation_checkpointing}; expected 0 "
                               "(none), 1 (every block) or k (every k-th block)")
@@ -285,6 +286,12 @@ class Config:
         self.parallel.validate()
         self.model.check_tensor_parallel(self.parallel.tp)
         p = self.parallel
+        if p.pp > self.model.n_layers:
+            raise ConfigError(f"parallel.pp={p.pp} is more pipeline stages than model.n_layers={self.model.n_layers} "
+                              "blocks; use parallel.pp <= model.n_layers")
+        if p.pp > 1:
+            from megarnn.parallel.pipeline import stage_bounds
+            stage_bounds(p.pp_balance, self.model.n_layers, p.pp)  # a bad explicit balance fails here
         if p.sequence_parallel and (p.tp < 2 or self.data.seq_len % (p.cp * p.tp)):
             raise ConfigError(f"parallel.sequence_parallel needs parallel.tp >= 2 and data.seq_len={self.data.seq_len} "
                               f"divisible by parallel.cp x parallel.tp = {p.cp * p.tp}; change them or turn it off")

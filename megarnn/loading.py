@@ -6,6 +6,7 @@ export directory (ours or Hugging Face's RecurrentGemma layout, see megarnn/expo
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -64,6 +65,10 @@ def _load_checkpoint(path: Path) -> tuple[RecurrentLM, Tokenizer]:
 def _module_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """The full model's weights: tensor-parallel shards (mp_rank_XX) merged as megarnn.json says."""
     d = ckpt_dir / tag
+    meta = json.loads((d / "megarnn.json").read_text())
+    splits = meta.get("tp_split", {})
+    if any(d.glob("layer_*-model_states.pt")):
+        return _pipeline_state_dict(d, meta["model"]["n_layers"], splits)
     files = sorted(d.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise CheckpointError(f"{d}: no mp_rank_*_model_states.pt; not a DeepSpeed checkpoint")
@@ -75,7 +80,26 @@ def _module_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
         # ZeRO-3 keeps only partitions in the model file: gather them from the optimizer shards.
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    splits = json.loads((d / "megarnn.json").read_text()).get("tp_split", {})
     return {k: merge_shards([m[k] for m in shards], *splits[k]).float() if k in splits else v.float()
             for k, v in shards[0].items()}
 
+
+
+def _pipeline_state_dict(d: Path, n_layers: int, splits: dict) -> dict[str, torch.Tensor]:
+    """A pipeline checkpoint: one file per layer and tensor-parallel rank,
+    layer_{idx:02d}-model_{tp_rank:02d}-model_states.pt, keys relative to the layer
+    (megarnn/parallel/pipeline.py maps them to RecurrentLM names)."""
+    from megarnn.parallel.pipeline import lm_name
+    shards: dict[int, dict[int, dict]] = {}
+    for f in d.glob("layer_*-model_states.pt"):
+        m = re.fullmatch(r"layer_(\d+)-model_(\d+)-model_states\.pt", f.name)
+        if m is None:
+            raise CheckpointError(f"{f}: unexpected pipeline layer file name; expected layer_XX-model_YY-model_states.pt")
+        shards.setdefault(int(m.group(1)), {})[int(m.group(2))] = torch.load(f, map_location="cpu", weights_only=False)
+    out = {}
+    for idx, by_rank in sorted(shards.items()):
+        parts = [by_rank[r] for r in sorted(by_rank)]
+        for key in parts[0]:
+            name = lm_name(f"{idx}.{key}", n_layers)
+            out[name] = (merge_shards([p[key] for p in parts], *splits[name]) if name in splits else parts[0][key]).float()
+    return out

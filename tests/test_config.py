@@ -42,9 +42,13 @@ def test_sizes_that_must_divide_are_checked():
         load_config("configs/quickstart.yaml", ["model.d_model=100", "model.n_heads=3"])
 
 
-def test_unimplemented_parallelism_is_refused_with_a_fix():
-    with pytest.raises(ConfigError, match="parallel.pp=2.*set parallel.pp=1"):
-        load_config("configs/quickstart.yaml", ["parallel.pp=2"])
+def test_layouts_that_cannot_work_are_refused_with_a_fix():
+    with pytest.raises(ConfigError, match="ZeRO stages 0 and 1 only.*set parallel.zero_stage=1"):
+        load_config("configs/quickstart.yaml", ["parallel.pp=2", "parallel.zero_stage=2"])
+    with pytest.raises(ConfigError, match="parallel.pp=9 is more pipeline stages than model.n_layers"):
+        load_config("configs/quickstart.yaml", ["parallel.pp=9", "model.n_layers=6"])
+    with pytest.raises(ConfigError, match="pp_balance='2,2'.*adding up to model.n_layers=6, e.g. 3,3"):
+        load_config("configs/quickstart.yaml", ["parallel.pp=2", "model.n_layers=6", "parallel.pp_balance=2,2"])
     with pytest.raises(ConfigError, match="parallel.tp=3 does not divide model.n_heads=4"):
         load_config("configs/quickstart.yaml", ["parallel.tp=3"])
 

@@ -62,25 +62,50 @@ class RecurrentLM(nn.Module):
         Without an incoming state the first token starts a segment (reset), as position 0
         does in RecurrentGemma.
         """
-        cp_rank = dist.get_rank(self.cp_group) if self.cp_group is not None else 0
-        if state is None:
-            reset = torch.zeros_like(tokens, dtype=torch.bool) if reset is None else reset.clone()
-            if cp_rank == 0:  # under context parallelism only the first chunk starts the sequence
-                reset[:, 0] = True
-        pos0 = state["pos"] if state is not None else cp_rank * tokens.shape[1]
+        reset, pos0 = self.begin(tokens, state, reset)
         layer_states = state["layers"] if state is not None else [None] * len(self.layers)
-        pos = torch.arange(pos0, pos0 + tokens.shape[1], device=tokens.device)
-        x = self.embed_tokens(tokens) * self.embed_scale
+        pos = self.positions(pos0, tokens.shape[1], tokens.device)
+        x = self.embed(tokens)
         new_states = []
-        for i, (layer, s) in enumerate(zip(self.layers, layer_states)):
-            if self.checkpoint_every and i % self.checkpoint_every == 0 and torch.is_grad_enabled():
-                # Keep only the block's input; recompute its activations in the backward pass.
-                x, s = torch.utils.checkpoint.checkpoint(layer, x, reset, s, pos, use_reentrant=False)
-            else:
-                x, s = layer(x, reset, s, pos)
+        for i, s in enumerate(layer_states):
+            x, s = self.run_layer(i, x, reset, s, pos)
             new_states.append(s)
         logits = self.logits(self.final_norm(x))
         return logits, {"pos": pos0 + tokens.shape[1], "layers": new_states}
+
+    # The pieces of forward, also the stages of a pipeline (megarnn/parallel/pipeline.py).
+    def begin(self, tokens: torch.Tensor, state: dict | None, reset: torch.Tensor | None):
+        """-> (reset (B, T) bool, position of the first token).
+
+        Without an incoming state the first token starts a segment (reset), as position 0
+        does in RecurrentGemma; under context parallelism only the first chunk does, and a
+        chunk's positions start at cp_rank x T."""
+        start = self.chunk_start(tokens.shape[1])
+        if state is None:
+            reset = torch.zeros_like(tokens, dtype=torch.bool) if reset is None else reset.clone()
+            if start == 0:
+                reset[:, 0] = True
+        return reset, (state["pos"] if state is not None else start)
+
+    def chunk_start(self, length: int) -> int:
+        """Position of this rank's first token: cp_rank x length under context parallelism, else 0."""
+        return dist.get_rank(self.cp_group) * length if self.cp_group is not None else 0
+
+    @staticmethod
+    def positions(pos0: int, length: int, device) -> torch.Tensor:
+        return torch.arange(pos0, pos0 + length, device=device)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> (B, T, D) (T / tp under sequence parallelism)."""
+        return self.embed_tokens(tokens) * self.embed_scale
+
+    def run_layer(self, i: int, x: torch.Tensor, reset: torch.Tensor, s: dict | None, pos: torch.Tensor):
+        """Block i: (x, state) -> (x, state), with activation checkpointing of every k-th block."""
+        layer = self.layers[i]
+        if self.checkpoint_every and i % self.checkpoint_every == 0 and torch.is_grad_enabled():
+            # Keep only the block's input; recompute its activations in the backward pass.
+            return torch.utils.checkpoint.checkpoint(layer, x, reset, s, pos, use_reentrant=False)
+        return layer(x, reset, s, pos)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -101,6 +126,19 @@ class RecurrentLM(nn.Module):
             return vocab_parallel_cross_entropy(logits, targets, self.tp_group)
         return nn.functional.cross_entropy(at_least_float32(logits).flatten(0, 1), targets.flatten(),
                                            reduction="none").view(targets.shape)
+
+    def masked_loss(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over tokens where mask is True. logits (B, T, V); targets, mask (B, T).
+
+        Under context parallelism this rank holds a chunk of each sequence: it returns its share,
+        (sum over its tokens) / (masked tokens of the whole sequences), so the shares add up to the mean.
+        """
+        ce = self.cross_entropy(logits, targets)
+        m = mask.to(ce.dtype)
+        count = m.sum()
+        if self.cp_group is not None:
+            dist.all_reduce(count, group=self.cp_group)
+        return (ce * m).sum() / count.clamp(min=1)
 
     def solver_stats(self) -> dict[str, float]:
         """The last forward's Newton solve per ParaRNN layer: {"newton/iters/layer_3": ...}."""

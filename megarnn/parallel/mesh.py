@@ -1,7 +1,8 @@
-"""ParallelMesh: the ranks of a job as a dp x pp x cp x tp grid, with one process group per line.
+"""ParallelMesh: the ranks of a job as a pp x dp x cp x tp grid, with one process group per line.
 
-Rank layout (tp varies fastest, so a tensor-parallel group sits on one node):
-    rank = ((dp_i * pp + pp_i) * cp + cp_i) * tp + tp_i
+Rank layout (tp varies fastest, so a tensor-parallel group sits on one node; pp slowest, the
+order of DeepSpeed's pipeline topology (pipe, data, model) with data = dp x cp):
+    rank = ((pp_i * dp + dp_i) * cp + cp_i) * tp + tp_i
 `mesh.group("tp")` is the group of ranks that differ only in their tp coordinate, and so
 on for "cp", "pp" and "dp"; "dp_cp" joins dp and cp (the ranks that average gradients). Sizes that do not divide the world are rejected before any
 group is built.
@@ -14,7 +15,7 @@ import torch.distributed as dist
 
 from megarnn.errors import ConfigError
 
-AXES = ("dp", "pp", "cp", "tp")  # outermost first
+AXES = ("pp", "dp", "cp", "tp")  # outermost first
 
 
 @dataclass
@@ -40,10 +41,10 @@ class ParallelMesh:
         return mesh
 
     def sizes(self) -> dict[str, int]:
-        return {"dp": self.dp, "pp": self.pp, "cp": self.cp, "tp": self.tp}
+        return {"pp": self.pp, "dp": self.dp, "cp": self.cp, "tp": self.tp}
 
     def coords(self, rank: int | None = None) -> dict[str, int]:
-        """{"dp": i, "pp": j, "cp": k, "tp": l} of `rank` (default: this rank)."""
+        """{"pp": i, "dp": j, "cp": k, "tp": l} of `rank` (default: this rank)."""
         r, out = self.rank if rank is None else rank, {}
         for axis in reversed(AXES):
             n = self.sizes()[axis]

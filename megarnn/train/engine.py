@@ -34,9 +34,9 @@ def setup_distributed(cfg: Config | None = None) -> tuple[int, int]:
     if cfg is not None:  # reject a layout that does not fit before any process group exists
         p = cfg.parallel
         check_sizes(int(os.environ["WORLD_SIZE"]), p.tp, p.pp, p.cp)
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    # Also when torch.distributed is up already (tests): DeepSpeed's comm layer then wraps that group.
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
@@ -58,6 +58,11 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
         # Stage 0 clips inside SkipNonFiniteAdamW, which also reports the norm.
         "gradient_clipping": t.grad_clip if zero > 0 else 0.0,
         "zero_optimization": {"stage": zero},
+        # Between pipeline stages DeepSpeed sends 1/tp of an activation per tensor-parallel rank and
+        # gathers it, which assumes every tp rank holds the same activation; under sequence
+        # parallelism each holds its own T / tp slice already, which must travel whole.
+        "pipeline": {"pipe_partitioned": not cfg.parallel.sequence_parallel,
+                     "grad_partitioned": not cfg.parallel.sequence_parallel},
         "bf16": {"enabled": use_bf16(cfg), "check_grad_overflow": True},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -72,21 +77,27 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
     `_global_grad_norm` (get_global_grad_norm). ZeRO stages do the same check themselves.
     """
 
-    def __init__(self, params, max_grad_norm: float = 0.0, tp_group=None, **kwargs):
+    def __init__(self, params, max_grad_norm: float = 0.0, tp_group=None, pp_group=None, **kwargs):
         super().__init__(params, **kwargs)
-        self.max_grad_norm, self.tp_group = max_grad_norm, tp_group
+        self.max_grad_norm, self.tp_group, self.pp_group = max_grad_norm, tp_group, pp_group
         self.overflow = False
         self._global_grad_norm = 0.0
 
     def _global_norm(self, params) -> torch.Tensor:
         """L2 norm of all gradients; under tensor parallelism shards are summed over the group
-        and replicated parameters (identical on every rank) counted once."""
+        and replicated parameters (identical on every rank) counted once; under pipeline
+        parallelism the stages' sums are added, a tied copy (`ds_pipe_replicated`) counted once."""
         sq = lambda ps: sum((p.grad.float().pow(2).sum() for p in ps), torch.zeros(()))  # noqa: E731
+        params = [p for p in params if not getattr(p, "ds_pipe_replicated", False)]
         if self.tp_group is None:
-            return sq(params).sqrt()
-        sharded = sq([p for p in params if getattr(p, "tensor_model_parallel", False)])
-        torch.distributed.all_reduce(sharded, group=self.tp_group)
-        return (sharded + sq([p for p in params if not getattr(p, "tensor_model_parallel", False)])).sqrt()
+            total = sq(params)
+        else:
+            total = sq([p for p in params if getattr(p, "tensor_model_parallel", False)])
+            torch.distributed.all_reduce(total, group=self.tp_group)
+            total = total + sq([p for p in params if not getattr(p, "tensor_model_parallel", False)])
+        if self.pp_group is not None:
+            torch.distributed.all_reduce(total, group=self.pp_group)
+        return total.sqrt()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -115,6 +126,7 @@ def lr_lambda(cfg: Config):
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, mesh: ParallelMesh):
+    """model: a RecurrentLM, or its PipelineModule when mesh.pp > 1 (then a PipelineEngine)."""
     import deepspeed
 
     t = cfg.train
@@ -124,11 +136,21 @@ def build_engine(cfg: Config, model: torch.nn.Module, mesh: ParallelMesh):
     kwargs = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
     if cfg.parallel.zero_stage == 0:
         tp_group = mesh.group("tp") if mesh.tp > 1 else None
-        optimizer = SkipNonFiniteAdamW(groups, max_grad_norm=t.grad_clip, tp_group=tp_group, **kwargs)
+        pp_group = mesh.group("pp") if mesh.pp > 1 else None
+        optimizer = SkipNonFiniteAdamW(groups, max_grad_norm=t.grad_clip, tp_group=tp_group, pp_group=pp_group,
+                                       **kwargs)
     else:
         optimizer = torch.optim.AdamW(groups, **kwargs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    # Each (non-empty, as DeepSpeed keeps them) group's parameter names in order: a torch optimizer's
+    # state_dict knows parameters by index only; checkpoints save these names with it (reshard.py).
+    names = {p: n for n, p in model.named_parameters()}
+    param_groups = [[names[p] for p in g["params"]] for g in groups if g["params"]]
+    # A PipelineModule brings its own grid (the same groups, megarnn/parallel/pipeline.py) as the mpu.
+    mpu = None if mesh.pp > 1 else DeepSpeedMPU(mesh)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, mesh.dp * mesh.cp), mpu=DeepSpeedMPU(mesh), dist_init_required=False)
+        config=deepspeed_config(cfg, mesh.dp * mesh.cp), mpu=mpu, dist_init_required=False)
+    engine.megarnn_param_groups = param_groups
+    engine.megarnn_mesh = mesh  # checkpoint.load reshards onto this layout
     return engine

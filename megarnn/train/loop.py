@@ -25,6 +25,7 @@ from megarnn.errors import ConfigError, TrainingError
 from megarnn.models import RecurrentLM
 from megarnn.train import checkpoint
 from megarnn.parallel.mesh import ParallelMesh
+from megarnn.parallel.pipeline import pipeline_module, sync_full_model
 from megarnn.parallel.plan import (apply_context_parallel, apply_sequence_parallel, apply_tensor_parallel,
                                    whole_sequences)
 from megarnn.train.engine import build_engine, setup_distributed
@@ -60,21 +61,6 @@ def find_resume(cfg: Config) -> Path | None:
         check_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=meta["model"]["vocab_size"]))
     checkpoint.check_compatible(meta, check_cfg, ckpt_dir / tag)
     return ckpt_dir / tag
-
-
-def masked_loss(model, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                cp_group=None) -> torch.Tensor:
-    """Mean cross-entropy over tokens where mask is True. logits (B, T, V); targets, mask (B, T).
-
-    Under context parallelism this rank holds a chunk of each sequence: it returns its share,
-    (sum over its tokens) / (masked tokens of the whole sequences), so the shares add up to the mean.
-    """
-    ce = model.cross_entropy(logits, targets)
-    m = mask.to(ce.dtype)
-    count = m.sum()
-    if cp_group is not None:
-        dist.all_reduce(count, group=cp_group)
-    return (ce * m).sum() / count.clamp(min=1)
 
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the job stopped cleanly and should be run again
@@ -121,16 +107,23 @@ class PreemptionWatch:
         return False
 
 
+def local_micro_batch(loader, step: int, micro: int, mesh: ParallelMesh, device) -> dict[str, torch.Tensor]:
+    """This rank's rows of micro batch `micro` of step `step`, and under context parallelism its
+    chunk of time: tokens, targets, reset, loss_mask, each (B, T / cp)."""
+    b = loader.micro_batch(step, micro)
+    n, i = b["tokens"].shape[1] // mesh.cp, mesh.rank_in("cp")
+    return {k: v[:, i * n:(i + 1) * n].to(device) for k, v in b.items()}
+
+
 def train_step(engine, loader, step: int, grad_accum: int, mesh: ParallelMesh, device) -> tuple[float, float]:
     """One optimizer step over grad_accum micro batches -> (mean loss over all ranks, grad norm)."""
+    if mesh.pp > 1:
+        return pipeline_step(engine, loader, step, grad_accum, mesh, device)
     loss_sum = torch.zeros((), device=device)
-    cp_group, i = (mesh.group("cp"), mesh.rank_in("cp")) if mesh.cp > 1 else (None, 0)
     for micro in range(grad_accum):
-        b = loader.micro_batch(step, micro)
-        n = b["tokens"].shape[1] // mesh.cp  # context parallelism: this rank's chunk of time
-        b = {k: v[:, i * n:(i + 1) * n].to(device) for k, v in b.items()}
+        b = local_micro_batch(loader, step, micro, mesh, device)
         logits, _ = engine(b["tokens"], reset=b["reset"])
-        loss = masked_loss(engine.module, logits, b["targets"], b["loss_mask"], cp_group)
+        loss = engine.module.masked_loss(logits, b["targets"], b["loss_mask"])
         # DeepSpeed averages gradients over dp x cp; x cp turns the cp average into the sum of shares.
         engine.backward(loss * mesh.cp)
         engine.step()
@@ -139,6 +132,19 @@ def train_step(engine, loader, step: int, grad_accum: int, mesh: ParallelMesh, d
     dist.all_reduce(loss_sum, group=mesh.group("dp_cp"))
     grad_norm = engine.get_global_grad_norm()
     return loss_sum.item() / (grad_accum * mesh.dp), float("nan") if grad_norm is None else float(grad_norm)
+
+
+def pipeline_step(engine, loader, step: int, grad_accum: int, mesh: ParallelMesh, device) -> tuple[float, float]:
+    """The same step through DeepSpeed's 1F1B schedule: the first stage reads (tokens, reset), the
+    last (targets, loss_mask); the engine returns the loss averaged over micro batches and
+    replicas on every stage (the loss function is x cp, see PipelineLoss)."""
+    def micro_batches():
+        for micro in range(grad_accum):
+            b = local_micro_batch(loader, step, micro, mesh, device)
+            yield (b["tokens"], b["reset"].long()), (b["targets"], b["loss_mask"].long())
+    loss = engine.train_batch(micro_batches())
+    grad_norm = engine.get_global_grad_norm()
+    return float(loss), float("nan") if grad_norm is None else float(grad_norm)
 
 
 @dataclasses.dataclass
@@ -236,7 +242,10 @@ def train(cfg: Config) -> dict[str, float]:
         apply_context_parallel(model, mesh.group("cp"))
     if cfg.parallel.sequence_parallel:
         apply_sequence_parallel(model, mesh.group("tp"))
-    engine = build_engine(cfg, model, mesh)
+    # Under pipeline parallelism every rank still holds all of `model`, but trains its stage's
+    # layers only; sync_full_model refreshes the rest before evaluation and sampling.
+    pipe = pipeline_module(model, mesh, cfg.parallel.pp_balance) if mesh.pp > 1 else None
+    engine = build_engine(cfg, pipe or model, mesh)
     step, skipped = 0, 0
     if resume_from is not None:
         client = checkpoint.load(engine, cfg, resume_from, mesh.dp * mesh.cp)
@@ -245,7 +254,7 @@ def train(cfg: Config) -> dict[str, float]:
             loader.load_state_dict(client["data"])
     log = MetricsLogger(run_dir, rank == 0, t.max_steps, step, t.progress)
     ckpt_dir = run_dir / "checkpoints"
-    log.text(f"layout: {mesh.sizes()} (dp x pp x cp x tp)") if world > 1 else None
+    log.text(f"layout: {mesh.sizes()} (pp x dp x cp x tp)") if world > 1 else None
     peak = peak_flops(t.peak_tflops) * world
     if step == 0:
         log.text(f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs "
@@ -271,13 +280,13 @@ def train(cfg: Config) -> dict[str, float]:
                                        "train/grad_norm": grad_norm, "train/skipped_steps": progress.skipped,
                                        **model.solver_stats()})
                 if val_ds is not None and (step % t.eval_interval == 0 or step == end):
-                    val = run_eval(engine.module, val_ds, cfg.data.seq_len, device)
+                    sync_full_model(model, pipe, mesh)
+                    val = run_eval(model, val_ds, cfg.data.seq_len, device)
                     log.scalars(step, {"val/loss": val["loss"], "val/bpc": val["bpc"], "val/ppl": val["ppl"]})
             stop = preemption.requested()
             if (progress.bad_in_a_row == 0 and (step % t.save_interval == 0 or step == end)) or stop:
-                client = {"skipped": progress.skipped, "data": loader.state_dict(step)}
-                tag = checkpoint.save(engine, cfg, ckpt_dir, step, client, tokenizer,
-                                      mesh.sizes())
+                client = {"skipped": progress.skipped, "data": loader.state_dict(step), "param_groups": engine.megarnn_param_groups}
+                tag = checkpoint.save(engine, cfg, ckpt_dir, step, client, tokenizer, mesh.sizes(), model)
                 progress.last_good = str(ckpt_dir / tag)
                 log.text(f"saved checkpoint {progress.last_good}")
             if stop:
@@ -285,12 +294,13 @@ def train(cfg: Config) -> dict[str, float]:
                 raise Preempted(f"stopped by {preemption.signal_name} after step {step}; "
                                 f"checkpoint {progress.last_good}; rerun the same command to resume")
 
+    sync_full_model(model, pipe, mesh)
     if val is None and val_ds is not None:
-        val = run_eval(engine.module, val_ds, cfg.data.seq_len, device)
+        val = run_eval(model, val_ds, cfg.data.seq_len, device)
     if t.sample_tokens > 0 and mesh.rank_in("dp") == 0:  # a tensor-parallel group samples together
         from megarnn.generate import generate
-        with whole_sequences(engine.module):
-            text = generate(engine.module, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
+        with whole_sequences(model):
+            text = generate(model, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
         log.text("sample:\n" + text)
     log.close_bar()
     if val is not None:

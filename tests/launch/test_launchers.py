@@ -1,6 +1,6 @@
 """launch/torchrun.sh and launch/mpirun.sh start 2 gloo ranks — data parallel (ZeRO 1, 2), tensor
-parallel with sequence parallelism, or context parallel — that log the losses of one process; a tensor-parallel checkpoint
-loads as the full model."""
+parallel with sequence parallelism, context parallel, or pipeline parallel — that log the losses of one
+process; a tensor- or pipeline-parallel checkpoint loads as the full model."""
 import os
 import subprocess
 import sys
@@ -24,14 +24,16 @@ def one_process(tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("script,zero,tp,cp", [("torchrun.sh", 1, 1, 1), ("mpirun.sh", 2, 1, 1),
-                                              ("torchrun.sh", 1, 2, 1), ("torchrun.sh", 2, 1, 2)])
-def test_launcher_with_two_ranks_equals_one_process(tmp_path, one_process, script, zero, tp, cp):
+@pytest.mark.parametrize("script,zero,tp,cp,pp", [("torchrun.sh", 1, 1, 1, 1), ("mpirun.sh", 2, 1, 1, 1),
+                                                 ("torchrun.sh", 1, 2, 1, 1), ("torchrun.sh", 2, 1, 2, 1),
+                                                 ("torchrun.sh", 1, 1, 1, 2)])
+def test_launcher_with_two_ranks_equals_one_process(tmp_path, one_process, script, zero, tp, cp, pp):
     run = tmp_path / "run"
-    batch = 8 // (2 // (tp * cp))  # the same global batch as the one-process run
+    batch = 8 // (2 // (tp * cp * pp))  # the same global batch as the one-process run
     proc = subprocess.run([str(ROOT / "launch" / script), "2", "configs/quickstart.yaml", *COMMON,
                            f"train.micro_batch_size={batch}", f"train.out_dir={run}", f"parallel.zero_stage={zero}",
-                           f"parallel.tp={tp}", f"parallel.cp={cp}", f"parallel.sequence_parallel={tp > 1}"],
+                           f"parallel.tp={tp}", f"parallel.cp={cp}", f"parallel.pp={pp}",
+                           f"parallel.sequence_parallel={tp > 1}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "MEGARNN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -42,7 +44,7 @@ def test_launcher_with_two_ranks_equals_one_process(tmp_path, one_process, scrip
         assert b[s] == pytest.approx(a[s], rel=1e-5)
     assert read_metrics(run, "val/loss")[4] == pytest.approx(read_metrics(one_process[zero], "val/loss")[4], rel=1e-5)
     assert (run / "checkpoints" / "latest").read_text() == "step_000004"
-    if tp > 1:  # the shards merge into the full model, which matches the one-process run's
+    if tp > 1 or pp > 1:  # the shards merge into the full model, which matches the one-process run's
         import torch
 
         import megarnn
@@ -50,9 +52,6 @@ def test_launcher_with_two_ranks_equals_one_process(tmp_path, one_process, scrip
         single, _ = megarnn.load(one_process[zero])
         tokens = torch.tensor([[tok.bos_id] + tok.encode("Fair is foul, and foul is fair")])
         torch.testing.assert_close(merged(tokens)[0], single(tokens)[0], rtol=1e-4, atol=1e-4)
-        err = run_cli("train", "configs/quickstart.yaml", *COMMON, f"train.out_dir={run}", "train.max_steps=6",
-                      check=False)
-        assert err.returncode == 2 and "written with parallel.tp=2" in err.stderr
 
 
 def test_launcher_usage_error():

@@ -1,0 +1,191 @@
+"""Pipeline parallelism: a RecurrentLM as a DeepSpeed PipelineModule, trained with 1F1B.
+
+    lm = RecurrentLM(c); apply_tensor_parallel(lm, ...)    # the other plans first
+    pipe = pipeline_module(lm, mesh, balance="parameters")
+    engine, *_ = deepspeed.initialize(model=pipe, ...)     # a PipelineEngine
+    loss = engine.train_batch(iter(micro_batches))         # ((tokens, reset), (targets, mask)) each
+
+The model becomes a list of n_layers + 3 layers; stage s runs a contiguous range of it:
+    0          embedding    (tokens, reset) -> (x, reset)
+    1 .. L     block i - 1  (x, reset) -> (x, reset)
+    L + 1      final norm   (x, reset) -> x
+    L + 2      head         x -> logits (this rank's vocabulary slice under tensor parallelism)
+Between stages travel x (B, T, D) — T is this rank's chunk under context parallelism, T / tp
+under sequence parallelism — and the reset flags as int64 (an integer tensor gets no gradient
+and crosses gloo and NCCL alike). With tied embeddings the embedding is a TiedLayerSpec used
+again by the head: DeepSpeed keeps the first and last stage's copies equal and sums their
+gradients.
+
+Each layer wraps the RecurrentLM's own module (the same Parameter objects), so a parameter's
+pipeline name maps back to its RecurrentLM name (`lm_name`), and the full `lm` can be brought
+up to date on every rank (`sync_full_model`) for evaluation, sampling and export.
+
+Mesh order: the DeepSpeed topology is (pipe, data, model) = (pp, dp x cp, tp), pipe outermost,
+which is the order of ParallelMesh's ranks.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megarnn.errors import ConfigError
+
+TIE_KEY = "embed"
+
+
+class EmbedStage(nn.Module):
+    def __init__(self, lm):
+        super().__init__()
+        self.embed_tokens = lm.embed_tokens
+        self._lm = [lm]  # a list: not registered, so its parameters are not this layer's
+
+    def forward(self, inputs):
+        tokens, reset = inputs
+        lm = self._lm[0]
+        reset, _ = lm.begin(tokens, None, reset.bool())
+        return lm.embed(tokens), reset.long()
+
+
+class BlockStage(nn.Module):
+    def __init__(self, lm, i: int):
+        super().__init__()
+        self.layer, self.i, self._lm = lm.layers[i], i, [lm]
+
+    def forward(self, inputs):
+        x, reset = inputs
+        lm = self._lm[0]
+        T = reset.shape[1]  # this rank's chunk of time (x may hold T / tp under sequence parallelism)
+        x, _ = lm.run_layer(self.i, x, reset.bool(), None, lm.positions(lm.chunk_start(T), T, x.device))
+        return x, reset
+
+
+class NormStage(nn.Module):
+    def __init__(self, lm):
+        super().__init__()
+        self.final_norm = lm.final_norm
+
+    def forward(self, inputs):
+        x, _ = inputs
+        return self.final_norm(x)
+
+
+class HeadStage(nn.Module):
+    """The untied output head; the tied one is `tied_head` on the embedding module."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm_head, self._lm = lm.lm_head, [lm]
+
+    def forward(self, x):
+        return self._lm[0].logits(x)
+
+
+def tied_head(embed: EmbedStage, x):
+    return embed._lm[0].logits(x)
+
+
+class PipelineLoss:
+    """loss_fn of the last stage: the masked mean share of RecurrentLM.masked_loss, x cp because
+    DeepSpeed averages gradients over dp x cp (as the non-pipelined loop does)."""
+
+    def __init__(self, lm, cp: int):
+        self.lm, self.cp = lm, cp
+
+    def __call__(self, logits, labels):
+        targets, mask = labels
+        return self.lm.masked_loss(logits, targets, mask.bool()) * self.cp
+
+
+def stage_bounds(balance: str, n_layers: int, pp: int) -> list[int] | None:
+    """An explicit balance "3,5" (blocks per stage) -> DeepSpeed's part boundaries over the
+    n_layers + 3 specs (embedding with the first stage, norm and head with the last);
+    None for DeepSpeed's own methods ("parameters", "uniform")."""
+    if balance in ("parameters", "uniform"):
+        return None
+    try:
+        counts = [int(v) for v in balance.split(",")]
+    except ValueError:
+        counts = []
+    if len(counts) != pp or sum(counts) != n_layers or min(counts) < 0:
+        raise ConfigError(f"parallel.pp_balance={balance!r}: expected 'parameters', 'uniform' or {pp} "
+                          f"comma-separated block counts adding up to model.n_layers={n_layers}, e.g. "
+                          f"{','.join(str(n_layers // pp + (i < n_layers % pp)) for i in range(pp))}")
+    bounds = [0]
+    for i, n in enumerate(counts):
+        bounds.append(bounds[-1] + n + (1 if i == 0 else 0) + (2 if i == pp - 1 else 0))
+    return bounds
+
+
+def pipeline_module(lm, mesh, balance: str = "parameters"):
+    """The DeepSpeed PipelineModule of `lm` over mesh.pp stages (every rank calls this)."""
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+    from deepspeed.runtime.pipe.topology import ProcessTopology
+
+    n = len(lm.layers)
+    bounds = stage_bounds(balance, n, mesh.pp)
+
+    class Pipe(PipelineModule):
+        def _partition_layers(self, method="uniform"):
+            if bounds is None:
+                return super()._partition_layers(method)
+            self.parts = bounds
+            self._set_bounds(start=bounds[self.stage_id], stop=bounds[self.stage_id + 1])
+
+    tied = lm.lm_head is None
+    embed = (TiedLayerSpec(TIE_KEY, EmbedStage, lm, tied_weight_attr=["embed_tokens.weight"]) if tied
+             else LayerSpec(EmbedStage, lm))
+    head = (TiedLayerSpec(TIE_KEY, EmbedStage, lm, forward_fn=tied_head, tied_weight_attr=["embed_tokens.weight"])
+            if tied else LayerSpec(HeadStage, lm))
+    specs = [embed, *(LayerSpec(BlockStage, lm, i) for i in range(n)), LayerSpec(NormStage, lm), head]
+    topo = ProcessTopology(axes=["pipe", "data", "model"], dims=[mesh.pp, mesh.dp * mesh.cp, mesh.tp])
+    return Pipe(specs, topology=topo, loss_fn=PipelineLoss(lm, mesh.cp),
+                partition_method="parameters" if bounds is None else balance)
+
+
+def lm_name(pipe_name: str, n_layers: int) -> str:
+    """A PipelineModule parameter name (or a layer file's key prefixed by its layer index,
+    "3.layer.mixer.w") -> the RecurrentLM name ("layers.2.mixer.w")."""
+    if pipe_name.startswith(f"tied_modules.{TIE_KEY}."):
+        return pipe_name[len(f"tied_modules.{TIE_KEY}."):]
+    m = re.match(r"(\d+)\.(.*)", pipe_name)
+    if m is None:
+        raise ValueError(f"not a pipeline parameter name: {pipe_name!r}")
+    idx, rest = int(m.group(1)), m.group(2)
+    if 1 <= idx <= n_layers:
+        return "layers." + str(idx - 1) + rest[len("layer"):]
+    return rest  # embed_tokens.*, final_norm.*, lm_head.*
+
+
+def layer_file_prefix(idx: int, n_layers: int) -> str:
+    """The RecurrentLM name prefix of layer file layer_{idx:02d}-*: its keys are relative to it."""
+    return f"layers.{idx - 1}." if 1 <= idx <= n_layers else ""
+
+
+@torch.no_grad()
+def sync_full_model(lm, pipe, mesh) -> None:
+    """Bring every parameter of `lm` up to date on every rank from the stage that trains it.
+
+    Each stage trains only its own layers; the rest of `lm` on that rank is a stale replica.
+    Broadcasts go along the pipe group (same dp, cp and tp coordinates)."""
+    if mesh.pp == 1:
+        return
+    group = mesh.group("pp")
+    members = next(line for line in mesh.lines("pp") if mesh.rank in line)
+    owner = {}
+    for stage in range(mesh.pp):
+        for idx in range(pipe.parts[stage], pipe.parts[stage + 1]):
+            owner.setdefault(idx, stage)
+    n = len(lm.layers)
+    for name, p in lm.named_parameters():
+        if name.startswith("layers."):
+            idx = int(name.split(".")[1]) + 1
+        elif name.startswith("embed_tokens."):
+            idx = 0
+        elif name.startswith("final_norm."):
+            idx = n + 1
+        else:
+            idx = n + 2
+        dist.broadcast(p.data, src=members[owner[idx]], group=group)
