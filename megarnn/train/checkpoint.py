@@ -75,39 +75,45 @@ def read_meta(ckpt_dir: Path, tag: str) -> dict:
 
 
 def check_compatible(meta: dict, cfg: Config, where: Path) -> None:
-    """The saved model config must equal the run's; name the keys that differ."""
+    """The saved model config must equal the run's; name the keys that differ. (The parallel
+    layout may differ: `load` reshards, see check_layout.)"""
     saved, now = meta["model"], cfg.to_dict()["model"]
     diff = {k: (saved.get(k), now.get(k)) for k in now if saved.get(k) != now.get(k) and k != "scan_backend"}
     if diff:
         desc = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise CheckpointError(f"{where} was written by another model ({desc}); use a matching config, "
                               "a new train.out_dir, or train.resume=never")
-    saved_tp = meta.get("parallel", {}).get("tp", 1)
-    if saved_tp != cfg.parallel.tp:
-        raise CheckpointError(f"{where} was written with parallel.tp={saved_tp} and this run has "
-                              f"parallel.tp={cfg.parallel.tp}; resuming on another tensor-parallel layout is "
-                              f"not supported yet: resume with parallel.tp={saved_tp}, or export the checkpoint "
-                              "(megarnn export) and start from the export")
 
 
-def check_layout(meta: dict, cfg: Config, replicas: int, where: Path) -> None:
-    """ZeRO partitions the optimizer state over the dp x cp ranks: DeepSpeed cannot reload it on
-    another number of them (stage 0 keeps whole states and can)."""
-    saved = meta.get("layout", {})
-    zero = cfg.parallel.zero_stage
-    if saved.get("zero_stage", zero) != zero:
-        raise CheckpointError(f"{where} was written with parallel.zero_stage={saved['zero_stage']} and this run has "
-                              f"{zero}; resume with parallel.zero_stage={saved['zero_stage']}")
-    was = saved.get("dp", replicas) * saved.get("cp", 1)
-    if zero > 0 and was != replicas:
-        raise CheckpointError(f"{where} was written with {was} data x context parallel ranks under ZeRO-{zero} and "
-                              f"this run has {replicas}; DeepSpeed cannot re-partition ZeRO optimizer state: resume "
-                              f"with {was} of them (or write checkpoints with parallel.zero_stage=0, which resume "
-                              "on any number)")
+def check_layout(meta: dict, cfg: Config, replicas: int, where: Path) -> bool:
+    """True when DeepSpeed reloads the checkpoint as it is: the same tp, pp and ZeRO stage and,
+    under ZeRO (which partitions the optimizer state over the dp x cp ranks), as many dp x cp
+    ranks; ZeRO-0 keeps whole states on every rank. False: `load` reshards it (reshard.py).
+    ZeRO-3 partitions the weights too and is not resharded: a change raises CheckpointError.
+
+    replicas: this run's data x context parallel ranks.
+    """
+    p = cfg.parallel
+    saved = {"tp": 1, "pp": 1, "zero_stage": p.zero_stage, **meta.get("parallel", {}), **meta.get("layout", {})}
+    was_ranks = saved["dp"] * saved.get("cp", 1) if "dp" in saved else replicas  # older checkpoints: unknown
+    same = ((saved["tp"], saved["pp"], saved["zero_stage"]) == (p.tp, p.pp, p.zero_stage)
+            and (p.zero_stage == 0 or was_ranks == replicas))
+    if not same and 3 in (saved["zero_stage"], p.zero_stage):
+        raise CheckpointError(
+            f"{where} was written with parallel.tp={saved['tp']}, pp={saved['pp']}, zero_stage={saved['zero_stage']} "
+            f"on {was_ranks} data x context parallel ranks and this run has parallel.tp={p.tp}, pp={p.pp}, "
+            f"zero_stage={p.zero_stage} on {replicas}; ZeRO-3 partitions the weights themselves and cannot be "
+            f"resharded: resume with parallel.tp={saved['tp']}, pp={saved['pp']}, zero_stage={saved['zero_stage']} "
+            f"on {was_ranks} data x context parallel ranks, or train with parallel.zero_stage<=2, whose "
+            "checkpoints resume on any layout")
+    return same
 
 
-def save(engine, cfg: Config, ckpt_dir: Path, step: int, client: dict, tokenizer, layout: dict) -> str:
-    """Write checkpoint step_NNNNNN; publish it (megarnn.json, then `latest`) only when complete."""
+def save(engine, cfg: Config, ckpt_dir: Path, step: int, client: dict, tokenizer, layout: dict, model=None) -> str:
+    """Write checkpoint step_NNNNNN; publish it (megarnn.json, then `latest`) only when complete.
+
+    model: the RecurrentLM (default engine.module); its names are the ones megarnn.json records,
+    also when the engine trains it as a pipeline."""
     tag = tag_for(step)
     d = ckpt_dir / tag
     if engine.global_rank == 0 and (d / META_FILE).exists():
@@ -122,7 +128,8 @@ def save(engine, cfg: Config, ckpt_dir: Path, step: int, client: dict, tokenizer
         tokenizer.save(d / "tokenizer")
         # megarnn.json marks the checkpoint complete and lists every file with its checksum; it
         # also records how tensor parallelism cut each parameter, so the shards can be merged.
-        splits = {n: list(p.tp_split) for n, p in engine.module.named_parameters() if hasattr(p, "tp_split")}
+        model = engine.module if model is None else model
+        splits = {n: list(p.tp_split) for n, p in model.named_parameters() if hasattr(p, "tp_split")}
         meta = {"step": step, "model": cfg.to_dict()["model"], "parallel": cfg.to_dict()["parallel"],
                 "layout": {**layout, "zero_stage": cfg.parallel.zero_stage}, "tp_split": splits,
                 "files": file_manifest(d)}
@@ -187,12 +194,17 @@ def load(engine, cfg: Config, path: str | Path, replicas: int) -> dict:
     """Load weights, optimizer, LR schedule and RNG into `engine`; returns our client state.
 
     replicas: this run's data x context parallel ranks (checked against the checkpoint's).
+    DeepSpeed loads a checkpoint of the same layout itself; another layout (tp, dp x cp, ZeRO
+    stage 0-2) is resharded through the full state (megarnn/train/reshard.py).
     """
     ckpt_dir, tag = resolve_checkpoint(path)
     meta = read_meta(ckpt_dir, tag)
     check_compatible(meta, cfg, ckpt_dir / tag)
-    check_layout(meta, cfg, replicas, ckpt_dir / tag)
+    same_layout = check_layout(meta, cfg, replicas, ckpt_dir / tag)
     verify(ckpt_dir / tag, meta)
+    if not same_layout:
+        from megarnn.train import reshard  # it imports this module
+        return reshard.load_full_state(engine, reshard.read_full_state(ckpt_dir, tag), engine.megarnn_mesh)
     loaded, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                             load_lr_scheduler_states=True)
     if loaded is None:

@@ -153,4 +153,16 @@ def build_engine(cfg: Config, model: torch.nn.Module, mesh: ParallelMesh):
         config=deepspeed_config(cfg, mesh.dp * mesh.cp), mpu=mpu, dist_init_required=False)
     engine.megarnn_param_groups = param_groups
     engine.megarnn_mesh = mesh  # checkpoint.load reshards onto this layout
+    _mark_master_copies(engine.optimizer)
     return engine
+
+
+def _mark_master_copies(wrapper) -> None:
+    """bf16 without ZeRO: DeepSpeed steps our optimizer on fp32 copies of the parameters, which
+    must say, as the originals do, which are tensor-parallel shards and which a tied pipeline
+    copy, or SkipNonFiniteAdamW's global norm would count them wrongly."""
+    for lows, masters in zip(getattr(wrapper, "fp16_groups", []), getattr(wrapper, "fp32_groups", [])):
+        for low, master in zip(lows, masters):
+            for attr in ("tensor_model_parallel", "ds_pipe_replicated"):
+                if hasattr(low, attr):
+                    setattr(master, attr, getattr(low, attr))

@@ -28,7 +28,7 @@ from megarnn.parallel.mesh import ParallelMesh
 from megarnn.parallel.pipeline import pipeline_module, sync_full_model
 from megarnn.parallel.plan import (apply_context_parallel, apply_sequence_parallel, apply_tensor_parallel,
                                    whole_sequences)
-from megarnn.train.engine import build_engine, setup_distributed
+from megarnn.train.engine import SkipNonFiniteAdamW, build_engine, setup_distributed
 from megarnn.train.evaluate import evaluate
 from megarnn.train.metrics import MetricsLogger, peak_flops
 
@@ -130,8 +130,7 @@ def train_step(engine, loader, step: int, grad_accum: int, mesh: ParallelMesh, d
         loss_sum += loss.detach()
     # Context-parallel shares add up to each replica's loss; tensor-parallel ranks hold the same loss.
     dist.all_reduce(loss_sum, group=mesh.group("dp_cp"))
-    grad_norm = engine.get_global_grad_norm()
-    return loss_sum.item() / (grad_accum * mesh.dp), float("nan") if grad_norm is None else float(grad_norm)
+    return loss_sum.item() / (grad_accum * mesh.dp), global_grad_norm(engine)
 
 
 def pipeline_step(engine, loader, step: int, grad_accum: int, mesh: ParallelMesh, device) -> tuple[float, float]:
@@ -143,8 +142,16 @@ def pipeline_step(engine, loader, step: int, grad_accum: int, mesh: ParallelMesh
             b = local_micro_batch(loader, step, micro, mesh, device)
             yield (b["tokens"], b["reset"].long()), (b["targets"], b["loss_mask"].long())
     loss = engine.train_batch(micro_batches())
-    grad_norm = engine.get_global_grad_norm()
-    return float(loss), float("nan") if grad_norm is None else float(grad_norm)
+    return float(loss), global_grad_norm(engine)
+
+
+def global_grad_norm(engine) -> float:
+    """The step's gradient norm before clipping. In bf16 without ZeRO, DeepSpeed's wrapper around
+    our optimizer computes its own norm, which miscounts tensor-parallel shards (it looks for the
+    `tensor_model_parallel` mark on gradients, not on parameters); ours counts them right."""
+    inner = getattr(engine.optimizer, "optimizer", None)
+    norm = inner._global_grad_norm if isinstance(inner, SkipNonFiniteAdamW) else engine.get_global_grad_norm()
+    return float("nan") if norm is None else float(norm)
 
 
 @dataclasses.dataclass
