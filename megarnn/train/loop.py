@@ -208,7 +208,15 @@ def run_eval(model, val_ds, seq_len: int, device) -> dict[str, float]:
 
 
 def train(cfg: Config) -> dict[str, float]:
-    """Run (or resume) training as configured; returns the final validation metrics."""
+    """Run (or resume) training as configured; returns the final validation metrics.
+
+    The preemption signals are caught from the start: one that arrives while the run is still
+    setting up (data, model, engine, resume) stops it after its first step, with a checkpoint."""
+    with PreemptionWatch() as preemption:
+        return _train(cfg, preemption)
+
+
+def _train(cfg: Config, preemption: PreemptionWatch) -> dict[str, float]:
     run_dir = Path(cfg.train.out_dir)
     if cfg.data.train_files:
         split_files(cfg.data)  # every data path resolves, before anything is written
@@ -273,33 +281,33 @@ def train(cfg: Config) -> dict[str, float]:
     progress = Progress(last_good=str(resume_from) if resume_from else None, skipped=skipped)
     meter = Meter(loader.global_batch_size * cfg.data.seq_len, flops_per_token, peak)
     val = None
-    with PreemptionWatch() as preemption:
-        while step < end:
-            t0 = time.perf_counter()
-            loss_val, grad_norm = train_step(engine, loader, step, t.grad_accum, mesh, device)
-            seconds = time.perf_counter() - t0
-            step += 1
-            if progress.record(step, loss_val, grad_norm, engine.was_step_applied(), t.max_bad_steps, log):
-                meter.add(loss_val, seconds)
-                log.advance(step, loss_val)
-                if step % t.log_interval == 0 or step == end:
-                    log.scalars(step, {**meter.flush(), "train/lr": engine.get_lr()[0],
-                                       "train/grad_norm": grad_norm, "train/skipped_steps": progress.skipped,
-                                       **model.solver_stats()})
-                if val_ds is not None and (step % t.eval_interval == 0 or step == end):
-                    sync_full_model(model, pipe, mesh)
-                    val = run_eval(model, val_ds, cfg.data.seq_len, device)
-                    log.scalars(step, {"val/loss": val["loss"], "val/bpc": val["bpc"], "val/ppl": val["ppl"]})
-            stop = preemption.requested()
-            if (progress.bad_in_a_row == 0 and (step % t.save_interval == 0 or step == end)) or stop:
-                client = {"skipped": progress.skipped, "data": loader.state_dict(step), "param_groups": engine.megarnn_param_groups}
-                tag = checkpoint.save(engine, cfg, ckpt_dir, step, client, tokenizer, mesh.sizes(), model)
-                progress.last_good = str(ckpt_dir / tag)
-                log.text(f"saved checkpoint {progress.last_good}")
-            if stop:
-                log.close()
-                raise Preempted(f"stopped by {preemption.signal_name} after step {step}; "
-                                f"checkpoint {progress.last_good}; rerun the same command to resume")
+    while step < end:
+        t0 = time.perf_counter()
+        loss_val, grad_norm = train_step(engine, loader, step, t.grad_accum, mesh, device)
+        seconds = time.perf_counter() - t0
+        step += 1
+        if progress.record(step, loss_val, grad_norm, engine.was_step_applied(), t.max_bad_steps, log):
+            meter.add(loss_val, seconds)
+            log.advance(step, loss_val)
+            if step % t.log_interval == 0 or step == end:
+                log.scalars(step, {**meter.flush(), "train/lr": engine.get_lr()[0],
+                                   "train/grad_norm": grad_norm, "train/skipped_steps": progress.skipped,
+                                   **model.solver_stats()})
+            if val_ds is not None and (step % t.eval_interval == 0 or step == end):
+                sync_full_model(model, pipe, mesh)
+                val = run_eval(model, val_ds, cfg.data.seq_len, device)
+                log.scalars(step, {"val/loss": val["loss"], "val/bpc": val["bpc"], "val/ppl": val["ppl"]})
+        stop = preemption.requested()
+        if (progress.bad_in_a_row == 0 and (step % t.save_interval == 0 or step == end)) or stop:
+            client = {"skipped": progress.skipped, "data": loader.state_dict(step),
+                      "param_groups": engine.megarnn_param_groups}
+            tag = checkpoint.save(engine, cfg, ckpt_dir, step, client, tokenizer, mesh.sizes(), model)
+            progress.last_good = str(ckpt_dir / tag)
+            log.text(f"saved checkpoint {progress.last_good}")
+        if stop:
+            log.close()
+            raise Preempted(f"stopped by {preemption.signal_name} after step {step}; "
+                            f"checkpoint {progress.last_good}; rerun the same command to resume")
 
     sync_full_model(model, pipe, mesh)
     if val is None and val_ds is not None:

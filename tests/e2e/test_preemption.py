@@ -25,10 +25,16 @@ def _wait_for_step(run, step, proc, timeout=120):
     raise AssertionError(f"step {step} never logged")
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    run = tmp_path_factory.mktemp("straight")
+    run_cli("train", "configs/quickstart.yaml", *COMMON, f"train.out_dir={run}")
+    return run
+
+
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
-def test_signal_saves_checkpoint_exits_75_and_rerun_matches_uninterrupted(tmp_path, sig):
-    straight, preempted = tmp_path / "straight", tmp_path / "preempted"
-    run_cli("train", "configs/quickstart.yaml", *COMMON, f"train.out_dir={straight}")
+def test_signal_saves_checkpoint_exits_75_and_rerun_matches_uninterrupted(tmp_path, straight, sig):
+    preempted = tmp_path / "preempted"
     cmd = [sys.executable, "-m", "megarnn", "train", "configs/quickstart.yaml", *COMMON, f"train.out_dir={preempted}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -42,3 +48,23 @@ def test_signal_saves_checkpoint_exits_75_and_rerun_matches_uninterrupted(tmp_pa
     run_cli("train", "configs/quickstart.yaml", *COMMON, f"train.out_dir={preempted}")
     a, b = read_metrics(straight, "train/loss"), read_metrics(preempted, "train/loss")
     assert sorted(b) == list(range(1, 13)) and all(a[s] == b[s] for s in a)  # bitwise on CPU
+
+
+def test_signal_during_setup_stops_after_the_first_step_with_a_checkpoint(tmp_path, straight):
+    """USR1 while the run is still building its model and engine (config.yaml is written just
+    before): the handlers are already in place, so the run does one step, saves, exits 75."""
+    preempted = tmp_path / "preempted"
+    cmd = [sys.executable, "-m", "megarnn", "train", "configs/quickstart.yaml", *COMMON, f"train.out_dir={preempted}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while not (preempted / "config.yaml").is_file():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    assert (preempted / "checkpoints" / "latest").read_text() == "step_000001"
+    run_cli("train", "configs/quickstart.yaml", *COMMON, f"train.out_dir={preempted}")
+    a, b = read_metrics(straight, "train/loss"), read_metrics(preempted, "train/loss")
+    assert sorted(b) == list(range(1, 13)) and all(a[s] == b[s] for s in a)
