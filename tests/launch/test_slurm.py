@@ -144,7 +144,7 @@ def test_sbatch_two_nodes_stopped_twice_requeued_resumed_equals_one_process(clus
     assert f"stopped by SIGUSR1 after step {first};" in text and f"stopped by SIGTERM after step {second};" in text
     assert text.count(f"megarnn: checkpoint saved, requeueing job {job.id}") == 2, explain
     log = (run / "log.txt").read_text()
-    assert f"{TASKS} process(es)" in log and "layout: {'dp': 4" in log
+    assert f"{TASKS} process(es)" in log and "'dp': 4" in log
     assert f"step_{first:06d} at step {first}" in log and f"step_{second:06d} at step {second}" in log
 
     # Every step logged once, with the loss of one process on the same global batch.

@@ -1,5 +1,5 @@
-"""Pipeline parallelism (DeepSpeed PipelineModule + PipelineEngine, 1F1B), data parallelism, and the
-combined tp2 x cp2 x pp2 layout on 8 ranks equal one process: per family the loss, every gradient
+"""Pipeline parallelism (DeepSpeed PipelineModule + PipelineEngine, 1F1B; ZeRO 0 and 1), data and
+context parallelism, and the combined tp2 x cp2 x pp2 layout on 8 ranks equal one process: per family the loss, every gradient
 (fp32, relative error <= 1e-5) and the losses of three optimizer steps with gradient clipping.
 
 Every rank builds the same full model, keeps a copy as the one-process reference (plain torch,
@@ -152,8 +152,8 @@ def _spawn(world, cases):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_pipeline_and_data_parallel_equal_one_process(family):
-    _spawn(2, [(family, 1, 1, 2, 0), (family, 1, 1, 1, 0), (family, 1, 1, 2, 1)])
+def test_pipeline_data_and_context_parallel_equal_one_process(family):
+    _spawn(2, [(family, 1, 1, 2, 0), (family, 1, 1, 1, 0), (family, 1, 2, 1, 0), (family, 1, 1, 2, 1)])
 
 
 def test_tp2_cp2_pp2_with_sequence_parallel_on_8_ranks_equals_one_process():
