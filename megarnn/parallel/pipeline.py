@@ -142,7 +142,7 @@ def pipeline_module(lm, mesh, balance: str = "parameters"):
     specs = [embed, *(LayerSpec(BlockStage, lm, i) for i in range(n)), LayerSpec(NormStage, lm), head]
     topo = ProcessTopology(axes=["pipe", "data", "model"], dims=[mesh.pp, mesh.dp * mesh.cp, mesh.tp])
     return Pipe(specs, topology=topo, loss_fn=PipelineLoss(lm, mesh.cp),
-                partition_method="parameters" if bounds is None else balance)
+                partition_method=balance if bounds is None else "explicit")
 
 
 def lm_name(pipe_name: str, n_layers: int) -> str:

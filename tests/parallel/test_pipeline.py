@@ -87,10 +87,10 @@ def _local_slices(mesh, batches):
     return [tuple(x[d * B:(d + 1) * B, c * n:(c + 1) * n] for x in mb) for mb in batches]
 
 
-def _check(family: str, tp: int, cp: int, pp: int, zero: int, sp: bool = False):
+def _check(family: str, tp: int, cp: int, pp: int, zero: int, sp: bool = False, balance: str = "parameters"):
     setup_distributed()  # DeepSpeed's comm layer over the gloo group run_on_ranks made
     mesh = ParallelMesh.build(tp=tp, pp=pp, cp=cp)
-    cfg = _config(zero, tp=tp, pp=pp, cp=cp, sequence_parallel=sp)
+    cfg = _config(zero, tp=tp, pp=pp, cp=cp, sequence_parallel=sp, pp_balance=balance)
     torch.manual_seed(0)
     c = ModelConfig(vocab_size=64, d_model=16, n_layers=4, lru_width=16, **FAMILIES[family])
     full = RecurrentLM(c)
@@ -105,6 +105,8 @@ def _check(family: str, tp: int, cp: int, pp: int, zero: int, sp: bool = False):
     if sp:
         apply_sequence_parallel(par, mesh.group("tp"))
     module = pipeline_module(par, mesh, cfg.parallel.pp_balance) if pp > 1 else par
+    if pp > 1 and balance not in ("parameters", "uniform"):
+        assert module.parts == stage_bounds(balance, c.n_layers, pp)
     engine = build_engine(cfg, module, mesh)
     seen = {}
     if zero == 0:  # the gradients the optimizer is handed (reduced over dp x cp, before clipping)
@@ -153,13 +155,15 @@ def _spawn(world, cases):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_pipeline_data_and_context_parallel_equal_one_process(family):
-    _spawn(2, [(family, 1, 1, 2, 0), (family, 1, 1, 1, 0), (family, 1, 2, 1, 0), (family, 1, 1, 2, 1)])
+    _spawn(2, [(family, 1, 1, 2, 0), (family, 1, 1, 1, 0), (family, 1, 2, 1, 0), (family, 1, 1, 2, 1, False, "uniform")])
 
 
 def test_tp2_cp2_pp2_with_sequence_parallel_on_8_ranks_equals_one_process():
-    _spawn(8, [(family, 2, 2, 2, 0, True) for family in ("griffin", "mamba2", "paralstm")])
+    _spawn(8, [(family, 2, 2, 2, 0, True, balance) for family, balance in
+               (("griffin", "parameters"), ("mamba2", "1,3"), ("paralstm", "uniform"))])
 
 
 def test_explicit_stage_balance():
-    assert stage_bounds("1,3", 4, 2) == [0, 2, 7]
-    assert stage_bounds("parameters", 4, 2) is None
+    assert stage_bounds("1,3", 4, 2) == [0, 2, 7]  # embedding + 1 block | 3 blocks + norm + head
+    assert stage_bounds("2,1,1", 4, 3) == [0, 3, 4, 7]
+    assert stage_bounds("parameters", 4, 2) is None and stage_bounds("uniform", 4, 2) is None
