@@ -171,3 +171,18 @@ def test_zero3_refuses_another_layout(tmp_path):
     with pytest.raises(CheckpointError, match="zero_stage=3 on 2 data x context parallel ranks and this run has "
                                               "parallel.tp=1, pp=1, zero_stage=1 on 2"):
         check_layout(meta, cfg, 2, tmp_path)
+
+
+def test_mamba2_component_cuts_survive_tp_and_pp_changes(tmp_path):
+    """Mamba2's in_proj / conv are cut per component (z, x, B, C, dt: heads and groups), where a
+    plain row split would scramble them: tp2 -> pp2 -> one process continues the one-process run."""
+    mamba = ["model=configs/model/mamba2-tiny.yaml", "model.n_groups=2", "train.max_steps=6", "train.micro_batch_size=8"]
+    straight, moved = tmp_path / "straight", tmp_path / "moved"
+    _train(1, *mamba, f"train.out_dir={straight}")
+    _train(2, *mamba, "parallel.tp=2", f"train.out_dir={moved}", "train.exit_at_step=2")
+    _train(2, *mamba, "parallel.pp=2", f"train.out_dir={moved}", "train.exit_at_step=4")
+    _train(1, *mamba, f"train.out_dir={moved}")
+    a, b = read_metrics(straight, "train/loss"), read_metrics(moved, "train/loss")
+    assert sorted(b) == list(range(1, 7))
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-5), s
