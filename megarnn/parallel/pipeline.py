@@ -25,6 +25,7 @@ which is the order of ParallelMesh's ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
@@ -164,6 +165,26 @@ def layer_file_prefix(idx: int, n_layers: int) -> str:
     return f"layers.{idx - 1}." if 1 <= idx <= n_layers else ""
 
 
+def _layer_of(name: str, n_layers: int) -> int:
+    """The pipeline layer index that trains RecurrentLM parameter `name`."""
+    if name.startswith("layers."):
+        return int(name.split(".")[1]) + 1
+    if name.startswith("embed_tokens."):
+        return 0
+    return n_layers + 1 if name.startswith("final_norm.") else n_layers + 2
+
+
+def _owners(pipe, pp: int, tied: bool) -> dict[int, list[int]]:
+    """{layer index: the stages holding it} (a tied embedding: the first and the last)."""
+    owners: dict[int, list[int]] = {}
+    for stage in range(pp):
+        for idx in range(pipe.parts[stage], pipe.parts[stage + 1]):
+            owners.setdefault(idx, []).append(stage)
+    if tied:
+        owners[0] = sorted({*owners[0], pp - 1})
+    return owners
+
+
 @torch.no_grad()
 def sync_full_model(lm, pipe, mesh) -> None:
     """Bring every parameter of `lm` up to date on every rank from the stage that trains it.
@@ -174,18 +195,27 @@ def sync_full_model(lm, pipe, mesh) -> None:
         return
     group = mesh.group("pp")
     members = next(line for line in mesh.lines("pp") if mesh.rank in line)
-    owner = {}
-    for stage in range(mesh.pp):
-        for idx in range(pipe.parts[stage], pipe.parts[stage + 1]):
-            owner.setdefault(idx, stage)
-    n = len(lm.layers)
+    owners = _owners(pipe, mesh.pp, lm.lm_head is None)
     for name, p in lm.named_parameters():
-        if name.startswith("layers."):
-            idx = int(name.split(".")[1]) + 1
-        elif name.startswith("embed_tokens."):
-            idx = 0
-        elif name.startswith("final_norm."):
-            idx = n + 1
-        else:
-            idx = n + 2
-        dist.broadcast(p.data, src=members[owner[idx]], group=group)
+        dist.broadcast(p.data, src=members[owners[_layer_of(name, len(lm.layers))][0]], group=group)
+
+
+@contextlib.contextmanager
+def full_model(lm, pipe, mesh, device):
+    """The whole `lm`, up to date, on `device` and in the stage's dtype, for evaluation and sampling.
+
+    During training a stage keeps only its own layers on the device (DeepSpeed places them);
+    the other layers wait on the CPU and come to the device only inside this block."""
+    if pipe is None:
+        yield lm
+        return
+    dtype = next(pipe.parameters()).dtype  # bf16 when DeepSpeed trains in bf16
+    lm.to(device=device, dtype=dtype)
+    sync_full_model(lm, pipe, mesh)
+    try:
+        yield lm
+    finally:
+        stage, owners, n = mesh.rank_in("pp"), _owners(pipe, mesh.pp, lm.lm_head is None), len(lm.layers)
+        for name, p in lm.named_parameters():
+            if stage not in owners[_layer_of(name, n)]:
+                p.data = p.data.to("cpu")

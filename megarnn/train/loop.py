@@ -25,7 +25,7 @@ from megarnn.errors import ConfigError, TrainingError
 from megarnn.models import RecurrentLM
 from megarnn.train import checkpoint
 from megarnn.parallel.mesh import ParallelMesh
-from megarnn.parallel.pipeline import pipeline_module, sync_full_model
+from megarnn.parallel.pipeline import full_model, pipeline_module
 from megarnn.parallel.plan import (apply_context_parallel, apply_sequence_parallel, apply_tensor_parallel,
                                    whole_sequences)
 from megarnn.train.engine import SkipNonFiniteAdamW, build_engine, setup_distributed
@@ -248,7 +248,9 @@ def _train(cfg: Config, preemption: PreemptionWatch) -> dict[str, float]:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     torch.manual_seed(t.seed)  # the same initial weights on every rank
-    model = RecurrentLM(cfg.model).to(device)
+    model = RecurrentLM(cfg.model)
+    if mesh.pp == 1:  # under pipeline parallelism DeepSpeed puts this stage's layers on the device
+        model.to(device)
     model.checkpoint_every = cfg.parallel.activation_checkpointing
     n_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.data.seq_len)
     if mesh.tp > 1:
@@ -257,8 +259,8 @@ def _train(cfg: Config, preemption: PreemptionWatch) -> dict[str, float]:
         apply_context_parallel(model, mesh.group("cp"))
     if cfg.parallel.sequence_parallel:
         apply_sequence_parallel(model, mesh.group("tp"))
-    # Under pipeline parallelism every rank still holds all of `model`, but trains its stage's
-    # layers only; sync_full_model refreshes the rest before evaluation and sampling.
+    # Under pipeline parallelism every rank builds all of `model` (on the CPU) but trains, and keeps
+    # on the device, its stage's layers only; full_model brings the rest for evaluation and sampling.
     pipe = pipeline_module(model, mesh, cfg.parallel.pp_balance) if mesh.pp > 1 else None
     engine = build_engine(cfg, pipe or model, mesh)
     step, skipped = 0, 0
@@ -294,8 +296,8 @@ def _train(cfg: Config, preemption: PreemptionWatch) -> dict[str, float]:
                                    "train/grad_norm": grad_norm, "train/skipped_steps": progress.skipped,
                                    **model.solver_stats()})
             if val_ds is not None and (step % t.eval_interval == 0 or step == end):
-                sync_full_model(model, pipe, mesh)
-                val = run_eval(model, val_ds, cfg.data.seq_len, device)
+                with full_model(model, pipe, mesh, device):
+                    val = run_eval(model, val_ds, cfg.data.seq_len, device)
                 log.scalars(step, {"val/loss": val["loss"], "val/bpc": val["bpc"], "val/ppl": val["ppl"]})
         stop = preemption.requested()
         if (progress.bad_in_a_row == 0 and (step % t.save_interval == 0 or step == end)) or stop:
@@ -309,14 +311,14 @@ def _train(cfg: Config, preemption: PreemptionWatch) -> dict[str, float]:
             raise Preempted(f"stopped by {preemption.signal_name} after step {step}; "
                             f"checkpoint {progress.last_good}; rerun the same command to resume")
 
-    sync_full_model(model, pipe, mesh)
-    if val is None and val_ds is not None:
-        val = run_eval(model, val_ds, cfg.data.seq_len, device)
-    if t.sample_tokens > 0 and mesh.rank_in("dp") == 0:  # a tensor-parallel group samples together
-        from megarnn.generate import generate
-        with whole_sequences(model):
-            text = generate(model, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
-        log.text("sample:\n" + text)
+    with full_model(model, pipe, mesh, device):
+        if val is None and val_ds is not None:
+            val = run_eval(model, val_ds, cfg.data.seq_len, device)
+        if t.sample_tokens > 0 and mesh.rank_in("dp") == 0:  # a tensor-parallel group samples together
+            from megarnn.generate import generate
+            with whole_sequences(model):
+                text = generate(model, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
+            log.text("sample:\n" + text)
     log.close_bar()
     if val is not None:
         log.text(FINAL_LINE.format(val["bpc"]))

@@ -18,8 +18,9 @@ from megarnn.config import Config, ModelConfig
 from megarnn.models import RecurrentLM
 from megarnn.parallel.launch_env import free_port
 from megarnn.parallel.mesh import ParallelMesh
-from megarnn.parallel.pipeline import lm_name, pipeline_module, stage_bounds
-from megarnn.parallel.plan import apply_context_parallel, apply_sequence_parallel, apply_tensor_parallel
+from megarnn.parallel.pipeline import full_model, lm_name, pipeline_module, stage_bounds
+from megarnn.parallel.plan import (apply_context_parallel, apply_sequence_parallel, apply_tensor_parallel,
+                                   whole_sequences)
 from megarnn.parallel.tensor import merge_shards
 from megarnn.train.engine import SkipNonFiniteAdamW, build_engine, lr_lambda, setup_distributed
 from tests.ops.kernel_checks import assert_relative_close
@@ -142,6 +143,15 @@ def _check(family: str, tp: int, cp: int, pp: int, zero: int, sp: bool = False, 
                 g = merge_shards(parts, *p.tp_split)
             ref_name = lm_name(name, c.n_layers) if pp > 1 else name
             assert_relative_close(f"{where}: grad {ref_name}", g, ref_grads[ref_name], 1e-5)
+    # After training, the whole model on every rank (evaluation, sampling) is the trained one:
+    # layers of other stages are fetched from them. (1e-4: three Adam steps amplify the rounding
+    # differences of the runs; a stale layer would be off by the loss change of those steps.)
+    tokens, _, targets, _ = batches[0]
+    with torch.no_grad():
+        want = full.cross_entropy(full(tokens)[0], targets).mean()
+        with full_model(par, module if pp > 1 else None, mesh, torch.device("cpu")), whole_sequences(par):
+            got = par.cross_entropy(par(tokens)[0], targets).mean()
+    assert abs(got - want) <= 1e-4 * want, f"{where}: the full model after training: loss {got} != {want}"
 
 
 def _run(rank, world, port, cases):
