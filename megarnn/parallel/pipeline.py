@@ -17,8 +17,9 @@ again by the head: DeepSpeed keeps the first and last stage's copies equal and s
 gradients.
 
 Each layer wraps the RecurrentLM's own module (the same Parameter objects), so a parameter's
-pipeline name maps back to its RecurrentLM name (`lm_name`), and the full `lm` can be brought
-up to date on every rank (`sync_full_model`) for evaluation, sampling and export.
+pipeline name maps back to its RecurrentLM name (`lm_name`: checkpoints, export, resharding),
+and the whole `lm` can be brought, up to date, to every rank's device for evaluation and
+sampling (`full_model`); during training a stage keeps only its own layers there.
 
 Mesh order: the DeepSpeed topology is (pipe, data, model) = (pp, dp x cp, tp), pipe outermost,
 which is the order of ParallelMesh's ranks.
@@ -158,11 +159,6 @@ def lm_name(pipe_name: str, n_layers: int) -> str:
     if 1 <= idx <= n_layers:
         return "layers." + str(idx - 1) + rest[len("layer"):]
     return rest  # embed_tokens.*, final_norm.*, lm_head.*
-
-
-def layer_file_prefix(idx: int, n_layers: int) -> str:
-    """The RecurrentLM name prefix of layer file layer_{idx:02d}-*: its keys are relative to it."""
-    return f"layers.{idx - 1}." if 1 <= idx <= n_layers else ""
 
 
 def _layer_of(name: str, n_layers: int) -> int:
