@@ -6,6 +6,7 @@
     megarnn generate MODEL_DIR --prompt TEXT [--max-new-tokens N]
     megarnn eval MODEL_DIR --data DIR
     megarnn export CHECKPOINT OUTPUT_DIR [--format safetensors|hf]
+    megarnn bench step CONFIG.yaml [key.sub=value ...] [--steps N]   |   megarnn bench kernels [...]
 
 Errors caused by input (MegarnnError) print one line to stderr and exit with status 2.
 A training run stopped by SIGUSR1 / SIGTERM saves a checkpoint and exits with status 75
@@ -106,6 +107,21 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from megarnn.bench import bench_kernels, bench_step
+
+    if args.what == "kernels":
+        return bench_kernels(args.args)
+    p = argparse.ArgumentParser(prog="megarnn bench step")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocation)")
+    a, extra = p.parse_known_args(args.args)  # overrides may also follow the flags
+    bench_step(a.config, a.overrides + extra, a.steps, a.warmup)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megarnn", description="Pretrain recurrent language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -150,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("output", help="a new (or empty) directory")
     x.add_argument("--format", default="safetensors", choices=["safetensors", "hf"])
     x.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("bench", help="train-step throughput of a config (random tokens), or the kernel benchmark")
+    b.add_argument("what", choices=["step", "kernels"])
+    b.add_argument("args", nargs=argparse.REMAINDER,
+                   help="step: CONFIG.yaml [key=value ...] [--steps N] [--warmup N]; kernels: tools/bench_kernels.py's")
+    b.set_defaults(func=cmd_bench)
 
     e = sub.add_parser("eval", help="loss, perplexity, bits per char/byte on token shards")
     e.add_argument("model_dir")

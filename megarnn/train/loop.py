@@ -207,6 +207,27 @@ def run_eval(model, val_ds, seq_len: int, device) -> dict[str, float]:
         return evaluate(model, val_ds, seq_len, device=device)
 
 
+def build_model(cfg: Config, mesh: ParallelMesh, device):
+    """The model with the layout's plans applied, its pipeline (None unless parallel.pp > 1) and
+    the DeepSpeed engine that trains it -> (model, pipe, engine, parameters, FLOPs per token)."""
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    model = RecurrentLM(cfg.model)
+    if mesh.pp == 1:  # under pipeline parallelism DeepSpeed puts this stage's layers on the device
+        model.to(device)
+    model.checkpoint_every = cfg.parallel.activation_checkpointing
+    n_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.data.seq_len)
+    if mesh.tp > 1:
+        apply_tensor_parallel(model, mesh.group("tp"))
+    if mesh.cp > 1:
+        apply_context_parallel(model, mesh.group("cp"))
+    if cfg.parallel.sequence_parallel:
+        apply_sequence_parallel(model, mesh.group("tp"))
+    # Under pipeline parallelism every rank builds all of `model` (on the CPU) but trains, and keeps
+    # on the device, its stage's layers only; full_model brings the rest for evaluation and sampling.
+    pipe = pipeline_module(model, mesh, cfg.parallel.pp_balance) if mesh.pp > 1 else None
+    return model, pipe, build_engine(cfg, pipe or model, mesh), n_params, flops_per_token
+
+
 def train(cfg: Config) -> dict[str, float]:
     """Run (or resume) training as configured; returns the final validation metrics.
 
@@ -247,22 +268,7 @@ def _train(cfg: Config, preemption: PreemptionWatch) -> dict[str, float]:
     if rank == 0:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
-    torch.manual_seed(t.seed)  # the same initial weights on every rank
-    model = RecurrentLM(cfg.model)
-    if mesh.pp == 1:  # under pipeline parallelism DeepSpeed puts this stage's layers on the device
-        model.to(device)
-    model.checkpoint_every = cfg.parallel.activation_checkpointing
-    n_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.data.seq_len)
-    if mesh.tp > 1:
-        apply_tensor_parallel(model, mesh.group("tp"))
-    if mesh.cp > 1:
-        apply_context_parallel(model, mesh.group("cp"))
-    if cfg.parallel.sequence_parallel:
-        apply_sequence_parallel(model, mesh.group("tp"))
-    # Under pipeline parallelism every rank builds all of `model` (on the CPU) but trains, and keeps
-    # on the device, its stage's layers only; full_model brings the rest for evaluation and sampling.
-    pipe = pipeline_module(model, mesh, cfg.parallel.pp_balance) if mesh.pp > 1 else None
-    engine = build_engine(cfg, pipe or model, mesh)
+    model, pipe, engine, n_params, flops_per_token = build_model(cfg, mesh, device)
     step, skipped = 0, 0
     if resume_from is not None:
         client = checkpoint.load(engine, cfg, resume_from, mesh.dp * mesh.cp)

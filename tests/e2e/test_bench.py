@@ -1,0 +1,27 @@
+"""`megarnn bench step` times a config's training steps on random tokens without writing
+anything; `megarnn bench kernels` runs the kernel benchmark; bad arguments exit 2."""
+import re
+
+from tests.conftest import TINY, run_cli
+
+
+def test_bench_step_prints_throughput_and_writes_nothing(tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli("bench", "step", "configs/quickstart.yaml", *TINY, f"train.out_dir={run}", "--steps", "2",
+                   "--warmup", "1", env={"OMP_NUM_THREADS": "1"})
+    assert re.search(r"^step 2: [0-9.]+ s, loss [0-9.]+$", proc.stdout, re.M), proc.stdout
+    m = re.search(r"^median ([0-9.]+) s/step  ([0-9,]+) tokens/s  MFU ([0-9.]+)%", proc.stdout, re.M)
+    assert m and float(m.group(1)) > 0 and int(m.group(2).replace(",", "")) > 0, proc.stdout
+    assert not run.exists()
+
+
+def test_bench_kernels_runs_the_kernel_table():
+    proc = run_cli("bench", "kernels", "--only", "scan", "--no-compile", env={"OMP_NUM_THREADS": "1"})
+    assert "copy bandwidth" in proc.stdout and "megarnn torch backend" in proc.stdout, proc.stdout
+
+
+def test_bench_bad_arguments_exit_2():
+    proc = run_cli("bench", "step", "configs/quickstart.yaml", *TINY, "--steps", "0", check=False)
+    assert proc.returncode == 2 and "expected --steps >= 1" in proc.stderr
+    proc = run_cli("bench", "step", "configs/quickstart.yaml", "train.no_such_key=1", check=False)
+    assert proc.returncode == 2 and "no_such_key" in proc.stderr
