@@ -88,7 +88,8 @@ def _local_slices(mesh, batches):
     return [tuple(x[d * B:(d + 1) * B, c * n:(c + 1) * n] for x in mb) for mb in batches]
 
 
-def _check(family: str, tp: int, cp: int, pp: int, zero: int, sp: bool = False, balance: str = "parameters"):
+def _check(family: str, tp: int, cp: int, pp: int, zero: int, sp: bool = False, balance: str = "parameters",
+           recompute: int = 0):
     setup_distributed()  # DeepSpeed's comm layer over the gloo group run_on_ranks made
     mesh = ParallelMesh.build(tp=tp, pp=pp, cp=cp)
     cfg = _config(zero, tp=tp, pp=pp, cp=cp, sequence_parallel=sp, pp_balance=balance)
@@ -96,6 +97,7 @@ def _check(family: str, tp: int, cp: int, pp: int, zero: int, sp: bool = False, 
     c = ModelConfig(vocab_size=64, d_model=16, n_layers=4, lru_width=16, **FAMILIES[family])
     full = RecurrentLM(c)
     par = copy.deepcopy(full)
+    par.checkpoint_every = recompute  # activation checkpointing inside the stages
     batches = _batches(mesh.dp)
     ref_losses, ref_grads = _reference(full, cfg, batches, mesh.dp)
 
@@ -169,8 +171,9 @@ def test_pipeline_data_and_context_parallel_equal_one_process(family):
 
 
 def test_tp2_cp2_pp2_with_sequence_parallel_on_8_ranks_equals_one_process():
-    _spawn(8, [(family, 2, 2, 2, 0, True, balance) for family, balance in
-               (("griffin", "parameters"), ("mamba2", "1,3"), ("paralstm", "uniform"))])
+    """Also with activation checkpointing of every block (griffin) and of every 2nd (paralstm)."""
+    _spawn(8, [(family, 2, 2, 2, 0, True, balance, recompute) for family, balance, recompute in
+               (("griffin", "parameters", 1), ("mamba2", "1,3", 0), ("paralstm", "uniform", 2))])
 
 
 def test_explicit_stage_balance():
