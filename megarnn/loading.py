@@ -5,8 +5,11 @@ export directory (ours or Hugging Face's RecurrentGemma layout, see megarnn/expo
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -63,26 +66,44 @@ def _load_checkpoint(path: Path) -> tuple[RecurrentLM, Tokenizer]:
 
 
 def _module_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """The full model's weights: tensor-parallel shards (mp_rank_XX) merged as megarnn.json says."""
+    """The full model's weights, fp32: tensor-parallel shards merged as megarnn.json says, from
+    the model files (ZeRO 0-2), the pipeline layer files, or ZeRO-3's partitions."""
     d = ckpt_dir / tag
     meta = json.loads((d / "megarnn.json").read_text())
     splits = meta.get("tp_split", {})
+    layout = {"tp": 1, **meta.get("parallel", {}), **meta.get("layout", {})}
     if any(d.glob("layer_*-model_states.pt")):
         return _pipeline_state_dict(d, meta["model"]["n_layers"], splits)
+    if layout.get("zero_stage") == 3:
+        return _zero3_state_dict(d, layout["tp"], splits)
     files = sorted(d.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise CheckpointError(f"{d}: no mp_rank_*_model_states.pt; not a DeepSpeed checkpoint")
-    shards = [torch.load(f, map_location="cpu", weights_only=False).get("module") for f in files]
-    if not all(m and all(v.numel() > 0 for v in m.values()) for m in shards):
-        if len(files) > 1:
-            raise CheckpointError(f"{d}: ZeRO-3 with tensor parallelism cannot be read yet; export it from a "
-                                  "run with parallel.zero_stage <= 2")
-        # ZeRO-3 keeps only partitions in the model file: gather them from the optimizer shards.
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    shards = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
+    return _merge(shards, splits)
+
+
+def _merge(shards: list[dict[str, torch.Tensor]], splits: dict) -> dict[str, torch.Tensor]:
+    """Tensor-parallel ranks' state dicts (in rank order) -> the full one, fp32."""
     return {k: merge_shards([m[k] for m in shards], *splits[k]).float() if k in splits else v.float()
             for k, v in shards[0].items()}
 
+
+def _zero3_state_dict(d: Path, tp: int, splits: dict) -> dict[str, torch.Tensor]:
+    """ZeRO-3 keeps every weight partitioned over the data-parallel ranks, in the optimizer files.
+    DeepSpeed's zero_to_fp32 gathers them for one tensor-parallel rank at a time, reading the
+    names of rank 0: each rank's files are shown to it under those names (symbolic links)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    shards = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(tp):
+            view = Path(tmp) / f"tp_rank_{r}"
+            view.mkdir()
+            for f in d.glob(f"*mp_rank_{r:02d}_*.pt"):
+                (view / f.name.replace(f"mp_rank_{r:02d}", "mp_rank_00")).symlink_to(f.resolve())
+            with contextlib.redirect_stdout(io.StringIO()):  # its progress lines are not ours to print
+                shards.append(get_fp32_state_dict_from_zero_checkpoint(tmp, tag=view.name))
+    return _merge(shards, splits)
 
 
 def _pipeline_state_dict(d: Path, n_layers: int, splits: dict) -> dict[str, torch.Tensor]:

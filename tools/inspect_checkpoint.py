@@ -21,10 +21,10 @@ from megarnn.train.checkpoint import read_meta, resolve_checkpoint, verify  # no
 def file_kind(name: str) -> str:
     if name.startswith("layer_"):
         return "pipeline layer weights (per layer x tp rank)"
-    if name.startswith("mp_rank_"):
-        return "model states (per pp x tp rank): weights unless pipelined, client state, LR schedule"
     if "optim_states" in name:
-        return "ZeRO optimizer partition (per dp x cp rank)"
+        return "ZeRO optimizer partition (per dp x cp rank; under ZeRO-3 also the weights)"
+    if "model_states" in name:
+        return "model states (per pp x tp rank): client state, LR schedule; weights unless pipelined or ZeRO-3"
     if name.startswith("tokenizer/"):
         return "tokenizer"
     return "run config" if name == "config.yaml" else ""

@@ -1,6 +1,7 @@
 """`megarnn export` from sharded checkpoints: a tp2 x pp2 run (4 gloo ranks, ZeRO-1; DeepSpeed's
-pipeline engine takes ZeRO 0-1) and a tp2 x dp2 ZeRO-2 run export the same weights as the
-equivalent one-process run; tools/inspect_checkpoint.py lists the sharded checkpoint."""
+pipeline engine takes ZeRO 0-1), a tp2 x dp2 ZeRO-2 run and a tp2 x dp2 ZeRO-3 run export the
+same weights as the equivalent one-process run; tools/inspect_checkpoint.py lists the sharded
+checkpoint."""
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ def _torchrun(nproc, *args):
 
 
 @pytest.mark.parametrize("layout,zero,batch", [(["parallel.tp=2", "parallel.pp=2"], 1, 8),
-                                               (["parallel.tp=2"], 2, 4)])
+                                               (["parallel.tp=2"], 2, 4), (["parallel.tp=2"], 3, 4)])
 def test_export_of_sharded_checkpoint_equals_one_process_export(tmp_path, layout, zero, batch):
     one, sharded = tmp_path / "one", tmp_path / "sharded"
     run_cli("train", "configs/quickstart.yaml", *COMMON, "train.micro_batch_size=8", f"parallel.zero_stage={zero}",
