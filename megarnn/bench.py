@@ -52,22 +52,16 @@ def bench_step(config: str, overrides: list[str], steps: int, warmup: int) -> di
     import torch.distributed as dist
 
     from megarnn.config import load_config
-    from megarnn.parallel.mesh import ParallelMesh
-    from megarnn.train.engine import setup_distributed
-    from megarnn.train.loop import VOCAB_MULTIPLE, build_model, train_step
+    from megarnn.train.loop import build_model, padded_vocab, start_processes, train_step
     from megarnn.train.metrics import peak_flops
 
     if steps < 1 or warmup < 0:
         raise ConfigError(f"--steps {steps} --warmup {warmup}: expected --steps >= 1 and --warmup >= 0")
     cfg = load_config(config, overrides)
     if cfg.model.vocab_size == 0:  # what the trainer would take from a tokenizer of data.vocab_size
-        cfg.model.vocab_size = -(-cfg.data.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    rank, world = setup_distributed(cfg)
-    mesh = ParallelMesh.build(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp)
+        cfg.model.vocab_size = padded_vocab(cfg.data.vocab_size)
+    rank, world, mesh, device = start_processes(cfg)
     t = cfg.train
-    if t.threads > 0:
-        torch.set_num_threads(t.threads)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model, _, engine, n_params, flops_per_token = build_model(cfg, mesh, device)
     batches = RandomBatches(cfg.model.vocab_size, cfg.data.seq_len, t.micro_batch_size, mesh.rank_in("dp"))
     tokens_per_step = t.micro_batch_size * t.grad_accum * mesh.dp * cfg.data.seq_len

@@ -207,6 +207,21 @@ def run_eval(model, val_ds, seq_len: int, device) -> dict[str, float]:
         return evaluate(model, val_ds, seq_len, device=device)
 
 
+def padded_vocab(n: int) -> int:
+    """A tokenizer's vocabulary padded, as Megatron does, so any tp up to 128 divides it."""
+    return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def start_processes(cfg: Config) -> tuple[int, int, ParallelMesh, torch.device]:
+    """torch.distributed + DeepSpeed, the mesh, threads and device -> (rank, world, mesh, device)."""
+    rank, world = setup_distributed(cfg)
+    mesh = ParallelMesh.build(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return rank, world, mesh, device
+
+
 def build_model(cfg: Config, mesh: ParallelMesh, device):
     """The model with the layout's plans applied, its pipeline (None unless parallel.pp > 1) and
     the DeepSpeed engine that trains it -> (model, pipe, engine, parameters, FLOPs per token)."""
@@ -244,12 +259,8 @@ def _train(cfg: Config, preemption: PreemptionWatch) -> dict[str, float]:
     check_writable(run_dir)
     resume_from = find_resume(cfg)
 
-    rank, world = setup_distributed(cfg)
-    mesh = ParallelMesh.build(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp)
+    rank, world, mesh, device = start_processes(cfg)
     t = cfg.train
-    if t.threads > 0:
-        torch.set_num_threads(t.threads)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     def data():  # rank 0 tokenizes / checks first; the others then reuse what it wrote
         return build_run_data(cfg.data, run_dir, (cfg.data.seq_len, t.micro_batch_size, t.grad_accum),
@@ -260,8 +271,8 @@ def _train(cfg: Config, preemption: PreemptionWatch) -> dict[str, float]:
     dist.barrier()
     if rank != 0:
         tokenizer, loader, val_ds = data()
-    if cfg.model.vocab_size == 0:  # padded, as Megatron does, so any tp up to 128 divides it
-        cfg.model.vocab_size = -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = padded_vocab(tokenizer.vocab_size)
     elif cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size}; set model.vocab_size=0 to take the tokenizer's")

@@ -5,7 +5,6 @@ at that step (carried, not reset); ZeRO-3 refuses another layout."""
 import os
 import subprocess
 import sys
-import traceback
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch
 from megarnn.parallel.launch_env import free_port
 from tests.conftest import ROOT, TINY, run_cli
 from tests.e2e.test_quickstart import read_metrics
+from tests.parallel.spawn_util import run_on_ranks
 
 STEPS = 18
 COMMON = [*TINY, f"train.max_steps={STEPS}", "train.save_interval=2", "train.eval_interval=1000", "data.holdout=[]"]
@@ -75,72 +75,65 @@ def _reference(straight, step):
     return full
 
 
+def _compare(jobs):
+    """On each rank: build the trainer's engine for each job's layout, load the checkpoint into
+    it (a reshard) and compare the Adam moments with the reference's slices."""
+    import deepspeed
+    import yaml
+
+    from megarnn.config import Config
+    from megarnn.models import RecurrentLM
+    from megarnn.parallel.mesh import ParallelMesh
+    from megarnn.parallel.plan import apply_tensor_parallel
+    from megarnn.parallel.tensor import shard
+    from megarnn.train import checkpoint
+    from megarnn.train.engine import build_engine, setup_distributed
+
+    setup_distributed()
+    for ckpt, tp, zero, precision, ref in jobs:
+        cfg = Config.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
+        cfg.parallel.tp, cfg.parallel.zero_stage, cfg.train.precision = tp, zero, precision
+        mesh = ParallelMesh.build(tp, 1, 1)
+        torch.manual_seed(1)  # other initial weights than the run's: the load must replace them
+        model = RecurrentLM(cfg.model)
+        if tp > 1:
+            apply_tensor_parallel(model, mesh.group("tp"))
+        engine = build_engine(cfg, model, mesh)
+        assert not checkpoint.check_layout(checkpoint.read_meta(ckpt.parent, ckpt.name), cfg, mesh.dp, ckpt)
+        client = checkpoint.load(engine, cfg, ckpt, mesh.dp)
+        assert client["step"] == ref.optim_step and engine.global_steps == ref.global_steps
+        assert engine.lr_scheduler.last_epoch == ref.lr_scheduler["last_epoch"]
+        assert engine.get_lr() == ref.lr_scheduler["_last_lr"]
+        if zero > 0:  # DeepSpeed links its per-parameter views of Adam's state after a step; link them now
+            engine.optimizer._lazy_init_hp_params_optimizer_state()
+        adam, master = engine.optimizer, {}
+        if precision == "bf16" and zero == 0:  # DeepSpeed's wrapper steps ours on fp32 copies
+            adam = engine.optimizer.optimizer
+            master = {p: m for ps, ms in zip(engine.optimizer.fp16_groups, engine.optimizer.fp32_groups)
+                      for p, m in zip(ps, ms)}
+        for name, p in engine.module.named_parameters():
+            def mine(t):
+                return shard(t, *p.tp_split, mesh.rank_in("tp"), tp) if hasattr(p, "tp_split") else t
+            if zero == 0:
+                state = adam.state[master.get(p, p)]
+                got = {k: state[k] for k in ("exp_avg", "exp_avg_sq")}
+                assert int(state["step"]) == ref.optim_step
+                weight = master.get(p, p).detach()
+            else:  # gathered over the dp ranks by DeepSpeed
+                got = {k: deepspeed.utils.safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
+                weight = deepspeed.utils.safe_get_full_fp32_param(p)
+            assert mine(ref.exp_avg[name]).abs().sum() > 0, name
+            for k, t in got.items():  # the runs' float rounding differs: errors relative to the tensor's scale
+                want = mine(getattr(ref, k)[name])
+                torch.testing.assert_close(t, want, rtol=1e-4, atol=1e-5 * want.abs().max().item(),
+                                           msg=lambda m, name=name, k=k: f"{name} {k} (ZeRO-{zero}, tp{tp}): {m}")
+            want = mine(ref.model[name])
+            torch.testing.assert_close(weight, want, rtol=1e-4, atol=1e-5 * want.abs().max().item(),
+                                       msg=lambda m, name=name: f"{name} weight (ZeRO-{zero}, tp{tp}): {m}")
+
+
 def _load_and_compare(rank, world, port, jobs):
-    """On each of `world` ranks: build the trainer's engine for each job's layout, load the
-    checkpoint into it (a reshard) and compare the Adam moments with the reference's slices."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
-    try:
-        import deepspeed
-        import yaml
-
-        from megarnn.config import Config
-        from megarnn.models import RecurrentLM
-        from megarnn.parallel.mesh import ParallelMesh
-        from megarnn.parallel.plan import apply_tensor_parallel
-        from megarnn.parallel.tensor import shard
-        from megarnn.train import checkpoint
-        from megarnn.train.engine import build_engine, setup_distributed
-
-        setup_distributed()
-        for ckpt, tp, zero, precision, ref in jobs:
-            cfg = Config.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
-            cfg.parallel.tp, cfg.parallel.zero_stage, cfg.train.precision = tp, zero, precision
-            mesh = ParallelMesh.build(tp, 1, 1)
-            torch.manual_seed(1)  # other initial weights than the run's: the load must replace them
-            model = RecurrentLM(cfg.model)
-            if tp > 1:
-                apply_tensor_parallel(model, mesh.group("tp"))
-            engine = build_engine(cfg, model, mesh)
-            assert not checkpoint.check_layout(checkpoint.read_meta(ckpt.parent, ckpt.name), cfg, mesh.dp, ckpt)
-            client = checkpoint.load(engine, cfg, ckpt, mesh.dp)
-            assert client["step"] == ref.optim_step and engine.global_steps == ref.global_steps
-            assert engine.lr_scheduler.last_epoch == ref.lr_scheduler["last_epoch"]
-            assert engine.get_lr() == ref.lr_scheduler["_last_lr"]
-            if zero > 0:  # DeepSpeed links its per-parameter views of Adam's state after a step; link them now
-                engine.optimizer._lazy_init_hp_params_optimizer_state()
-            adam, master = engine.optimizer, {}
-            if precision == "bf16" and zero == 0:  # DeepSpeed's wrapper steps ours on fp32 copies
-                adam = engine.optimizer.optimizer
-                master = {p: m for ps, ms in zip(engine.optimizer.fp16_groups, engine.optimizer.fp32_groups)
-                          for p, m in zip(ps, ms)}
-            for name, p in engine.module.named_parameters():
-                def mine(t):
-                    return shard(t, *p.tp_split, mesh.rank_in("tp"), tp) if hasattr(p, "tp_split") else t
-                if zero == 0:
-                    state = adam.state[master.get(p, p)]
-                    got = {k: state[k] for k in ("exp_avg", "exp_avg_sq")}
-                    assert int(state["step"]) == ref.optim_step
-                    weight = master.get(p, p).detach()
-                else:  # gathered over the dp ranks by DeepSpeed
-                    got = {k: deepspeed.utils.safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
-                    weight = deepspeed.utils.safe_get_full_fp32_param(p)
-                assert mine(ref.exp_avg[name]).abs().sum() > 0, name
-                for k, t in got.items():  # the runs' float rounding differs: errors relative to the tensor's scale
-                    want = mine(getattr(ref, k)[name])
-                    torch.testing.assert_close(t, want, rtol=1e-4, atol=1e-5 * want.abs().max().item(),
-                                               msg=lambda m, name=name, k=k: f"{name} {k} (ZeRO-{zero}, tp{tp}): {m}")
-                want = mine(ref.model[name])
-                torch.testing.assert_close(weight, want, rtol=1e-4, atol=1e-5 * want.abs().max().item(),
-                                           msg=lambda m, name=name: f"{name} weight (ZeRO-{zero}, tp{tp}): {m}")
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    import torch.distributed as dist
-    dist.barrier()
-    dist.destroy_process_group()
+    run_on_ranks(rank, world, port, _compare, jobs)
 
 
 def test_optimizer_state_after_reshard_equals_one_process_run(runs):

@@ -241,7 +241,7 @@ def test_backend_selection_and_errors(monkeypatch):
         newton_solve(cell.to(torch.bfloat16), x.bfloat16(), backend="triton")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU error only")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU; with one the kernels compile")
 def test_triton_backend_without_interpreter_says_what_to_do(monkeypatch):
     cell, x, h0, _, _ = _case("lstm", 5, True)
     monkeypatch.delenv("TRITON_INTERPRET")

@@ -13,7 +13,9 @@ import torch.distributed as dist
 
 
 def run_on_ranks(rank: int, world: int, port: int, check, *args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # The variables torchrun would set: DeepSpeed (and its PipelineModule) read them.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:

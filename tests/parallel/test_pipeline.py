@@ -7,7 +7,6 @@ the same AdamW + clipping + schedule), and trains the other through the real Dee
 of the layout, as the trainer does (megarnn.train.engine.build_engine).
 """
 import copy
-import os
 
 import pytest
 import torch
@@ -157,7 +156,6 @@ def _check(family: str, tp: int, cp: int, pp: int, zero: int, sp: bool = False, 
 
 
 def _run(rank, world, port, cases):
-    os.environ.update(LOCAL_RANK="0", RANK=str(rank), WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
     run_on_ranks(rank, world, port, lambda: [_check(*case) for case in cases])
 
 

@@ -1,7 +1,6 @@
 """The logged gradient norm under tensor parallelism in bf16 without ZeRO (where DeepSpeed wraps our
 optimizer and steps it on fp32 copies) equals the one-process norm."""
 import copy
-import os
 
 import torch
 import torch.multiprocessing as mp
@@ -37,10 +36,5 @@ def _check():
     assert abs(got - want) <= 0.03 * want, f"tp2 bf16 ZeRO-0 grad norm {got} != one process {want}"
 
 
-def _worker(rank, world, port):
-    os.environ.update(LOCAL_RANK="0", RANK=str(rank), WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
-    run_on_ranks(rank, world, port, _check)
-
-
 def test_tensor_parallel_bf16_grad_norm_equals_one_process():
-    mp.spawn(_worker, args=(2, free_port()), nprocs=2, join=True)
+    mp.spawn(run_on_ranks, args=(2, free_port(), _check), nprocs=2, join=True)
