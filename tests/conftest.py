@@ -25,6 +25,16 @@ def run_cli(*args, env=None, timeout=600, check=True) -> subprocess.CompletedPro
     return proc
 
 
+def run_launcher(nproc: int, *args, script: str = "torchrun.sh", check: bool = True) -> subprocess.CompletedProcess:
+    """Run `launch/SCRIPT NPROC ARGS` (gloo ranks of one thread each), as a user would."""
+    proc = subprocess.run([str(ROOT / "launch" / script), str(nproc), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MEGARNN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launch/{script} {nproc} exited {proc.returncode}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
 TINY = [
     "model=configs/model/griffin-tiny.yaml", "data.seq_len=64", "data.vocab_size=512",
     "train.micro_batch_size=4", "train.warmup_steps=5", "train.log_interval=1",

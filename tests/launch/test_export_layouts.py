@@ -2,7 +2,6 @@
 pipeline engine takes ZeRO 0-1), a tp2 x dp2 ZeRO-2 run and a tp2 x dp2 ZeRO-3 run export the
 same weights as the equivalent one-process run; tools/inspect_checkpoint.py lists the sharded
 checkpoint."""
-import os
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, TINY, run_cli
+from tests.conftest import ROOT, TINY, run_cli, run_launcher
 from tests.e2e.test_quickstart import read_metrics
 
 COMMON = [*TINY, "model.n_layers=4", "train.max_steps=3", "train.save_interval=3", "train.eval_interval=100",
@@ -18,10 +17,7 @@ COMMON = [*TINY, "model.n_layers=4", "train.max_steps=3", "train.save_interval=3
 
 
 def _torchrun(nproc, *args):
-    proc = subprocess.run([str(ROOT / "launch" / "torchrun.sh"), str(nproc), "configs/quickstart.yaml", *COMMON, *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "MEGARNN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_launcher(nproc, "configs/quickstart.yaml", *COMMON, *args)
 
 
 @pytest.mark.parametrize("layout,zero,batch", [(["parallel.tp=2", "parallel.pp=2"], 1, 8),

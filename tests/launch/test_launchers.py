@@ -1,13 +1,11 @@
 """launch/torchrun.sh and launch/mpirun.sh start 2 gloo ranks — data parallel (ZeRO 1, 2), tensor
 parallel with sequence parallelism, context parallel, or pipeline parallel — that log the losses of one
 process; a tensor- or pipeline-parallel checkpoint loads as the full model."""
-import os
 import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT, TINY, run_cli
+from tests.conftest import ROOT, TINY, run_cli, run_launcher
 from tests.e2e.test_quickstart import read_metrics
 
 COMMON = [*TINY, "train.max_steps=4", "train.save_interval=4", "train.eval_interval=4",
@@ -30,12 +28,9 @@ def one_process(tmp_path_factory):
 def test_launcher_with_two_ranks_equals_one_process(tmp_path, one_process, script, zero, tp, cp, pp):
     run = tmp_path / "run"
     batch = 8 // (2 // (tp * cp * pp))  # the same global batch as the one-process run
-    proc = subprocess.run([str(ROOT / "launch" / script), "2", "configs/quickstart.yaml", *COMMON,
-                           f"train.micro_batch_size={batch}", f"train.out_dir={run}", f"parallel.zero_stage={zero}",
-                           f"parallel.tp={tp}", f"parallel.cp={cp}", f"parallel.pp={pp}",
-                           f"parallel.sequence_parallel={tp > 1}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "MEGARNN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
+    proc = run_launcher(2, "configs/quickstart.yaml", *COMMON, f"train.micro_batch_size={batch}",
+                        f"train.out_dir={run}", f"parallel.zero_stage={zero}", f"parallel.tp={tp}", f"parallel.cp={cp}",
+                        f"parallel.pp={pp}", f"parallel.sequence_parallel={tp > 1}", script=script, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in (run / "log.txt").read_text()
     a, b = read_metrics(one_process[zero], "train/loss"), read_metrics(run, "train/loss")

@@ -2,23 +2,17 @@
 one process with the losses continuing as the uninterrupted run (through DeepSpeed's own loading;
 changes that need a conversion, such as ZeRO 1-2 on another number of ranks, tp or pp, are in
 test_reshard.py)."""
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT, TINY, run_cli
+from tests.conftest import TINY, run_cli, run_launcher
 from tests.e2e.test_quickstart import read_metrics
 
 COMMON = [*TINY, "train.max_steps=6", "train.save_interval=2", "train.eval_interval=100", "data.holdout=[]"]
 
 
 def _launch(nproc, *args):
-    proc = subprocess.run([str(ROOT / "launch" / "torchrun.sh"), str(nproc), "configs/quickstart.yaml", *COMMON, *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "MEGARNN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_launcher(nproc, "configs/quickstart.yaml", *COMMON, *args)
 
 
 def test_zero0_resumes_across_cp2_dp2_and_one_process(tmp_path):

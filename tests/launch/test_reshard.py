@@ -2,15 +2,12 @@
 tensor-parallel, pipeline and data-parallel sizes and ZeRO stages, and its losses continue as the
 uninterrupted one-process run's; after a reshard the Adam moments are the one-process run's
 at that step (carried, not reset); ZeRO-3 refuses another layout."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from megarnn.parallel.launch_env import free_port
-from tests.conftest import ROOT, TINY, run_cli
+from tests.conftest import ROOT, TINY, run_cli, run_launcher
 from tests.e2e.test_quickstart import read_metrics
 from tests.parallel.spawn_util import run_on_ranks
 
@@ -33,11 +30,7 @@ LEGS = [
 def _train(nproc, *args):
     if nproc == 1:
         return run_cli("train", "configs/quickstart.yaml", *COMMON, *args, env={"OMP_NUM_THREADS": "1"})
-    proc = subprocess.run([str(ROOT / "launch" / "torchrun.sh"), str(nproc), "configs/quickstart.yaml", *COMMON, *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "MEGARNN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return run_launcher(nproc, "configs/quickstart.yaml", *COMMON, *args)
 
 
 @pytest.fixture(scope="module")
