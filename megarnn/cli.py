@@ -9,8 +9,9 @@
     megarnn bench step CONFIG.yaml [key.sub=value ...] [--steps N]   |   megarnn bench kernels [...]
 
 Errors caused by input (MegarnnError) print one line to stderr and exit with status 2.
-A training run stopped by SIGUSR1 / SIGTERM saves a checkpoint and exits with status 75
-(EX_TEMPFAIL: run the same command again to resume).
+A training run stopped by SIGUSR1 / SIGTERM / SIGINT (Ctrl-C) finishes its step, saves a
+checkpoint and exits with status 75 (EX_TEMPFAIL: run the same command again to resume); a
+second Ctrl-C exits at once with status 130, as does Ctrl-C in any other command.
 """
 from __future__ import annotations
 
@@ -196,3 +197,6 @@ def main(argv: list[str] | None = None) -> int:
     except MegarnnError as e:
         print(f"megarnn {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves and exits 75 instead)
+        print(f"megarnn {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -26,7 +26,7 @@ from megarnn.models import RecurrentLM
 from megarnn.train import checkpoint
 from megarnn.parallel.mesh import ParallelMesh
 from megarnn.parallel.pipeline import full_model, pipeline_module
-from megarnn.parallel.plan import (apply_context_parallel, apply_sequence_parallel, apply_tensor_parallel,
+from megarnn.parallel.plan import (apply_context_parallel, apply_sequence_parallel, apply_tensor_parallel, sequence_count,
                                    whole_sequences)
 from megarnn.train.engine import SkipNonFiniteAdamW, build_engine, setup_distributed
 from megarnn.train.evaluate import evaluate
@@ -64,30 +64,41 @@ def find_resume(cfg: Config) -> Path | None:
 
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the job stopped cleanly and should be run again
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: a second Ctrl-C, no checkpoint saved
+# A second SIGINT this soon after the first is the same Ctrl-C again: torchrun (and mpirun) relay
+# the SIGINT they get from the terminal to workers that got it from the terminal already.
+RELAYED_SIGINT_SECONDS = 0.25
 
 
 class Preempted(Exception):
-    """SIGUSR1 / SIGTERM arrived: the step finished, a checkpoint was saved, the run stopped."""
+    """SIGUSR1 / SIGTERM / SIGINT arrived: the step finished, a checkpoint was saved, the run stopped."""
 
 
 class PreemptionWatch:
-    """Turns SIGUSR1 and SIGTERM into a flag that every rank sees at the same step.
+    """Turns SIGUSR1, SIGTERM and SIGINT (Ctrl-C) into a flag that every rank sees at the same step.
 
     The handler only records the signal; the loop finishes its step, and `requested()`
-    (a max all-reduce, so all ranks agree) tells it to save and stop.
+    (a max all-reduce, so all ranks agree) tells it to save and stop. A second Ctrl-C after
+    a stop was requested exits at once with status 130, without a checkpoint.
     """
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
     def __enter__(self):
-        self.signal_name, self._old = None, {}
+        self.signal_name, self._since, self._old = None, 0.0, {}
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.signal_name = signal.Signals(signum).name
+        if self.signal_name is None:
+            self.signal_name, self._since = signal.Signals(signum).name, time.monotonic()
+        elif signum == signal.SIGINT and time.monotonic() - self._since > RELAYED_SIGINT_SECONDS:
+            if os.environ.get("RANK", "0") == "0":
+                os.write(2, b"megarnn train: interrupted again: exiting now without saving a checkpoint; "
+                            b"rerun the same command to resume from the last one\n")
+            os._exit(INTERRUPTED_EXIT_CODE)
 
     def requested(self) -> bool:
         flag = torch.tensor([1.0 if self.signal_name else 0.0])
@@ -95,7 +106,7 @@ class PreemptionWatch:
             flag = flag.cuda()
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and not self.signal_name:
-            self.signal_name = "a signal on another rank"
+            self.signal_name, self._since = "a signal on another rank", time.monotonic()
         return bool(flag.item())
 
     def __exit__(self, *exc):
@@ -103,7 +114,11 @@ class PreemptionWatch:
             # After a stop the checkpoint is saved and this process exits 75. When the first rank
             # exits, launchers TERM the others (srun --kill-on-bad-exit, torchrun): ignoring that
             # keeps every rank's status 75, which is what tells the sbatch script to requeue.
-            signal.signal(sig, signal.SIG_IGN if self.signal_name else old)
+            # A further Ctrl-C still exits at once (130).
+            if self.signal_name:
+                signal.signal(sig, self._handle if sig == signal.SIGINT else signal.SIG_IGN)
+            else:
+                signal.signal(sig, old)
         return False
 
 
@@ -123,7 +138,8 @@ def train_step(engine, loader, step: int, grad_accum: int, mesh: ParallelMesh, d
     for micro in range(grad_accum):
         b = local_micro_batch(loader, step, micro, mesh, device)
         logits, _ = engine(b["tokens"], reset=b["reset"])
-        loss = engine.module.masked_loss(logits, b["targets"], b["loss_mask"])
+        count = sequence_count(b["loss_mask"], mesh.group("cp") if mesh.cp > 1 else None)
+        loss = engine.module.masked_loss(logits, b["targets"], b["loss_mask"], count)
         # DeepSpeed averages gradients over dp x cp; x cp turns the cp average into the sum of shares.
         engine.backward(loss * mesh.cp)
         engine.step()
