@@ -15,13 +15,13 @@ The directory is written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from megarnn.config import ModelConfig
 from megarnn.errors import MegarnnError
+from megarnn.files import atomic_path
 
 CONFIG_KEY = "megarnn_model"
 
@@ -175,10 +175,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, fmt: str = "safetensors"
         raise ExportError(f"{out} exists and is not empty; choose a new output directory or remove it")
     model, tokenizer = load(checkpoint)
     c = model.config
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_path(out) as tmp:  # renamed to out (absent or empty) only when complete
+        tmp.mkdir()
         if fmt == "hf":
             config = hf_config(c, tokenizer)
             save_file(to_hf_state_dict(model, c), str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -189,12 +187,6 @@ def export(checkpoint: str | Path, out_dir: str | Path, fmt: str = "safetensors"
             save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save(tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from megarnn.errors import DataError
+from megarnn.files import atomic_write, publish, temp_path
 
 MAGIC = b"MGRNIDX1"
 FORMAT_VERSION = 1
@@ -64,7 +65,7 @@ class ShardWriter:
         self.dtype = token_dtype(vocab_size)
         self.bin_path, self.idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
         self.idx_path.unlink(missing_ok=True)  # an old .idx must never describe a new .bin
-        self._tmp = self.bin_path.with_name(f".{self.bin_path.name}.tmp")
+        self._tmp = temp_path(self.bin_path)  # `.PREFIX.bin.tmp`: preprocess removes stale ones by that name
         self._file = open(self._tmp, "wb")
         self._sha = hashlib.sha256()
         self._lengths: list[np.ndarray] = []
@@ -91,8 +92,6 @@ class ShardWriter:
 
     def finish(self) -> dict:
         """Write the .idx, rename both into place; returns the header."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
@@ -105,8 +104,8 @@ class ShardWriter:
             "bin_sha256": self._sha.hexdigest(), "index_sha256": hashlib.sha256(arrays).hexdigest(), **self.extra,
         }
         head = json.dumps(header).encode()
-        os.replace(self._tmp, self.bin_path)
-        write_atomic(self.idx_path, MAGIC + struct.pack("<I", len(head)) + head + arrays)
+        publish(self._tmp, self.bin_path)  # fsynced and renamed: the .bin is whole before the .idx exists
+        atomic_write(self.idx_path, MAGIC + struct.pack("<I", len(head)) + head + arrays)
         return header
 
     def abort(self) -> None:
@@ -123,18 +122,7 @@ class ShardWriter:
             self.abort()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes to a temporary name beside path, fsync, rename: readers see all or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+write_atomic = atomic_write  # megarnn/data/preprocess.py imports it by this name
 
 
 class IndexedDataset:

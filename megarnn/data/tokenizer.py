@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -26,6 +25,7 @@ import numpy as np
 import sentencepiece as spm
 
 from megarnn.errors import DataError
+from megarnn.files import atomic_write
 
 MODEL_FILE = "tokenizer.model"
 MODEL_TYPES = ("bpe", "unigram")
@@ -76,7 +76,8 @@ class Tokenizer:
         return cls(p.read_bytes(), str(p))
 
     def save(self, directory: str | os.PathLike) -> None:
-        _atomic_write(Path(directory) / MODEL_FILE, self.model_bytes)
+        # several ranks may save the same tokenizer at once: each writes a temporary of its own
+        atomic_write(Path(directory) / MODEL_FILE, self.model_bytes, unique=True)
 
     @property
     def vocab_size(self) -> int:
@@ -181,15 +182,3 @@ def build_tokenizer(inputs: list[str], output_dir: str | os.PathLike, vocab_size
     tok = train_tokenizer(iter_documents(inputs, text_key), vocab_size, model_type)
     tok.save(output_dir)
     return tok
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -25,6 +25,7 @@ import torch
 
 from megarnn.config import Config
 from megarnn.errors import CheckpointError
+from megarnn.files import atomic_write
 
 META_FILE = "megarnn.json"
 CRASH_ENV = "MEGARNN_TEST_CRASH_AT_SAVE"  # a step number: SIGKILL mid-save (tests of crash safety)
@@ -133,8 +134,8 @@ def save(engine, cfg: Config, ckpt_dir: Path, step: int, client: dict, tokenizer
         meta = {"step": step, "model": cfg.to_dict()["model"], "parallel": cfg.to_dict()["parallel"],
                 "layout": {**layout, "zero_stage": cfg.parallel.zero_stage}, "tp_split": splits,
                 "files": file_manifest(d)}
-        _write_atomic(d / META_FILE, json.dumps(meta, indent=1))
-        _write_atomic(ckpt_dir / "latest", tag)  # `latest` moves last
+        atomic_write(d / META_FILE, json.dumps(meta, indent=1))
+        atomic_write(ckpt_dir / "latest", tag)  # `latest` moves last
         prune(ckpt_dir, cfg.train.keep_checkpoints, keep=tag)
     _barrier()
     return tag
@@ -176,12 +177,6 @@ def prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
     for old in done[:-keep_last]:
         if old.name != keep:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _barrier() -> None:
