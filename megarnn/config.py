@@ -290,7 +290,6 @@ class Config:
             raise ConfigError(f"parallel.pp={p.pp} is more pipeline stages than model.n_layers={self.model.n_layers} "
                               "blocks; use parallel.pp <= model.n_layers")
         if p.pp > 1:
-            from megarnn.parallel.pipeline import stage_bounds
             stage_bounds(p.pp_balance, self.model.n_layers, p.pp)  # a bad explicit balance fails here
         if p.sequence_parallel and (p.tp < 2 or self.data.seq_len % (p.cp * p.tp)):
             raise ConfigError(f"parallel.sequence_parallel needs parallel.tp >= 2 and data.seq_len={self.data.seq_len} "
@@ -436,3 +435,23 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             return value
         raise ConfigError(f"{name}={value!r} has the wrong type: expected a string")
     raise AssertionError(f"unsupported config type {hint} for {name}")
+
+
+def stage_bounds(balance: str, n_layers: int, pp: int) -> list[int] | None:
+    """An explicit balance "3,5" (blocks per stage) -> DeepSpeed's part boundaries over the
+    n_layers + 3 specs (embedding with the first stage, norm and head with the last);
+    None for DeepSpeed's own methods ("parameters", "uniform")."""
+    if balance in ("parameters", "uniform"):
+        return None
+    try:
+        counts = [int(v) for v in balance.split(",")]
+    except ValueError:
+        counts = []
+    if len(counts) != pp or sum(counts) != n_layers or min(counts) < 0:
+        raise ConfigError(f"parallel.pp_balance={balance!r}: expected 'parameters', 'uniform' or {pp} "
+                          f"comma-separated block counts adding up to model.n_layers={n_layers}, e.g. "
+                          f"{','.join(str(n_layers // pp + (i < n_layers % pp)) for i in range(pp))}")
+    bounds = [0]
+    for i, n in enumerate(counts):
+        bounds.append(bounds[-1] + n + (1 if i == 0 else 0) + (2 if i == pp - 1 else 0))
+    return bounds

@@ -14,8 +14,6 @@ from megarnn.config import ModelConfig
 from megarnn.models.cells import RGLRU, at_least_float32
 from megarnn.models.pararnn import ParaRNNMixer
 from megarnn.ops import causal_conv1d, sliding_window_attention
-from megarnn.parallel.context import cp_causal_conv1d, cp_sliding_window_attention
-from megarnn.parallel.tensor import copy_to_tp
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -41,13 +39,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps, self.unit_offset = eps, unit_offset
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
-        self.sp_group = None  # sequence parallel: each rank normalises its own tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = at_least_float32(x)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        # Under sequence parallelism the weight's gradient is the sum over the ranks' tokens.
-        w = copy_to_tp(self.weight, self.sp_group) if self.sp_group is not None else self.weight
+        w = self.weight
         if self.unit_offset:
             return (y * (1.0 + at_least_float32(w))).type_as(x)
         return w * y.type_as(x)
@@ -81,16 +77,11 @@ class RecurrentBlock(nn.Module):
             torch.randn(c.lru_width, c.conv_width) * math.sqrt(c.w_init_variance_scale / c.conv_width))
         self.conv_bias = nn.Parameter(torch.zeros(c.lru_width))
         self.rg_lru = RGLRU(c.lru_width, c.n_heads, c.w_init_variance_scale, c.scan_backend)
-        self.cp_group = None  # context parallelism (set with rg_lru.cp_group by megarnn.parallel.plan)
 
     def forward(self, x, reset=None, state=None):
         state = state or {}
         y = gelu(self.linear_y(x))
-        if self.cp_group is not None:
-            u, conv_state = cp_causal_conv1d(self.linear_x(x), self.conv_weight, self.conv_bias, reset, self.cp_group)
-        else:
-            u, conv_state = causal_conv1d(self.linear_x(x), self.conv_weight, self.conv_bias,
-                                          state.get("conv"), reset)
+        u, conv_state = causal_conv1d(self.linear_x(x), self.conv_weight, self.conv_bias, state.get("conv"), reset)
         h, h_last = self.rg_lru(u, state.get("h"), reset)
         return self.linear_out(h * y), {"conv": conv_state, "h": h_last}
 
@@ -129,7 +120,6 @@ class LocalAttentionBlock(nn.Module):
         self.v_proj = _linear(c.d_model, c.n_kv_heads * c.head_dim, std, bias=False)
         self.o_proj = _linear(c.n_heads * c.head_dim, c.d_model,
                               math.sqrt(c.final_w_init_variance_scale / c.d_model))
-        self.cp_group = None
 
     def forward(self, x, reset=None, state=None, pos=None):
         c = self.c
@@ -139,10 +129,7 @@ class LocalAttentionBlock(nn.Module):
         v = self.v_proj(x).unflatten(-1, (-1, c.head_dim))
         q = rotary(q, pos, c.rope_fraction, c.rope_theta)
         k = rotary(k, pos, c.rope_fraction, c.rope_theta)
-        if self.cp_group is not None:
-            out, cache = cp_sliding_window_attention(q, k, v, c.attention_window, reset, self.cp_group)
-        else:
-            out, cache = sliding_window_attention(q, k, v, c.attention_window, reset, state)
+        out, cache = sliding_window_attention(q, k, v, c.attention_window, reset, state)
         return self.o_proj(out.flatten(-2)), cache
 
 
@@ -153,7 +140,7 @@ def temporal_mixer(c: ModelConfig, kind: str) -> nn.Module:
     if kind == "A":
         return LocalAttentionBlock(c)
     return ParaRNNMixer(c.d_model, c.lru_width, c.n_heads, c.conv_width, {"G": "gru", "L": "lstm"}[kind],
-                        c.newton_max_iters, c.newton_tol or None)
+                        c.newton_max_iters, c.newton_tol or None, backend=c.scan_backend or None)
 
 
 class ResidualBlock(nn.Module):

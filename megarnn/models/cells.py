@@ -14,31 +14,12 @@ import math
 import torch
 from torch import nn
 
-from megarnn.ops import linear_scan
-from megarnn.ops.scan import rglru_scan
-from megarnn.parallel.context import cp_linear_scan
-
-RG_LRU_C = 8.0
+from megarnn.ops.scan import RG_LRU_C, SqrtBoundDerivative, rglru_scan  # noqa: F401 (re-exported)
 
 
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:
     """Half-precision tensors in float32 (for norms, scans, losses); float32 / float64 as they are."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
-_MAX_SQRT_GRADIENT = 1000.0
-
-
-class SqrtBoundDerivative(torch.autograd.Function):
-    """sqrt(x) whose gradient is clipped at _MAX_SQRT_GRADIENT (RecurrentGemma), finite at x = 0."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.sqrt(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad / torch.sqrt(torch.clip(4.0 * x, min=1 / _MAX_SQRT_GRADIENT**2))
 
 
 class BlockDiagonalLinear(nn.Module):
@@ -59,7 +40,7 @@ class BlockDiagonalLinear(nn.Module):
 class RGLRU(nn.Module):
     """Real-Gated Linear Recurrent Unit over width D split into n_heads gate blocks."""
 
-    def __init__(self, width: int, n_heads: int, w_init_variance_scale: float, scan_backend: str = ""):
+    def __init__(self, width: int, n_heads: int, w_init_variance_scale: float, backend: str = ""):
         super().__init__()
         bw = width // n_heads
         std = math.sqrt(w_init_variance_scale / bw)
@@ -68,27 +49,11 @@ class RGLRU(nn.Module):
         # softplus(Lambda) = -log(a0) with a0^2 ~ U[0.9^2, 0.999^2] (RecurrentGemma), so a_t = a0^(c r_t).
         a_sq = torch.empty(width).uniform_(0.9**2 + 1e-8, 0.999**2 + 1e-8)
         self.recurrent_param = nn.Parameter(a_sq.log().mul(0.5).neg().exp().sub(1.0).log())
-        self.scan_backend = scan_backend or None
-        self.cp_group = None  # context parallelism: the sequence is split across this group
+        self.backend = backend or None
 
     def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None,
                 reset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, T, D); h0: (B, D) float32; reset: (B, T) bool -> y (B, T, D), h_T (B, D) float32."""
-        if self.cp_group is None and (self.scan_backend == "triton" or (self.scan_backend is None and x.is_cuda)):
-            # One fused kernel each way: the gates never round-trip through memory.
-            return rglru_scan(x, self.input_gate(x), self.recurrent_gate(x), self.recurrent_param, h0, reset)
-        gate_x = torch.sigmoid(self.input_gate(x))
-        gate_a = torch.sigmoid(self.recurrent_gate(x))
-        log_a = -RG_LRU_C * gate_a * nn.functional.softplus(self.recurrent_param)
-        a = torch.exp(log_a)
-        multiplier = SqrtBoundDerivative.apply(1 - torch.exp(2 * log_a))
-        if reset is not None:
-            r = reset[..., None]
-            a = a * ~r
-            multiplier = torch.where(r, torch.ones_like(multiplier), multiplier)
-        b = x * gate_x * multiplier
-        if self.cp_group is not None:
-            h = cp_linear_scan(at_least_float32(a), at_least_float32(b), h0, self.cp_group)
-        else:
-            h = linear_scan(at_least_float32(a), at_least_float32(b), h0, backend=self.scan_backend)
-        return h.to(x.dtype), h[:, -1]
+        """x: (B, T, D); h0: (B, D) float32; reset: (B, T) bool -> y (B, T, D), h_T (B, D) float32.
+        The recurrence itself (module docstring) is megarnn.ops.rglru_scan."""
+        return rglru_scan(x, self.input_gate(x), self.recurrent_gate(x), self.recurrent_param, h0, reset,
+                          backend=self.backend)

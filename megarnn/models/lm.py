@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.utils.checkpoint
 from torch import nn
 
@@ -24,7 +23,16 @@ from megarnn.config import ModelConfig
 from megarnn.models.blocks import ResidualBlock, RMSNorm
 from megarnn.models.cells import at_least_float32
 from megarnn.models.mamba2 import Mamba2Block
-from megarnn.parallel.tensor import copy_to_tp, gather_seq, vocab_parallel_cross_entropy
+from megarnn.ops.context import sequence_start
+
+
+class TokenCrossEntropy(nn.Module):
+    """Per-token cross-entropy in float32: logits (B, T, V), targets (B, T) -> (B, T).
+    (A layout whose logits hold a slice of the vocabulary swaps in its own.)"""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(at_least_float32(logits).flatten(0, 1), targets.flatten(),
+                                           reduction="none").view(targets.shape)
 
 
 def build_block(c: ModelConfig, kind: str) -> nn.Module:
@@ -50,10 +58,8 @@ class RecurrentLM(nn.Module):
             nn.init.normal_(self.lm_head.weight, std=1 / math.sqrt(c.d_model))
         self.embed_scale = torch.tensor(math.sqrt(c.d_model), dtype=torch.bfloat16, device="cpu").item() if griffin else 1.0
         self.soft_cap = c.logits_soft_cap if griffin else 0.0
-        self.tp_group = None  # set by megarnn.parallel.plan: logits are then this rank's vocabulary slice
+        self.loss = TokenCrossEntropy()
         self.checkpoint_every = 0  # activation checkpointing of every k-th block (0: none)
-        self.cp_group = None  # set by megarnn.parallel.plan: tokens are then this rank's chunk of time
-        self.sequence_parallel = False  # set by megarnn.parallel.plan: activations split along T in tp
 
     def forward(self, tokens: torch.Tensor, state: dict | None = None,
                 reset: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
@@ -77,26 +83,22 @@ class RecurrentLM(nn.Module):
     def begin(self, tokens: torch.Tensor, state: dict | None, reset: torch.Tensor | None):
         """-> (reset (B, T) bool, position of the first token).
 
-        Without an incoming state the first token starts a segment (reset), as position 0
-        does in RecurrentGemma; under context parallelism only the first chunk does, and a
-        chunk's positions start at cp_rank x T."""
-        start = self.chunk_start(tokens.shape[1])
+        Without an incoming state the first token of the sequence starts a segment (reset), as
+        position 0 does in RecurrentGemma. When the ops work on one chunk of a longer sequence
+        (megarnn.ops.context), the chunk's first position is where it starts."""
+        start = sequence_start(tokens.shape[1])
         if state is None:
             reset = torch.zeros_like(tokens, dtype=torch.bool) if reset is None else reset.clone()
             if start == 0:
                 reset[:, 0] = True
         return reset, (state["pos"] if state is not None else start)
 
-    def chunk_start(self, length: int) -> int:
-        """Position of this rank's first token: cp_rank x length under context parallelism, else 0."""
-        return dist.get_rank(self.cp_group) * length if self.cp_group is not None else 0
-
     @staticmethod
     def positions(pos0: int, length: int, device) -> torch.Tensor:
         return torch.arange(pos0, pos0 + length, device=device)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T) -> (B, T, D) (T / tp under sequence parallelism)."""
+        """(B, T) -> (B, T, D)."""
         return self.embed_tokens(tokens) * self.embed_scale
 
     def run_layer(self, i: int, x: torch.Tensor, reset: torch.Tensor, s: dict | None, pos: torch.Tensor):
@@ -109,7 +111,6 @@ class RecurrentLM(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        x = gather_seq(x, self.tp_group) if self.sequence_parallel else copy_to_tp(x, self.tp_group)
         logits = nn.functional.linear(x, weight)
         cap = self.soft_cap
         return torch.tanh(logits / cap) * cap if cap > 0 else logits
@@ -121,23 +122,20 @@ class RecurrentLM(nn.Module):
         return self(tokens, state, reset)
 
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-token loss (B, T) in float32; vocabulary-parallel when the logits are split."""
-        if self.tp_group is not None:
-            return vocab_parallel_cross_entropy(logits, targets, self.tp_group)
-        return nn.functional.cross_entropy(at_least_float32(logits).flatten(0, 1), targets.flatten(),
-                                           reduction="none").view(targets.shape)
+        """Per-token loss (B, T) in float32."""
+        return self.loss(logits, targets)
 
-    def masked_loss(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def masked_loss(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                    count: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy over tokens where mask is True. logits (B, T, V); targets, mask (B, T).
 
-        Under context parallelism this rank holds a chunk of each sequence: it returns its share,
-        (sum over its tokens) / (masked tokens of the whole sequences), so the shares add up to the mean.
+        count: the number of masked tokens the mean is over (default mask's). When this call
+        sees one chunk of each sequence, pass the whole sequences' count: the chunks' shares,
+        (sum over the chunk's tokens) / count, then add up to the mean.
         """
         ce = self.cross_entropy(logits, targets)
         m = mask.to(ce.dtype)
-        count = m.sum()
-        if self.cp_group is not None:
-            dist.all_reduce(count, group=self.cp_group)
+        count = m.sum() if count is None else count.to(ce.dtype)
         return (ce * m).sum() / count.clamp(min=1)
 
     def solver_stats(self) -> dict[str, float]:

@@ -9,7 +9,6 @@ State: {"conv": (B, conv_width - 1, conv_dim), "ssm": (B, H, P, N) float32}.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -19,7 +18,6 @@ from megarnn.config import ModelConfig
 from megarnn.models.blocks import RMSNorm
 from megarnn.models.cells import at_least_float32
 from megarnn.ops import causal_conv1d, ssd_scan
-from megarnn.parallel.context import cp_causal_conv1d, cp_ssd_scan
 
 
 class GatedGroupRMSNorm(nn.Module):
@@ -56,23 +54,19 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.ones(self.n_heads))
         self.norm = GatedGroupRMSNorm(self.d_inner, c.n_groups, c.norm_eps)
         self.out_proj = nn.Linear(self.d_inner, c.d_model, bias=False)
-        self.cp_group = None  # context parallelism: the sequence is split across this group
 
     def forward(self, x, reset=None, state=None):
         """x: (B, T, D); reset: (B, T) bool -> (B, T, D), new state."""
         c, state = self.c, state or {}
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
-        if self.cp_group is not None:
-            xbc, conv_state = cp_causal_conv1d(xbc, self.conv_weight, self.conv_bias, reset, self.cp_group)
-        else:
-            xbc, conv_state = causal_conv1d(xbc, self.conv_weight, self.conv_bias, state.get("conv"), reset)
+        xbc, conv_state = causal_conv1d(xbc, self.conv_weight, self.conv_bias, state.get("conv"), reset)
         G = self.n_groups
         xs, B, C = nn.functional.silu(xbc).split([self.d_inner, G * c.d_state, G * c.d_state], -1)
-        scan = functools.partial(cp_ssd_scan, group=self.cp_group) if self.cp_group is not None else ssd_scan
-        y, ssm_state = scan(
+        y, ssm_state = ssd_scan(
             xs.unflatten(-1, (self.n_heads, c.ssm_head_dim)), nn.functional.softplus(dt + self.dt_bias),
             -torch.exp(at_least_float32(self.A_log)), B.unflatten(-1, (G, c.d_state)),
-            C.unflatten(-1, (G, c.d_state)), self.D, c.chunk_size, state.get("ssm"), reset)
+            C.unflatten(-1, (G, c.d_state)), self.D, c.chunk_size, state.get("ssm"), reset,
+            backend=c.scan_backend or None)
         y = self.norm(y.flatten(-2), z)
         return self.out_proj(y), {"conv": conv_state, "ssm": ssm_state}
 

@@ -36,8 +36,6 @@ from torch import nn
 from megarnn.models.cells import BlockDiagonalLinear
 from megarnn.ops.conv import causal_conv1d
 from megarnn.ops.newton import DEFAULT_MAX_ITERS, NewtonCell, newton_solve
-from megarnn.parallel.context import cp_causal_conv1d, cp_newton_solve
-from megarnn.parallel.tensor import all_reduce_sum
 
 
 def _recurrent_init(n: int, width: int) -> nn.Parameter:
@@ -155,22 +153,21 @@ CELLS = {"gru": ParaGRUCell, "lstm": ParaLSTMCell}
 
 
 class GatedRMSNorm(nn.Module):
-    """rms_norm(y) * w * silu(gate), normalised in float32 (Mamba2-style output gate).
-
-    Under tensor parallelism the channels are split across `tp_group`: the mean square is
-    then summed over the group (`full_dim` is the unsplit width).
-    """
+    """rms_norm(y) * w * silu(gate), normalised in float32 (Mamba2-style output gate)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
-        self.eps, self.full_dim, self.tp_group = eps, dim, None
+        self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         yf = y.float() if y.dtype not in (torch.float32, torch.float64) else y
-        sq = all_reduce_sum(yf.pow(2).sum(-1, keepdim=True), self.tp_group)
-        yf = yf * torch.rsqrt(sq / self.full_dim + self.eps)
+        yf = yf * torch.rsqrt(self.mean_square(yf) + self.eps)
         return (yf * self.weight).to(gate.dtype) * nn.functional.silu(gate)
+
+    def mean_square(self, y: torch.Tensor) -> torch.Tensor:
+        """(..., dim) -> (..., 1): the mean over the channels (a split layout sums over its ranks)."""
+        return y.pow(2).mean(-1, keepdim=True)
 
 
 class ParaRNNMixer(nn.Module):
@@ -197,28 +194,19 @@ class ParaRNNMixer(nn.Module):
         nn.init.normal_(self.out_proj.weight, std=1 / math.sqrt(hidden))
         self.solve_kwargs = {"max_iters": max_iters, "tol": tol, "strict": strict, "backend": backend}
         self.last_stats: dict = {}
-        self.cp_group = None  # context parallelism: the sequence is split across this group
 
     def forward(self, x: torch.Tensor, reset: torch.Tensor | None = None,
                 state: dict | None = None) -> tuple[torch.Tensor, dict]:
         """x: (B, T, d_model); reset: (B, T) bool, True at document starts -> y (B, T, d_model), state."""
         state = state or {}
         u, gate = self.in_proj(x).chunk(2, dim=-1)
-        if self.cp_group is not None:
-            u, conv_state = cp_causal_conv1d(u, self.conv_weight, self.conv_bias, reset, self.cp_group)
-        else:
-            u, conv_state = causal_conv1d(u, self.conv_weight, self.conv_bias, state.get("conv"), reset)
+        u, conv_state = causal_conv1d(u, self.conv_weight, self.conv_bias, state.get("conv"), reset)
         u = nn.functional.silu(u)
         # The solve runs in float32 at least: Newton's residual test needs the precision.
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         stats: dict = {}
-        if self.cp_group is not None:
-            kw = {k: v for k, v in self.solve_kwargs.items() if k != "backend"}
-            h = cp_newton_solve(self.cell, self.cell.project(u).to(acc), state.get("h"), reset,
-                                group=self.cp_group, stats=stats, **kw)
-        else:
-            h = newton_solve(self.cell, self.cell.project(u).to(acc), state.get("h"), reset=reset,
-                             stats=stats, **self.solve_kwargs)
+        h = newton_solve(self.cell, self.cell.project(u).to(acc), state.get("h"), reset=reset,
+                         stats=stats, **self.solve_kwargs)
         self.last_stats = stats
         y = self.norm(self.cell.output(h), gate)
         return self.out_proj(y), {"conv": conv_state, "h": h[:, -1]}

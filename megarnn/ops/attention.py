@@ -14,6 +14,9 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from megarnn.ops import context
+from megarnn.ops.conv import _check_reset
+
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
 
@@ -35,7 +38,7 @@ def flash_sliding_window(q, k, v, window: int, reset: torch.Tensor | None) -> to
 
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                              reset: torch.Tensor | None = None, cache: dict | None = None,
-                             backend: str | None = None) -> tuple[torch.Tensor, dict]:
+                             backend: str | None = None, cp=None) -> tuple[torch.Tensor, dict]:
     """Query i sees key j when j <= i, i - j < window and both lie in the same document.
 
     q: (B, T, H, Dh); k, v: (B, T, Hkv, Dh) with H a multiple of Hkv (positions already
@@ -43,8 +46,21 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     Hkv, Dh), "valid": (B, L) bool} from the previous chunk. backend: "sdpa", "flash", or
     None (flash for bf16/fp16 CUDA tensors without a cache when flash-attn is installed).
     Returns out (B, T, H, Dh) and the cache for the next chunk.
+    cp: context parallelism (megarnn/ops/context.py): q, k, v, reset are this rank's chunk
+    (positions encoded with GLOBAL positions) and cache must be None; the previous window - 1
+    keys and values arrive from the earlier ranks as the cache (SDPA backend).
     """
     B, T, H, Dh = q.shape
+    split = context.resolve(cp)
+    if split is not None:
+        if cache is not None:
+            raise ValueError("sliding_window_attention: a sequence split across ranks starts without a cache")
+        _check_reset(reset, q, "sliding_window_attention")
+        kv = context.halo(torch.cat([k, v], dim=-1), window, split)  # one message for both
+        k_halo, v_halo = kv.split(k.shape[-1], dim=-1)
+        valid = context.halo_valid(reset, window, split, q.device) if reset is not None \
+            else context.halo_inside(B, T, window, split, q.device)
+        cache, backend = {"k": k_halo, "v": v_halo, "valid": valid}, "sdpa"
     if backend is None:
         flash_ok = cache is None and q.is_cuda and HAS_FLASH_ATTN and q.dtype in (torch.float16, torch.bfloat16)
         backend = "flash" if flash_ok else "sdpa"

@@ -3,18 +3,33 @@ from __future__ import annotations
 
 import torch
 
+from megarnn.ops import context
+
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  state: torch.Tensor | None = None, reset: torch.Tensor | None = None
+                  state: torch.Tensor | None = None, reset: torch.Tensor | None = None, cp=None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """y_t = bias + sum_k weight[:, k] * x_{t - (W-1) + k}, per channel (as nn.Conv1d, groups=D).
 
     x: (B, T, D); weight: (D, W); bias: (D,); state: (B, W-1, D), the inputs before x
     (zeros when None); reset: (B, T) bool, True where a new document starts: no tap
     reaches back across it. Returns y: (B, T, D) and the new state (B, W-1, D).
+    cp: context parallelism (megarnn/ops/context.py): x and reset are this rank's chunk of a
+    sequence that starts from a zero state (state must be None); the W - 1 inputs before the
+    chunk arrive from the earlier ranks (a halo). The returned state is the one after this
+    chunk (the whole sequence's on the last rank).
     """
     B, T, D = x.shape
     W = weight.shape[1]
+    split = context.resolve(cp)
+    if split is not None:
+        if state is not None:
+            raise ValueError("causal_conv1d: a sequence split across ranks starts from a zero state; got a state")
+        _check_reset(reset, x, "causal_conv1d")
+        state = context.halo(x, W, split)
+        if reset is not None:
+            # Steps of an earlier document (a reset after them on an earlier rank) read as zeros.
+            state = state * context.halo_valid(reset, W, split, x.device).unsqueeze(-1).to(state.dtype)
     if state is None:
         state = x.new_zeros(B, W - 1, D)
     xpad = torch.cat([state.to(x.dtype), x], dim=1)  # (B, T + W - 1, D)
@@ -33,3 +48,9 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         # Inputs before the last reset must not reach the next chunk: zero them.
         new_state = new_state * (seg_pad[:, T:] == seg[:, -1:]).unsqueeze(-1).to(x.dtype)
     return y, new_state
+
+
+def _check_reset(reset, x, name):
+    if reset is not None and (reset.shape != x.shape[:2] or reset.dtype != torch.bool):
+        raise ValueError(f"{name}: reset must be a (B, T_local) = {tuple(x.shape[:2])} bool tensor; "
+                         f"got {tuple(reset.shape)} {reset.dtype}")

@@ -26,7 +26,8 @@ product of f(h*_{t-1}, x_t) with lambda_t, for all t at once.
 Document resets: where reset[:, t] is True, h_{t-1} is replaced by 0, so J_t = 0 and
 neither the solve nor the adjoint crosses the boundary.
 
-Backends: "sequential" (the textbook loop, differentiated by autograd: the reference),
+Backends (one vocabulary with the other ops): "reference" (the textbook loop, differentiated by
+autograd; "sequential" is accepted as its old name),
 "torch" (Newton with the adjoint backward; the default off CUDA) and "triton"
 (kernels/newton.py, for the cells it implements: ParaGRU and ParaLSTM, see triton_kind; the
 default on CUDA for them). "triton" runs one of two solvers, both with the fused adjoint
@@ -53,9 +54,11 @@ import warnings
 import torch
 from torch import nn
 
+from megarnn.ops import context
 from megarnn.ops.scan import linear_scan, load_kernels
 
-BACKENDS = ("sequential", "torch", "triton", "triton_sequential", "triton_newton")
+BACKENDS = ("reference", "torch", "triton", "triton_sequential", "triton_newton")
+_ALIASES = {"sequential": "reference"}
 STRUCTURES = ("diagonal", "block2")
 DEFAULT_MAX_ITERS = 10
 # A residual this many times above the best seen so far means Newton is diverging.
@@ -164,11 +167,22 @@ def block2_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
     return torch.stack(out, dim=1).to(b.dtype)
 
 
-def _solve_linear(j: torch.Tensor, b: torch.Tensor, structure: str, reverse: bool = False) -> torch.Tensor:
-    """y_t = j_t y_{t-1} + b_t (or from the end when reverse). b: (B, T, S); j per structure."""
+def _solve_linear(j: torch.Tensor, b: torch.Tensor, structure: str, reverse: bool = False, cp=None,
+                  backend: str | None = None) -> torch.Tensor:
+    """y_t = j_t y_{t-1} + b_t from a zero state (or from the end when reverse). b: (B, T, S);
+    j per structure. cp: the sequence split across ranks (the carry passed between them);
+    backend: linear_scan's, for the diagonal scans."""
     if structure == "diagonal":
-        return linear_scan(j, b, reverse=reverse)
-    return _unpairs(block2_scan(j, _pairs(b), reverse=reverse))
+        local = lambda j, b, h0: linear_scan(j, b, h0, backend=backend, cp=False)  # noqa: E731
+    else:
+        local = lambda j, b, h0: block2_scan(j, b, h0)  # noqa: E731
+    if cp is None:
+        if structure == "diagonal":
+            return linear_scan(j, b, reverse=reverse, backend=backend, cp=False)
+        return _unpairs(block2_scan(j, _pairs(b), reverse=reverse))
+    if structure == "diagonal":
+        return context.scan_across(local, j, b, structure, cp, reverse)
+    return _unpairs(context.scan_across(local, j, _pairs(b), structure, cp, reverse))
 
 
 def _transpose(j: torch.Tensor, structure: str) -> torch.Tensor:
@@ -205,44 +219,70 @@ def _zeros_state(cell: NewtonCell, x: torch.Tensor) -> torch.Tensor:
     return torch.zeros(x.shape[0], cell.state_size, dtype=x.dtype, device=x.device)
 
 
-def _newton(cell, x, h0, reset, max_iters, tol, strict) -> tuple[torch.Tensor, dict]:
-    """Newton iterations (no autograd). Returns h (B, T, S) and the stats dict."""
+def _newton(cell, x, h0, reset, max_iters, tol, strict, cp=None, scan_backend=None
+            ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Newton iterations (no autograd), on one rank or across the ranks of cp. Returns h (B, T, S),
+    the state entering this chunk (h0, or under cp the previous rank's last state) and the stats.
+
+    Under cp each iteration exchanges the chunk's last state with the next rank, the residual
+    is the max over the whole sequence (so every rank takes the same branch), and the linear
+    solve of the update is the distributed scan (megarnn/ops/context.py)."""
     structure = cell.jacobian_structure
-    # Initial guess f(0, x_t) (paper eq. A.1), except f(h0, x_0) at t = 0, which is exact.
-    h = cell.step(_prev_states(x.new_zeros(*x.shape[:2], cell.state_size), h0, reset), x)
+    first = cp is None or cp.rank == 0
+    # Initial guess f(0, x_t) (paper eq. A.1), except f(h0, x_0) at the sequence start, which is exact.
+    start = h0 if first else torch.zeros_like(h0)
+    h = cell.step(_prev_states(x.new_zeros(*x.shape[:2], cell.state_size), start, reset), x)
+    seen = {}
+
+    def boundary(h):
+        return h0 if cp is None else context.shift(h[:, -1], cp, edge=h0)
 
     def iterate(h):
-        f, j = cell.linearize(_prev_states(h, h0, reset), x)
+        seen["boundary"] = b = boundary(h)
+        f, j = cell.linearize(_prev_states(h, b, reset), x)
         r = h - f
-        return float(r.abs().max()), lambda: h + _solve_linear(_mask_jacobian(j, reset), -r, structure)
+        return context.global_max(r.abs().max(), cp), lambda: h + _solve_linear(
+            _mask_jacobian(j, reset), -r, structure, cp=cp, backend=scan_backend)
 
-    return _newton_loop(h, iterate, max_iters, tol, strict, lambda: sequential_solve(cell, x, h0, reset), cell, x)
+    def solve_exactly():
+        if cp is None:
+            return sequential_solve(cell, x, h0, reset), h0
+        return context.send_recv_chain(lambda s: sequential_solve(cell, x, s, reset), h0, cp)
+
+    h, stats, exact = _newton_loop(h, iterate, max_iters, tol, strict, solve_exactly, cell, x, cp)
+    if exact is not None:
+        h, seen["boundary"] = exact
+    return h, seen["boundary"], stats
 
 
-def _newton_loop(h, iterate, max_iters, tol, strict, solve_exactly, cell, x) -> tuple[torch.Tensor, dict]:
+def _newton_loop(h, iterate, max_iters, tol, strict, solve_exactly, cell, x, cp=None):
     """The convergence policy (module docstring), shared by the backends. h: the initial guess
     (B, T, S); iterate(h) -> (the residual max-norm of h, a function returning the next
-    iterate); solve_exactly() -> the sequential solution (the fallback). Returns h and stats."""
+    iterate); solve_exactly() -> the sequential solution (the fallback). Returns h, the stats
+    and the fallback's result (None unless it ran)."""
     eps = torch.finfo(h.dtype).eps
     best, iters = float("inf"), 0
     while True:
         residual, update = iterate(h)
         if residual <= tol:
-            return h, _stats(iters, residual, converged=True)
+            return h, _stats(iters, residual, converged=True), None
         reason = _divergence(residual, best, eps)
         if not reason and iters >= max_iters:
             if not strict:
-                return h, _stats(iters, residual, converged=False)
+                return h, _stats(iters, residual, converged=False), None
             reason = f"not converged to tol={tol:.3g} in max_iters={max_iters}"
         if reason:
             break
         best = min(best, residual)
         h = update()
         iters += 1
-    logger.warning("newton_solve: %s (cell %s, x %s, iters=%d, residual=%.3g); "
-                   "fell back to the sequential solve", reason, type(cell).__name__,
-                   tuple(x.shape), iters, residual)
-    return solve_exactly(), {**_stats(iters, residual, converged=True), "fallback": True}
+    if cp is None or cp.rank == 0:
+        logger.warning("newton_solve: %s (cell %s, x %s, iters=%d, residual=%.3g); fell back to the "
+                       "sequential solve%s", reason, type(cell).__name__, tuple(x.shape), iters, residual,
+                       "" if cp is None else ", rank by rank")
+    exact = solve_exactly()
+    h = exact[0] if isinstance(exact, tuple) else exact
+    return h, {**_stats(iters, residual, converged=True), "fallback": True}, exact
 
 
 def _divergence(residual: float, best: float, eps: float) -> str:
@@ -259,47 +299,58 @@ def _stats(iters: int, residual: float, converged: bool) -> dict:
 
 
 class _NewtonSolve(torch.autograd.Function):
-    """Newton forward; adjoint backward at the solution (no unrolling of iterations)."""
+    """Newton forward; adjoint backward at the solution (no unrolling of iterations), on one
+    rank or across the ranks of cp."""
 
     @staticmethod
-    def forward(ctx, cell, x, h0, reset, opts, stats, *params):
-        h, info = _newton(cell, x, h0, reset, *opts)
+    def forward(ctx, cell, x, h0, reset, opts, stats, cp, *params):
+        max_iters, tol, strict, scan_backend = opts
+        h, boundary, info = _newton(cell, x, h0, reset, max_iters, tol, strict, cp, scan_backend)
         stats.update(info)
-        ctx.cell, ctx.params = cell, params
-        ctx.save_for_backward(x, h0, h, reset)
+        ctx.cell, ctx.params, ctx.cp, ctx.scan_backend = cell, params, cp, scan_backend
+        ctx.save_for_backward(x, boundary, h, reset)
         return h
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        x, h0, h, reset = ctx.saved_tensors
-        cell = ctx.cell
+        x, boundary, h, reset = ctx.saved_tensors
+        cell, cp = ctx.cell, ctx.cp
         need_x, need_h0 = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        needs = ctx.needs_input_grad[6:]
-        prev = _prev_states(h, h0, reset)
-        lam = _adjoint(cell, prev, x, g.to(h.dtype), reset)
+        needs = ctx.needs_input_grad[7:]
+        prev = _prev_states(h, boundary, reset)
+        lam = _adjoint(cell, prev, x, g.to(h.dtype), reset, cp, ctx.scan_backend)
+        # Only the first rank's h_{-1} is an input (h0); elsewhere it is the previous rank's output,
+        # whose gradient the adjoint scan has already carried across the boundary.
+        grad_prev = need_h0 and (cp is None or cp.rank == 0)
         wanted = [p for p, need in zip(ctx.params, needs) if need]
         with torch.enable_grad():
-            prev = prev.detach().requires_grad_(need_h0)
+            prev = prev.detach().requires_grad_(grad_prev)
             xg = x.detach().requires_grad_(need_x)
-            inputs = [t for t, need in ((prev, need_h0), (xg, need_x)) if need] + wanted
+            inputs = [t for t, need in ((prev, grad_prev), (xg, need_x)) if need] + wanted
             grads = list(torch.autograd.grad(cell.step(prev, xg), inputs, lam, allow_unused=True)) \
                 if inputs else []
-        dh0 = grads.pop(0)[:, 0].to(h0.dtype) if need_h0 else None
-        if dh0 is not None and reset is not None:
-            dh0 = dh0.masked_fill(reset[:, 0, None], 0.0)  # no gradient across a reset
+        dh0 = None
+        if grad_prev:
+            dh0 = grads.pop(0)[:, 0].to(boundary.dtype)
+            if reset is not None:
+                dh0 = dh0.masked_fill(reset[:, 0, None], 0.0)  # no gradient across a reset
+        elif need_h0:
+            dh0 = torch.zeros_like(boundary)
         dx = grads.pop(0) if need_x else None
         dparams = iter(grads)
-        return (None, dx, dh0, None, None, None, *(next(dparams) if need else None for need in needs))
+        return (None, dx, dh0, None, None, None, None, *(next(dparams) if need else None for need in needs))
 
 
-def _adjoint(cell, prev, x, g, reset) -> torch.Tensor:
+def _adjoint(cell, prev, x, g, reset, cp=None, scan_backend=None) -> torch.Tensor:
     """lambda (B, T, S) with lambda_t = g_t + J_{t+1}^T lambda_{t+1} (paper eq. 2.6): a reverse
-    scan whose matrices are the transposed Jacobians shifted by one step (none after T-1)."""
+    scan whose matrices are the transposed Jacobians shifted by one step (none after the end;
+    under cp the last local step's J_{t+1} is the next rank's first Jacobian)."""
     structure = cell.jacobian_structure
     j = _transpose(_mask_jacobian(cell.jacobian(prev, x), reset), structure)
-    j_next = torch.cat([j[:, 1:], torch.zeros_like(j[:, :1])], dim=1)
-    return _solve_linear(j_next, g, structure, reverse=True)
+    after = torch.zeros_like(j[:, 0]) if cp is None else context.shift(j[:, 0], cp, to_next=False)
+    j_next = torch.cat([j[:, 1:], after.unsqueeze(1)], dim=1)
+    return _solve_linear(j_next, g, structure, reverse=True, cp=cp, backend=scan_backend)
 
 
 def _grad_params(cell: nn.Module):
@@ -409,8 +460,9 @@ def _triton_newton(kernels, cell, kind, x, block, h0, reset, max_iters, tol, str
         h_next, residual = kernels.newton_iteration(kind, x, block, h, h0, reset)
         return float(residual), lambda: h_next
 
-    return _newton_loop(h, iterate, max_iters, tol, strict, lambda: kernels.sequential(kind, x, block, h0, reset),
-                        cell, x)
+    h, stats, _ = _newton_loop(h, iterate, max_iters, tol, strict,
+                               lambda: kernels.sequential(kind, x, block, h0, reset), cell, x)
+    return h, stats
 
 
 class _TritonSolve(torch.autograd.Function):
@@ -449,7 +501,7 @@ class _TritonSolve(torch.autograd.Function):
 def newton_solve(cell: NewtonCell, x: torch.Tensor, h0: torch.Tensor | None = None,
                  max_iters: int = DEFAULT_MAX_ITERS, tol: float | None = None,
                  reset: torch.Tensor | None = None, backend: str | None = None,
-                 stats: dict | None = None, strict: bool = True) -> torch.Tensor:
+                 stats: dict | None = None, strict: bool = True, cp=None) -> torch.Tensor:
     """Solve h_t = cell.step(h_{t-1}, x_t) for all t. Returns h: (B, T, S).
 
     x: (B, T, ...) per-step inputs, already projected, in the cell's layout; h0: (B, S) or
@@ -460,38 +512,58 @@ def newton_solve(cell: NewtonCell, x: torch.Tensor, h0: torch.Tensor | None = No
     of x's dtype). strict: see the module docstring (fallback vs. returning the last
     iterate). stats, when given, is filled with {"iters", "residual", "fallback",
     "converged"}; "residual" is the last Newton residual (before any fallback).
-    backend: "torch" (Newton), "sequential" (the reference loop), "triton" (fused kernels
+    backend: "torch" (Newton), "reference" (the textbook loop), "triton" (fused kernels
     for ParaGRU / ParaLSTM cells: the solver triton_solver picks for the shape, or forced with
     "triton_sequential" / "triton_newton"), or None: "triton" on CUDA for the cells it
     implements, "torch" otherwise. T = 1 (step-mode decoding) always takes one direct step,
     except with "triton_newton" (the Newton kernels, exact after their initial guess).
+    cp: context parallelism (megarnn/ops/context.py): x and reset are this rank's chunk, h0 is
+    read on rank 0. Every rank runs the same Newton iterations on the whole sequence's residual;
+    each linear solve is the distributed scan, with the Triton linear-scan kernel inside when
+    the backend is a triton one (diagonal cells); the fallback solves rank after rank.
+    Parameter gradients are this chunk's share (the caller sums them over the group).
     """
-    backend = backend or _default_backend(cell, x)
+    backend = _ALIASES.get(backend, backend) or _default_backend(cell, x)
     if backend not in BACKENDS:
         raise ValueError(f"newton_solve: unknown backend {backend!r}; expected one of {BACKENDS}")
     _check_inputs(cell, x, h0, reset)
     h0 = _zeros_state(cell, x) if h0 is None else h0
-    if backend.startswith("triton"):
+    split = context.resolve(cp)
+    tol = default_tol(x.dtype) if tol is None else tol
+    if split is not None:
+        if backend == "reference":
+            raise ValueError("newton_solve: backend='reference' is not split across ranks; use 'torch' or 'triton'")
+        # The fused solvers run whole sequences; across ranks Newton runs with the fast linear scan inside.
+        scan_backend = "triton" if backend.startswith("triton") else None
+        info = _run_newton(cell, x, h0, reset, max_iters, tol, strict, split, scan_backend)
+        h = info.pop("h")
+    elif backend.startswith("triton"):
         kind = _triton_cell(cell, x, backend)
         solver = backend[len("triton_"):] or triton_solver(x.shape[0], x.shape[1], x.shape[-1], x.device)
         if solver == "newton" and max_iters < 0:
             raise ValueError(f"newton_solve: max_iters must be >= 0; got {max_iters}")
-        tol = default_tol(x.dtype) if tol is None else tol
         info = {}
         h = _TritonSolve.apply(cell, x, h0, reset, (kind, solver, max_iters, tol, strict), info,
                                *_grad_params(cell))
-    elif backend == "sequential" or x.shape[1] == 1:
+    elif backend == "reference" or x.shape[1] == 1:
         h = sequential_solve(cell, x, h0, reset)
         info = _stats(0, 0.0, converged=True)
     else:
-        if max_iters < 0:
-            raise ValueError(f"newton_solve: max_iters must be >= 0; got {max_iters}")
-        tol = default_tol(x.dtype) if tol is None else tol
-        info = {}
-        h = _NewtonSolve.apply(cell, x, h0, reset, (max_iters, tol, strict), info, *_grad_params(cell))
+        info = _run_newton(cell, x, h0, reset, max_iters, tol, strict, None, None)
+        h = info.pop("h")
     if stats is not None:
         stats.update(info)
     return h
+
+
+def _run_newton(cell, x, h0, reset, max_iters, tol, strict, cp, scan_backend) -> dict:
+    """_NewtonSolve.apply -> its stats with the solution under "h"."""
+    if max_iters < 0:
+        raise ValueError(f"newton_solve: max_iters must be >= 0; got {max_iters}")
+    info: dict = {}
+    h = _NewtonSolve.apply(cell, x, h0, reset, (max_iters, tol, strict, scan_backend), info, cp,
+                           *_grad_params(cell))
+    return {**info, "h": h}
 
 
 def _check_inputs(cell, x, h0, reset) -> None:

@@ -13,8 +13,13 @@ Backends:
                in fp32 registers, h read and written once. The default on CUDA tensors; on CPU
                only when asked for, under Triton's interpreter (TRITON_INTERPRET=1), for tests.
 
-`rglru_scan` is the RG-LRU recurrence (models/cells.py) with its gate math fused into the
-triton scan, so the gates and the decay never round-trip through memory.
+`rglru_scan` is the RG-LRU recurrence (Griffin's cell) with the same three backends; its
+"triton" backend fuses the gate math into the scan, so the gates and the decay never
+round-trip through memory.
+
+Context parallelism: with `cp` (or inside megarnn.ops.context.context_parallel) both ops
+run their chunk with the same backend from zero and add the carry from earlier ranks
+(megarnn/ops/context.py).
 """
 from __future__ import annotations
 
@@ -24,24 +29,40 @@ import os
 import torch
 import torch.nn.functional as F
 
+from megarnn.ops import context
+
 BACKENDS = ("reference", "torch", "triton")
 
 
+def check_backend(backend: str | None, name: str) -> None:
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"{name}: unknown backend {backend!r}; expected one of {BACKENDS} (or None: the fastest "
+                         f"that runs here)")
+
+
 def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None,
-                reverse: bool = False, backend: str | None = None) -> torch.Tensor:
+                reverse: bool = False, backend: str | None = None, cp=None) -> torch.Tensor:
     """Run h_t = a_t * h_{t-1} + b_t over time.
 
     a, b: (B, T, D); h0: (B, D) or None (zeros). reverse=True runs from t = T-1 down
     to 0 (h_t = a_t * h_{t+1} + b_t). Returns h: (B, T, D) in the dtype of b; the
     recurrence itself is accumulated in float32 (or float64 when b is float64).
+    cp: context parallelism (megarnn.ops.context.resolve): a, b are this rank's chunk of
+    the sequence, h0 the state before the whole sequence (read on rank 0).
     """
     if a.shape != b.shape or a.dim() != 3:
         raise ValueError(f"linear_scan: a and b must both be (B, T, D); got {tuple(a.shape)} and {tuple(b.shape)}")
     if h0 is not None and h0.shape != (b.shape[0], b.shape[2]):
         raise ValueError(f"linear_scan: h0 must be (B, D) = {(b.shape[0], b.shape[2])}; got {tuple(h0.shape)}")
+    check_backend(backend, "linear_scan")
     backend = backend or ("triton" if b.is_cuda else "torch")
-    if backend not in BACKENDS:
-        raise ValueError(f"linear_scan: unknown backend {backend!r}; expected one of {BACKENDS}")
+    split = context.resolve(cp)
+    if split is not None:
+        if reverse:
+            raise ValueError("linear_scan: a reverse scan is not split across ranks; pass cp=False")
+        first = h0 if split.rank == 0 or h0 is None else h0 * 0  # a zero gradient off rank 0
+        h = linear_scan(a, b, first, backend=backend, cp=False)
+        return context.diagonal_carry(h, a, split).to(b.dtype)
     if reverse:
         flip = lambda t: t.flip(1)  # noqa: E731
         return flip(linear_scan(flip(a), flip(b), h0, backend=backend))
@@ -134,10 +155,38 @@ class _TritonLinearScan(torch.autograd.Function):
         return _require_triton(dh, "linear_scan").scan_bwd(a, h, h0, dh)
 
 
+RG_LRU_C = 8.0
+_MAX_SQRT_GRADIENT = 1000.0
+
+
+class SqrtBoundDerivative(torch.autograd.Function):
+    """sqrt(x) whose gradient is clipped at _MAX_SQRT_GRADIENT (RecurrentGemma), finite at x = 0."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.sqrt(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad / torch.sqrt(torch.clip(4.0 * x, min=1 / _MAX_SQRT_GRADIENT**2))
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def rglru_decay(gate_a: torch.Tensor, recurrent_param: torch.Tensor, reset: torch.Tensor | None) -> torch.Tensor:
+    """log a_t = -8 sigmoid(gate_a_t) softplus(Lambda), as a_t; 0 at a reset. (B, T, D) in gate_a's dtype."""
+    a = torch.exp(-RG_LRU_C * torch.sigmoid(gate_a) * F.softplus(recurrent_param))
+    return a if reset is None else a * ~reset[..., None]
+
+
 def rglru_scan(x: torch.Tensor, gate_x: torch.Tensor, gate_a: torch.Tensor, recurrent_param: torch.Tensor,
-               h0: torch.Tensor | None = None, reset: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The RG-LRU recurrence (De et al. 2024, eq. 1-4) in one fused Triton scan each way.
+               h0: torch.Tensor | None = None, reset: torch.Tensor | None = None, backend: str | None = None,
+               cp=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RG-LRU recurrence (De et al. 2024, "Griffin", eq. 1-4), laid out as RecurrentGemma.
 
     x, gate_x, gate_a: (B, T, D) the input and the input / recurrence gate pre-activations
     (W_x x + b_x, W_a x + b_a); recurrent_param: (D,) Lambda; h0: (B, D); reset: (B, T) bool.
@@ -145,19 +194,38 @@ def rglru_scan(x: torch.Tensor, gate_x: torch.Tensor, gate_a: torch.Tensor, recu
         a_t = exp(-8 sigmoid(gate_a_t) softplus(Lambda)),   a_t = 0 at a reset
         h_t = a_t h_{t-1} + sqrt(1 - a_t^2) sigmoid(gate_x_t) x_t   (multiplier 1 at a reset)
 
-    Returns h (B, T, D) in x's dtype and h_T (B, D) in float32 (float64 for float64 x). The
-    same math as models/cells.py RGLRU.forward, including its clipped sqrt gradient. Triton
-    only: CUDA tensors, or CPU under TRITON_INTERPRET=1.
+    The sqrt's gradient is clipped as RecurrentGemma does. Returns h (B, T, D) in x's dtype and
+    h_T (B, D) in float32 (float64 for float64 x). backend: "triton" (one fused kernel each
+    way; CUDA, or CPU under TRITON_INTERPRET=1), "torch" (the gates in torch, then
+    linear_scan), "reference" (the same with the textbook scan), None (triton on CUDA).
+    cp: context parallelism, as linear_scan.
     """
     if x.dim() != 3 or gate_x.shape != x.shape or gate_a.shape != x.shape or recurrent_param.shape != x.shape[2:]:
         raise ValueError(f"rglru_scan: x, gate_x, gate_a must be (B, T, D) and recurrent_param (D,); got "
                          f"{tuple(x.shape)}, {tuple(gate_x.shape)}, {tuple(gate_a.shape)}, {tuple(recurrent_param.shape)}")
     if h0 is not None and h0.shape != (x.shape[0], x.shape[2]):
         raise ValueError(f"rglru_scan: h0 must be (B, D) = {(x.shape[0], x.shape[2])}; got {tuple(h0.shape)}")
-    _require_triton(x, "rglru_scan")
-    # softplus of the (D,) parameter stays in torch: it costs nothing and autograd matches cells.py exactly.
-    sp = F.softplus(recurrent_param)
-    return _TritonRGLRU.apply(x, gate_x, gate_a, sp, h0, reset)
+    check_backend(backend, "rglru_scan")
+    backend = backend or ("triton" if x.is_cuda else "torch")
+    split = context.resolve(cp)
+    if split is not None:
+        first = h0 if split.rank == 0 or h0 is None else h0 * 0  # a zero gradient off rank 0
+        h, _ = rglru_scan(x, gate_x, gate_a, recurrent_param, first, reset, backend, cp=False)
+        h = context.diagonal_carry(h, rglru_decay(_at_least_float32(gate_a), recurrent_param, reset), split)
+        return h.to(x.dtype), h[:, -1]
+    if backend == "triton":
+        _require_triton(x, "rglru_scan")
+        # softplus of the (D,) parameter stays in torch: it costs nothing and autograd matches the torch path.
+        return _TritonRGLRU.apply(x, gate_x, gate_a, F.softplus(recurrent_param), h0, reset)
+    log_a = -RG_LRU_C * torch.sigmoid(gate_a) * F.softplus(recurrent_param)
+    a = torch.exp(log_a)
+    multiplier = SqrtBoundDerivative.apply(1 - torch.exp(2 * log_a))
+    if reset is not None:
+        a = a * ~reset[..., None]
+        multiplier = torch.where(reset[..., None], torch.ones_like(multiplier), multiplier)
+    b = x * torch.sigmoid(gate_x) * multiplier
+    h = linear_scan(_at_least_float32(a), _at_least_float32(b), h0, backend=backend, cp=False)
+    return h.to(x.dtype), h[:, -1]
 
 
 class _TritonRGLRU(torch.autograd.Function):

@@ -22,18 +22,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megarnn.ops.scan import load_kernels
-
-BACKENDS = ("reference", "torch", "triton")
+from megarnn.ops import context
+from megarnn.ops.scan import check_backend, load_kernels
 
 
 def ssd_scan(x, dt, A, B, C, D=None, chunk_size: int = 64, initial_state=None, reset=None,
-             backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             backend: str | None = None, cp=None) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (B, T, H, P); dt: (B, T, H) > 0; A: (H,) < 0; B, C: (B, T, G, N); D: (H,) or None;
     initial_state: (B, H, P, N); reset: (B, T) bool -> y: (B, T, H, P), final state (B, H, P, N).
 
     Accumulates in float32 (float64 for float64 inputs); y has the dtype of x. backend=None picks
-    "triton" for CUDA tensors and "torch" elsewhere.
+    "triton" for CUDA tensors and "torch" elsewhere. cp: context parallelism
+    (megarnn/ops/context.py): x, dt, B, C, reset are this rank's chunk; initial_state is read on
+    rank 0; the final state returned is the WHOLE sequence's, the same on every rank (if a loss
+    reads it, read it on one rank).
     """
     b, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
@@ -41,9 +43,11 @@ def ssd_scan(x, dt, A, B, C, D=None, chunk_size: int = 64, initial_state=None, r
         raise ValueError(f"ssd_scan: expected x (B,T,H,P), dt (B,T,H), A (H,), B = C (B,T,G,N) with H % G == 0; "
                          f"got x {tuple(x.shape)}, dt {tuple(dt.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, "
                          f"C {tuple(C.shape)}")
+    check_backend(backend, "ssd_scan")
     backend = backend or ("triton" if x.is_cuda else "torch")
-    if backend not in BACKENDS:
-        raise ValueError(f"ssd_scan: unknown backend {backend!r}; expected one of {BACKENDS}")
+    split = context.resolve(cp)
+    if split is not None:
+        return _split_ssd(x, dt, A, B, C, D, chunk_size, initial_state, reset, backend, split)
     if backend == "triton":
         _check_state_and_reset(initial_state, reset, b, T, H, P, N)
         return _TritonSSD.apply(x, dt, A, B, C, D, initial_state, reset, chunk_size)
@@ -57,6 +61,25 @@ def ssd_scan(x, dt, A, B, C, D=None, chunk_size: int = 64, initial_state=None, r
     if D is not None:
         y = y + D.to(acc)[:, None] * x.to(acc)
     return y.to(x.dtype), state
+
+
+def _split_ssd(x, dt, A, B, C, D, chunk_size, initial_state, reset, backend, cp):
+    """ssd_scan of this rank's chunk under context parallelism: the chunk from zero (rank 0
+    from initial_state) with `backend`, then y_t += decay(chunk start..t) C_t . carry until the
+    chunk's first reset, with the carry folded from the earlier ranks' (decay through the
+    chunk (B, H), final state (B, H, P, N))."""
+    acc = context.acc_dtype(x)
+    y, state = ssd_scan(x, dt, A, B, C, D, chunk_size, initial_state if cp.rank == 0 else None, reset,
+                        backend=backend, cp=False)
+    decay = torch.exp(torch.cumsum(dt.to(acc) * A.to(acc), dim=1))  # (b, T_local, H) from the chunk start
+    if reset is not None:
+        decay = decay * (torch.cumsum(reset.to(torch.int32), dim=1) == 0).unsqueeze(-1).to(acc)
+    carry, final, y = context.carry_in(decay[:, -1, :, None, None], state.to(acc), cp, y)
+    H = decay.shape[2]
+    Ch = C.to(acc).repeat_interleave(H // C.shape[2], dim=2)  # (b, T_local, H, N)
+    # The same graph on every rank (rank 0 adds a zero carry), so backward passes match.
+    y = (y.to(acc) + torch.einsum("bthn,bhpn,bth->bthp", Ch, carry, decay)).to(x.dtype)
+    return y, final
 
 
 def _ssd_reference(x, dt, A, B, C, state, reset, chunk_size):

@@ -33,7 +33,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megarnn.errors import ConfigError
+from megarnn.config import stage_bounds  # noqa: F401 (re-exported: the pipeline's stages)
+from megarnn.ops.context import sequence_start
+from megarnn.parallel.plan import sequence_count
 
 TIE_KEY = "embed"
 
@@ -47,7 +49,8 @@ class EmbedStage(nn.Module):
     def forward(self, inputs):
         tokens, reset = inputs
         lm = self._lm[0]
-        reset, _ = lm.begin(tokens, None, reset.bool())
+        with _split_sequence(lm):
+            reset, _ = lm.begin(tokens, None, reset.bool())
         return lm.embed(tokens), reset.long()
 
 
@@ -60,8 +63,16 @@ class BlockStage(nn.Module):
         x, reset = inputs
         lm = self._lm[0]
         T = reset.shape[1]  # this rank's chunk of time (x may hold T / tp under sequence parallelism)
-        x, _ = lm.run_layer(self.i, x, reset.bool(), None, lm.positions(lm.chunk_start(T), T, x.device))
+        with _split_sequence(lm):
+            pos = lm.positions(sequence_start(T), T, x.device)
+        x, _ = lm.run_layer(self.i, x, reset.bool(), None, pos)
         return x, reset
+
+
+def _split_sequence(lm):
+    """The layout's context parallelism around a direct call of the model's pieces."""
+    split = getattr(getattr(lm, "layout", None), "split_sequence", None)
+    return split.active() if split is not None else contextlib.nullcontext()
 
 
 class NormStage(nn.Module):
@@ -90,35 +101,18 @@ def tied_head(embed: EmbedStage, x):
 
 
 class PipelineLoss:
-    """loss_fn of the last stage: the masked mean share of RecurrentLM.masked_loss, x cp because
-    DeepSpeed averages gradients over dp x cp (as the non-pipelined loop does)."""
+    """loss_fn of the last stage: the masked mean share of RecurrentLM.masked_loss over the
+    whole sequences' tokens (summed over the cp group), x cp because DeepSpeed averages gradients
+    over dp x cp (as the non-pipelined loop does)."""
 
-    def __init__(self, lm, cp: int):
-        self.lm, self.cp = lm, cp
+    def __init__(self, lm, cp: int, cp_group=None):
+        self.lm, self.cp, self.cp_group = lm, cp, cp_group
 
     def __call__(self, logits, labels):
         targets, mask = labels
-        return self.lm.masked_loss(logits, targets, mask.bool()) * self.cp
+        mask = mask.bool()
+        return self.lm.masked_loss(logits, targets, mask, sequence_count(mask, self.cp_group)) * self.cp
 
-
-def stage_bounds(balance: str, n_layers: int, pp: int) -> list[int] | None:
-    """An explicit balance "3,5" (blocks per stage) -> DeepSpeed's part boundaries over the
-    n_layers + 3 specs (embedding with the first stage, norm and head with the last);
-    None for DeepSpeed's own methods ("parameters", "uniform")."""
-    if balance in ("parameters", "uniform"):
-        return None
-    try:
-        counts = [int(v) for v in balance.split(",")]
-    except ValueError:
-        counts = []
-    if len(counts) != pp or sum(counts) != n_layers or min(counts) < 0:
-        raise ConfigError(f"parallel.pp_balance={balance!r}: expected 'parameters', 'uniform' or {pp} "
-                          f"comma-separated block counts adding up to model.n_layers={n_layers}, e.g. "
-                          f"{','.join(str(n_layers // pp + (i < n_layers % pp)) for i in range(pp))}")
-    bounds = [0]
-    for i, n in enumerate(counts):
-        bounds.append(bounds[-1] + n + (1 if i == 0 else 0) + (2 if i == pp - 1 else 0))
-    return bounds
 
 
 def pipeline_module(lm, mesh, balance: str = "parameters"):
@@ -143,7 +137,7 @@ def pipeline_module(lm, mesh, balance: str = "parameters"):
             if tied else LayerSpec(HeadStage, lm))
     specs = [embed, *(LayerSpec(BlockStage, lm, i) for i in range(n)), LayerSpec(NormStage, lm), head]
     topo = ProcessTopology(axes=["pipe", "data", "model"], dims=[mesh.pp, mesh.dp * mesh.cp, mesh.tp])
-    return Pipe(specs, topology=topo, loss_fn=PipelineLoss(lm, mesh.cp),
+    return Pipe(specs, topology=topo, loss_fn=PipelineLoss(lm, mesh.cp, mesh.group("cp") if mesh.cp > 1 else None),
                 partition_method=balance if bounds is None else "explicit")
 
 

@@ -23,16 +23,38 @@ inside a scan or a Newton solve), and each residual branch ends in one all-reduc
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
 from megarnn.config import ModelConfig
 from megarnn.models.blocks import GatedMLP, LocalAttentionBlock, RecurrentBlock, RMSNorm
 from megarnn.models.mamba2 import Mamba2Mixer
-from megarnn.models.pararnn import ParaRNNMixer
-from megarnn.parallel.tensor import (ColumnParallelLinear, ReplicatedLinear, RowParallelLinear,
-                                     VocabParallelEmbedding, sharded_parameter)
+from megarnn.models.pararnn import GatedRMSNorm, ParaRNNMixer
+from megarnn.ops.context import context_parallel
+from megarnn.parallel.tensor import (ColumnParallelLinear, HeadInput, ReplicatedLinear, RowParallelLinear,
+                                     SumGradOverGroup, VocabParallelCrossEntropy, VocabParallelEmbedding,
+                                     all_reduce_sum, sharded_parameter)
+
+
+@dataclass
+class Layout:
+    """How a model was split by the passes below (kept on the model as `model.layout`); the
+    model itself never reads it. whole_sequences switches the sequence splits off for a while."""
+
+    tp_group: object = None
+    head_input: HeadInput | None = None
+    split_sequence: "SplitSequence | None" = None
+    sequence_parallel: bool = False
+    norm_grad_hooks: list = field(default_factory=list)
+
+
+def layout(model: nn.Module) -> Layout:
+    if getattr(model, "layout", None) is None:
+        model.layout = Layout()
+    return model.layout
 
 
 def check_tensor_parallel(c: ModelConfig, tp: int) -> None:
@@ -59,50 +81,121 @@ def apply_tensor_parallel(model: nn.Module, group) -> nn.Module:
     model.embed_tokens = VocabParallelEmbedding(model.embed_tokens, group)
     if model.lm_head is not None:
         model.lm_head = ColumnParallelLinear(model.lm_head, group)
-    model.tp_group = group
+    # The head computes this rank's vocabulary slice: its input's gradient is summed over the
+    # group (gathered along T under sequence parallelism), and the loss is vocabulary-parallel.
+    lay = layout(model)
+    lay.tp_group, lay.head_input = group, HeadInput(group)
+    model.final_norm.register_forward_hook(lay.head_input)
+    model.loss = VocabParallelCrossEntropy(group)
+    model.tp_group = group  # sampling gathers the logits over it (megarnn/generate.py)
     return model
+
+
+class SplitSequence:
+    """Forward hooks that run a module inside `context_parallel(group)`: the model and each of
+    its blocks (a block recomputed by activation checkpointing enters it again)."""
+
+    def __init__(self, group):
+        self.group, self.on, self._exits = group, True, []
+
+    def enter(self, module=None, args=None):
+        cm = context_parallel(self.group if self.on else None)
+        cm.__enter__()
+        self._exits.append(cm)
+
+    def exit(self, module=None, args=None, output=None):
+        self._exits.pop().__exit__(None, None, None)
+
+    def attach(self, module: nn.Module) -> None:
+        module.register_forward_pre_hook(self.enter)
+        module.register_forward_hook(self.exit, always_call=True)
+
+    @contextlib.contextmanager
+    def active(self):
+        """The split around code that calls a model's pieces directly (pipeline stages)."""
+        self.enter()
+        try:
+            yield
+        finally:
+            self.exit()
 
 
 def apply_context_parallel(model: nn.Module, group) -> nn.Module:
     """Every rank of `group` then runs its own chunk of the sequence (rank r: steps
-    [r T/cp, (r+1) T/cp)); scans pass O(B x D) carries and convs / attention a halo.
-    Parameter gradients are each rank's share: all-reduce them (sum) over the group."""
-    for module in model.modules():
-        if hasattr(module, "cp_group"):
-            module.cp_group = group
+    [r T/cp, (r+1) T/cp)): the ops pass O(B x D) carries and convs / attention a halo
+    (megarnn/ops/context.py). Parameter gradients are each rank's share: all-reduce them (sum)
+    over the group. A group of None or one rank leaves the model as it is."""
+    if group is None or dist.get_world_size(group) == 1:
+        return model
+    split = layout(model).split_sequence = SplitSequence(group)
+    for module in [model, *model.layers]:
+        split.attach(module)
     return model
+
+
+def sequence_count(mask: torch.Tensor, cp_group) -> torch.Tensor:
+    """Masked tokens of the whole sequences when each rank of cp_group holds a chunk of them
+    (the denominator of RecurrentLM.masked_loss under context parallelism)."""
+    count = mask.sum().to(torch.float32)
+    if cp_group is not None:
+        dist.all_reduce(count, group=cp_group)
+    return count
 
 
 def apply_sequence_parallel(model: nn.Module, group, on: bool = True) -> nn.Module:
     """Megatron sequence parallelism on a tensor-parallel model: between layers each rank of
-    `group` holds T / tp steps of the residual stream (norms and residual adds on a shard)."""
+    `group` holds T / tp steps of the residual stream (norms and residual adds on a shard).
+    A norm's weight then sees only this rank's tokens: its gradient is summed over the group."""
+    lay = layout(model)
+    _set_sequence_parallel(model, on)
+    if not lay.norm_grad_hooks:
+        for m in model.modules():
+            if isinstance(m, RMSNorm):
+                hook = SumGradOverGroup(group)
+                m.weight.register_hook(hook)
+                lay.norm_grad_hooks.append(hook)
+    for hook in lay.norm_grad_hooks:
+        hook.on = on
+    lay.sequence_parallel = on
+    return model
+
+
+def _set_sequence_parallel(model: nn.Module, on: bool) -> None:
     for m in model.modules():
         if hasattr(m, "sequence_parallel"):
             m.sequence_parallel = on
-        if isinstance(m, RMSNorm):
-            m.sp_group = group if on else None
-    return model
+    if layout(model).head_input is not None:
+        layout(model).head_input.sequence_parallel = on
 
 
 @contextlib.contextmanager
 def whole_sequences(model: nn.Module):
     """Run whole sequences on every rank for a while (evaluation, sampling): context and
     sequence parallelism off (their ranks hold full weights); tensor parallelism stays."""
-    cp = {m: m.cp_group for m in model.modules() if hasattr(m, "cp_group")}
-    sp = {m: (getattr(m, "sequence_parallel", False), getattr(m, "sp_group", None)) for m in model.modules()
-          if hasattr(m, "sequence_parallel") or isinstance(m, RMSNorm)}
-    apply_context_parallel(model, None)
-    apply_sequence_parallel(model, None, on=False)
+    lay = layout(model)
+    split_on = lay.split_sequence is not None and lay.split_sequence.on
+    if lay.split_sequence is not None:
+        lay.split_sequence.on = False
+    _set_sequence_parallel(model, False)
     try:
         yield model
     finally:
-        for m, g in cp.items():
-            m.cp_group = g
-        for m, (on, g) in sp.items():
-            if hasattr(m, "sequence_parallel"):
-                m.sequence_parallel = on
-            if isinstance(m, RMSNorm):
-                m.sp_group = g
+        if lay.split_sequence is not None:
+            lay.split_sequence.on = split_on
+        _set_sequence_parallel(model, lay.sequence_parallel)
+
+
+class SplitGatedRMSNorm(GatedRMSNorm):
+    """GatedRMSNorm over channels split across a tensor-parallel group: the mean square sums
+    the ranks' shares (`full_dim` is the unsplit width)."""
+
+    def __init__(self, full: GatedRMSNorm, group):
+        super().__init__(full.weight.shape[0], full.eps)
+        self.group, self.full_dim = group, full.weight.shape[0]
+        self.weight = sharded_parameter(full.weight, 0, None, group)
+
+    def mean_square(self, y: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(y.pow(2).sum(-1, keepdim=True), self.group) / self.full_dim
 
 
 def _split(module: nn.Module, name: str, group, dim: int = 0, components: list[int] | None = None) -> None:
@@ -166,6 +259,5 @@ def _pararnn(m: ParaRNNMixer, group) -> None:
     if hasattr(cell, "width"):
         cell.width = local
     cell.state_size = cell.state_size // tp
-    _split(m.norm, "weight", group)
-    m.norm.tp_group = group
+    m.norm = SplitGatedRMSNorm(m.norm, group)
     m.out_proj = RowParallelLinear(m.out_proj, group)

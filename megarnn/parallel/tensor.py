@@ -292,3 +292,41 @@ class _VocabParallelCE(torch.autograd.Function):
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, group) -> torch.Tensor:
     """logits: (..., V / tp), this rank's vocabulary slice; targets: (...) global ids -> loss (...)."""
     return _VocabParallelCE.apply(logits, targets, group, _rank(group) * logits.shape[-1])
+
+
+class VocabParallelCrossEntropy(nn.Module):
+    """The model's per-token loss when its logits hold this rank's vocabulary slice."""
+
+    def __init__(self, group):
+        super().__init__()
+        self.group = group
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits, targets, self.group)
+
+
+class HeadInput:
+    """A forward hook on the final norm: its output enters the vocabulary-parallel head, so it
+    is gathered along T under sequence parallelism (each rank normalised T / tp steps) and
+    otherwise passed on with its gradient summed over the group (copy_to_tp)."""
+
+    def __init__(self, group):
+        self.group, self.sequence_parallel = group, False
+
+    def __call__(self, module, inputs, output):
+        return gather_seq(output, self.group) if self.sequence_parallel else copy_to_tp(output, self.group)
+
+
+class SumGradOverGroup:
+    """A gradient hook for a parameter each rank applies to its own tokens (a norm's weight under
+    sequence parallelism): its gradient is the sum over the group's ranks. Off: unchanged."""
+
+    def __init__(self, group):
+        self.group, self.on = group, True
+
+    def __call__(self, grad):
+        if not self.on:
+            return grad
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=self.group)
+        return grad

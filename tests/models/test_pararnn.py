@@ -58,7 +58,7 @@ def test_packed_documents_equal_separate_documents(cell):
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_newton_gradients_equal_sequential_and_reach_every_parameter(cell):
     m = _mixer(cell)
-    seq = _mixer(cell, backend="sequential")
+    seq = _mixer(cell, backend="reference")
     seq.load_state_dict(m.state_dict())
     x = torch.randn(2, 19, 10, dtype=DT, requires_grad=True)
     reset = _resets(2, 19, [(1, 7)])

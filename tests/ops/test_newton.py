@@ -87,7 +87,7 @@ def test_newton_equals_sequential_forward_and_all_gradients(kind, case):
     x, h, reset = _inputs(cell, layout, T=T, h0=h0, resets=resets)
     stats = {}
     out, grads = _solve_and_grads(cell, x, h, reset, stats=stats)
-    ref, ref_grads = _solve_and_grads(cell, x, h, reset, backend="sequential")
+    ref, ref_grads = _solve_and_grads(cell, x, h, reset, backend="reference")
     torch.testing.assert_close(out, ref, **TOL)
     assert len(grads) == len(ref_grads) == 1 + (h is not None) + len(_step_params(cell))
     for got, want in zip(grads, ref_grads):
@@ -138,7 +138,7 @@ def test_unconverged_strict_solve_falls_back_to_exact_answer_and_logs(caplog):
     stats = {}
     with caplog.at_level(logging.WARNING, logger="megarnn.newton"):
         out, grads = _solve_and_grads(cell, x, h0, reset, max_iters=1, tol=1e-14, stats=stats)
-    ref, ref_grads = _solve_and_grads(cell, x, h0, reset, backend="sequential")
+    ref, ref_grads = _solve_and_grads(cell, x, h0, reset, backend="reference")
     torch.testing.assert_close(out, ref, **TOL)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, **TOL)
@@ -155,7 +155,7 @@ def test_unconverged_non_strict_solve_reports_it_without_fallback(caplog):
         out = newton_solve(cell, x, h0, max_iters=1, tol=1e-14, strict=False, stats=stats)
     assert stats == {"iters": 1, "residual": stats["residual"], "fallback": False, "converged": False}
     assert stats["residual"] > 1e-14
-    assert (out - newton_solve(cell, x, h0, backend="sequential")).abs().max() > 1e-12
+    assert (out - newton_solve(cell, x, h0, backend="reference")).abs().max() > 1e-12
     assert not caplog.records
 
 
@@ -173,7 +173,7 @@ def test_divergence_falls_back_to_sequential_and_logs(caplog):
     stats = {}
     with caplog.at_level(logging.WARNING, logger="megarnn.newton"):
         out = newton_solve(cell, x, max_iters=50, stats=stats, strict=False)
-    torch.testing.assert_close(out, newton_solve(cell, x, backend="sequential"), **TOL)
+    torch.testing.assert_close(out, newton_solve(cell, x, backend="reference"), **TOL)
     assert stats["fallback"] is True and stats["iters"] < 50
     assert any(("grew" in r.getMessage() or "non-finite" in r.getMessage()) for r in caplog.records)
 

@@ -157,7 +157,7 @@ def test_cpu_default_is_torch_and_triton_without_interpreter_says_what_to_do(mon
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(kernels, "INTERPRETED", False)
     with pytest.raises(ValueError, match="compiled for a GPU"):
-        rglru_scan(b, b, b, h0[0], h0)
+        rglru_scan(b, b, b, h0[0], h0, backend="triton")
 
 
 _COMPILE_SCRIPT = textwrap.dedent("""
@@ -239,7 +239,7 @@ def _rglru_grads(fn, m, x, h0, reset, gy, g_last):
 
 
 def _fused(m, x, h0, reset):
-    return rglru_scan(x, m.input_gate(x), m.recurrent_gate(x), m.recurrent_param, h0, reset)
+    return rglru_scan(x, m.input_gate(x), m.recurrent_gate(x), m.recurrent_param, h0, reset, backend="triton")
 
 
 def test_rglru_reference_restates_cells_module():

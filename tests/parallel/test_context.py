@@ -21,8 +21,7 @@ import torch.nn.functional as F
 
 from megarnn.models.pararnn import ParaGRUCell, ParaLSTMCell
 from megarnn.ops import causal_conv1d, linear_scan, newton_solve, sliding_window_attention, ssd_scan
-from megarnn.parallel.context import (cp_causal_conv1d, cp_halo, cp_linear_scan, cp_newton_solve, cp_ssd_scan,
-                                      cp_sliding_window_attention)
+from megarnn.ops.context import ContextParallel, halo
 from megarnn.parallel.launch_env import free_port
 
 DT = torch.float64
@@ -105,7 +104,7 @@ def check_linear_scan(group, Tl):
     ref_grads = torch.autograd.grad(ref, full, gy)
 
     la, lb, lh0 = _local(a, group, Tl), _local(b, group, Tl), _leaf(h0)  # h0 passed on every rank
-    out = cp_linear_scan(la, lb, lh0, group=group)
+    out = linear_scan(la, lb, lh0, cp=group)
     _close(out, ref[:, rank * Tl:(rank + 1) * Tl], "h")
     da, db, dh0 = torch.autograd.grad(out, [la, lb, lh0], _local(gy, group, Tl, grad=False))
     _close(da, ref_grads[0][:, rank * Tl:(rank + 1) * Tl], "da")
@@ -113,8 +112,8 @@ def check_linear_scan(group, Tl):
     _close(_summed(dh0, group), ref_grads[2], "dh0")
     _expect(rank == 0 or not dh0.any(), "h0 is read on rank 0 only; its gradient elsewhere must be zero")
     # Without h0 (zeros), and in float32 with float32 carries.
-    _close(cp_linear_scan(la, lb, group=group), linear_scan(a, b)[:, rank * Tl:(rank + 1) * Tl], "h, h0=None")
-    out32 = cp_linear_scan(la.float(), lb.float(), lh0.float(), group=group)
+    _close(linear_scan(la, lb, cp=group), linear_scan(a, b)[:, rank * Tl:(rank + 1) * Tl], "h, h0=None")
+    out32 = linear_scan(la.float(), lb.float(), lh0.float(), cp=group)
     _close(out32, ref[:, rank * Tl:(rank + 1) * Tl].float(), "h, float32", rtol=1e-5, atol=1e-5)
 
 
@@ -135,7 +134,7 @@ def check_ssd(group, Tl, chunk_size):
     lx, ldt, lB, lC = (_local(t, group, Tl) for t in (x, dt, Bm, Cm))
     lA, lD = _leaf(A), _leaf(Dp)
     ls0 = _leaf(s0) if rank == 0 else None  # read on rank 0 only
-    ly, final = cp_ssd_scan(lx, ldt, lA, lB, lC, lD, chunk_size, ls0, _local(reset, group, Tl), group=group)
+    ly, final = ssd_scan(lx, ldt, lA, lB, lC, lD, chunk_size, ls0, _local(reset, group, Tl), cp=group)
     _close(ly, y[:, rank * Tl:(rank + 1) * Tl], "y")
     _close(final, state, "final state (every rank)")
     loss = (ly * _local(gy, group, Tl, grad=False)).sum()
@@ -182,14 +181,14 @@ def check_newton(group, kind, Tl):
     cell = _cell(kind)
     B, T = 3, cp * Tl
     x, h0, reset, gy = _newton_inputs(cell, B, T, Tl)
-    seq, seq_grads = _solve_grads(lambda x, h: newton_solve(cell, x, h, reset=reset, backend="sequential"),
+    seq, seq_grads = _solve_grads(lambda x, h: newton_solve(cell, x, h, reset=reset, backend="reference"),
                                   cell, _leaf(x), _leaf(h0), gy)
     one_stats = {}
     one, one_grads = _solve_grads(lambda x, h: newton_solve(cell, x, h, reset=reset, max_iters=30, stats=one_stats),
                                   cell, _leaf(x), _leaf(h0), gy)
     stats = {}
     lx, lh0 = _local(x, group, Tl), _leaf(h0)
-    h = cp_newton_solve(cell, lx, lh0, _local(reset, group, Tl), max_iters=30, group=group, stats=stats)
+    h = newton_solve(cell, lx, lh0, reset=_local(reset, group, Tl), max_iters=30, cp=group, stats=stats)
     grads = torch.autograd.grad(h, [lx, lh0] + _step_params(cell), _local(gy, group, Tl, grad=False))
     sl = slice(rank * Tl, (rank + 1) * Tl)
     for ref, ref_grads, name in [(one, one_grads, "one-rank Newton"), (seq, seq_grads, "sequential")]:
@@ -215,16 +214,16 @@ def check_newton_iterates_and_fallback(group, kind, Tl):
     for iters in (1, 2):
         one_stats, stats = {}, {}
         one = newton_solve(cell, x, h0, reset=reset, max_iters=iters, tol=0.0, strict=False, stats=one_stats)
-        h = cp_newton_solve(cell, lx, h0, lreset, max_iters=iters, tol=0.0, strict=False, group=group, stats=stats)
+        h = newton_solve(cell, lx, h0, reset=lreset, max_iters=iters, tol=0.0, strict=False, cp=group, stats=stats)
         _close(h, one[:, sl], f"iterate {iters}")
         _same_on_all_ranks(stats, group, "stats")
         _expect(stats["iters"] == iters and not stats["converged"] and not stats["fallback"], f"stats {stats}")
         _close(stats["residual"], one_stats["residual"], "residual", rtol=1e-8, atol=1e-14)
     stats = {}
-    seq, seq_grads = _solve_grads(lambda x, h: newton_solve(cell, x, h, reset=reset, backend="sequential"),
+    seq, seq_grads = _solve_grads(lambda x, h: newton_solve(cell, x, h, reset=reset, backend="reference"),
                                   cell, _leaf(x), _leaf(h0), gy)
     lx, lh0 = _leaf(lx), _leaf(h0)
-    h = cp_newton_solve(cell, lx, lh0, lreset, max_iters=0, tol=1e-14, group=group, stats=stats)
+    h = newton_solve(cell, lx, lh0, reset=lreset, max_iters=0, tol=1e-14, cp=group, stats=stats)
     _same_on_all_ranks(stats, group, "fallback stats")
     _expect(stats["fallback"] and stats["converged"] and stats["iters"] == 0, f"fallback stats {stats}")
     _close(h, seq[:, sl], "fallback h")
@@ -242,13 +241,13 @@ def check_halo_conv(group, Tl, W):
     sl = slice(rank * Tl, (rank + 1) * Tl)
     # The halo itself: the W - 1 steps before the chunk, zeros before the sequence.
     padded = torch.cat([x.new_zeros(B, W - 1, D), x], dim=1)
-    _close(cp_halo(_local(x, group, Tl), W, group), padded[:, rank * Tl:rank * Tl + W - 1], "halo")
+    _close(halo(_local(x, group, Tl), W, ContextParallel(group)), padded[:, rank * Tl:rank * Tl + W - 1], "halo")
     for rst in (reset, None):
         full = [_leaf(x), _leaf(w), _leaf(bias)]
         y, state = causal_conv1d(*full, reset=rst)
         ref_grads = torch.autograd.grad(y, full, gy)
         lx, lw, lb = _local(x, group, Tl), _leaf(w), _leaf(bias)
-        ly, lstate = cp_causal_conv1d(lx, lw, lb, None if rst is None else _local(rst, group, Tl), group=group)
+        ly, lstate = causal_conv1d(lx, lw, lb, None, None if rst is None else _local(rst, group, Tl), cp=group)
         _close(ly, y[:, sl], f"conv y (reset={rst is not None})")
         if rank == cp - 1:
             _close(lstate, state, "conv state after the sequence")
@@ -271,8 +270,8 @@ def check_attention(group, Tl, window):
         out, _ = sliding_window_attention(*full, window, rst, backend="sdpa")
         ref_grads = torch.autograd.grad(out, full, gy)
         local = [_local(t, group, Tl) for t in (q, k, v)]
-        lout, _ = cp_sliding_window_attention(*local, window, None if rst is None else _local(rst, group, Tl),
-                                              group=group)
+        lout, _ = sliding_window_attention(*local, window, None if rst is None else _local(rst, group, Tl),
+                                           cp=group)
         _close(lout, out[:, sl], f"attention out (reset={rst is not None})")
         grads = torch.autograd.grad(lout, local, _local(gy, group, Tl, grad=False))
         for name, got, want in zip("qkv", grads, ref_grads):

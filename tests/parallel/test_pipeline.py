@@ -19,7 +19,7 @@ from megarnn.parallel.launch_env import free_port
 from megarnn.parallel.mesh import ParallelMesh
 from megarnn.parallel.pipeline import full_model, lm_name, pipeline_module, stage_bounds
 from megarnn.parallel.plan import (apply_context_parallel, apply_sequence_parallel, apply_tensor_parallel,
-                                   whole_sequences)
+                                   sequence_count, whole_sequences)
 from megarnn.parallel.tensor import merge_shards
 from megarnn.train.engine import SkipNonFiniteAdamW, build_engine, lr_lambda, setup_distributed
 from tests.ops.kernel_checks import assert_relative_close
@@ -126,7 +126,7 @@ def _check(family: str, tp: int, cp: int, pp: int, zero: int, sp: bool = False, 
             total = torch.zeros(())
             for tok, reset, tgt, mask in micro:
                 logits, _ = engine(tok, reset=reset)
-                loss = par.masked_loss(logits, tgt, mask)
+                loss = par.masked_loss(logits, tgt, mask, sequence_count(mask, mesh.group("cp") if cp > 1 else None))
                 engine.backward(loss * mesh.cp)
                 engine.step()
                 total += loss.detach()
