@@ -49,8 +49,8 @@ def describe(path: Path, tensors: bool, check: bool) -> str:
         lines.append(f"  {info['size']:>12,d}  {rel}  {file_kind(rel)}")
     lines.append(f"  {sum(f['size'] for f in files.values()):>12,d}  in all")
     if tensors:
-        from megarnn.loading import _module_state_dict
-        sd = _module_state_dict(ckpt_dir, tag)
+        from megarnn.train.ds_checkpoint import read_weights
+        sd = read_weights(ckpt_dir, tag)
         lines.append(f"parameters  {sum(v.numel() for v in sd.values()):,d} (merged full model)")
         for name, v in sd.items():
             lines.append(f"  {name:<56} {str(tuple(v.shape)):<16} norm {v.float().norm().item():.4g}")

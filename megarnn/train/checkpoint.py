@@ -26,8 +26,9 @@ import torch
 from megarnn.config import Config
 from megarnn.errors import CheckpointError
 from megarnn.files import atomic_write
+from megarnn.train import reshard
+from megarnn.train.ds_checkpoint import META_FILE, read_meta  # noqa: F401 - public here too
 
-META_FILE = "megarnn.json"
 CRASH_ENV = "MEGARNN_TEST_CRASH_AT_SAVE"  # a step number: SIGKILL mid-save (tests of crash safety)
 
 
@@ -66,13 +67,6 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
         raise CheckpointError(f"{p / tag}: checkpoint named by `latest` is incomplete or missing; "
                               "point train.resume at an earlier step_* directory")
     return p, tag
-
-
-def read_meta(ckpt_dir: Path, tag: str) -> dict:
-    try:
-        return json.loads((ckpt_dir / tag / META_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{ckpt_dir / tag / META_FILE}: unreadable ({e}); the checkpoint is damaged") from None
 
 
 def check_compatible(meta: dict, cfg: Config, where: Path) -> None:
@@ -197,12 +191,12 @@ def load(engine, cfg: Config, path: str | Path, replicas: int) -> dict:
     check_compatible(meta, cfg, ckpt_dir / tag)
     same_layout = check_layout(meta, cfg, replicas, ckpt_dir / tag)
     verify(ckpt_dir / tag, meta)
-    if not same_layout:
-        from megarnn.train import reshard  # it imports this module
-        return reshard.load_full_state(engine, reshard.read_full_state(ckpt_dir, tag), engine.megarnn_mesh)
-    loaded, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                            load_lr_scheduler_states=True)
-    if loaded is None:
-        raise CheckpointError(f"DeepSpeed could not load {ckpt_dir / tag}; the checkpoint is incomplete")
+    if same_layout:
+        loaded, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed could not load {ckpt_dir / tag}; the checkpoint is incomplete")
+    else:
+        client = reshard.load_full_state(engine, reshard.read_full_state(ckpt_dir, tag), engine.megarnn_mesh)
     set_rng_state(client["rng"])
     return client
