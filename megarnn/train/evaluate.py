@@ -10,15 +10,37 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from megarnn.data.indexed import IndexedDataset
+from megarnn.errors import DataError
+
+
+def text_size(datasets) -> tuple[int, int, int]:
+    """(documents, tokens that evaluate() predicts: each document's length - 1, characters) of an
+    IndexedDataset, DocumentSubset, TokenizedDocuments or a list of them, from the index alone."""
+    docs = tokens = chars = 0
+    for ds in datasets if isinstance(datasets, list) else [datasets]:
+        if hasattr(ds, "n_tokens"):
+            n = int(ds.n_tokens) - len(ds)
+        else:
+            n = int(np.maximum(np.diff(np.asarray(ds.offsets, np.int64)) - 1, 0).sum())
+        docs, tokens, chars = docs + len(ds), tokens + max(n, 0), chars + int(np.sum(ds.n_chars))
+    return docs, tokens, chars
 
 
 @torch.no_grad()
 def evaluate(model, datasets: IndexedDataset | list[IndexedDataset], seq_len: int, batch_size: int = 8,
              device: torch.device | None = None) -> dict[str, float]:
-    """Every document of `datasets` -> {"loss": nats/token, "ppl", "bpc": bits/char, "bpb": bits/byte, "tokens"}."""
+    """Every document of `datasets` -> {"loss": nats/token, "ppl", "bpc": bits/char, "bpb": bits/byte, "tokens"}.
+
+    Raises DataError when there is no text to predict (no documents, or only empty ones)
+    rather than report a loss of 0 and 0 bits per character."""
+    n_docs, n_tokens, n_chars = text_size(datasets)
+    if n_tokens == 0 or n_chars == 0:
+        raise DataError(f"the evaluation data has {n_docs} document(s), {n_tokens} token(s) to predict and "
+                        f"{n_chars} character(s) of text; evaluate on held-out text")
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from megarnn.config import Config
 from megarnn.data.prepare import build_run_data, split_files
-from megarnn.errors import ConfigError, TrainingError
+from megarnn.errors import ConfigError, DataError, TrainingError
 from megarnn.models import RecurrentLM
 from megarnn.train import checkpoint
 from megarnn.parallel.mesh import ParallelMesh
@@ -29,7 +29,7 @@ from megarnn.parallel.pipeline import full_model, pipeline_module
 from megarnn.parallel.plan import (apply_context_parallel, apply_sequence_parallel, apply_tensor_parallel, sequence_count,
                                    whole_sequences)
 from megarnn.train.engine import SkipNonFiniteAdamW, build_engine, setup_distributed
-from megarnn.train.evaluate import evaluate
+from megarnn.train.evaluate import evaluate, text_size
 from megarnn.train.metrics import MetricsLogger, peak_flops
 
 FINAL_LINE = "held-out bits per character: {:.3f}"
@@ -44,6 +44,56 @@ def check_writable(out_dir: Path) -> None:
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"train.out_dir={str(out_dir)!r} is not writable ({probe} is not a writable "
                           "directory); choose a directory you can write, e.g. train.out_dir=runs/x")
+
+
+def check_schedule(t) -> None:
+    """The LR schedule must reach its peak: warmup has to end before the run does."""
+    if t.warmup_steps >= t.max_steps:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} >= train.max_steps={t.max_steps}: the learning rate "
+                          f"would never reach its peak train.lr={t.lr:g}; lower train.warmup_steps (e.g. "
+                          f"train.warmup_steps={t.max_steps // 10}) or raise train.max_steps")
+
+
+def check_validation(d, val_ds, loader) -> tuple[int, int, int] | None:
+    """(documents, tokens to predict, characters) of the validation set, None without one; DataError
+    when it has no text (it would report a loss of 0 and 0 bits per character)."""
+    if val_ds is None:
+        return None
+    docs, tokens, chars = text_size(val_ds)
+    if tokens and chars:
+        return docs, tokens, chars
+    if d.shards:
+        corpora = getattr(loader.samples, "corpora", [loader.samples])
+        total = docs + sum(c.n_docs for c in corpora)
+        hint = min(0.5, max(2 * d.val_fraction, 10 / total))
+        raise DataError(f"data.val_fraction={d.val_fraction} holds out {docs} of the {total} documents in "
+                        f"data.shards: no held-out text; raise data.val_fraction (e.g. data.val_fraction={hint:.2g}), "
+                        "or set data.val_fraction=0 to train without validation")
+    if d.stream:
+        raise DataError(f"the validation documents of data.stream (data.val_fraction={d.val_fraction}, data.val_files="
+                        f"{d.val_files}) have no text; raise data.val_fraction or give data.val_files with text")
+    raise DataError(f"the validation files (data.holdout={d.holdout}, data.val_files={d.val_files}) hold {docs} "
+                    f"document(s) and {chars} characters of text; name files with text, or set data.holdout=[] "
+                    "data.val_files=[] to train without validation")
+
+
+def describe_data(loader, seq_len: int, max_steps: int) -> tuple[str, float]:
+    """A line on the training data: tokens in the corpus, tokens per step, epochs the run makes
+    -> (line, epochs; the most over blended corpora; 0 when streamed, whose size is unknown)."""
+    gbs = loader.global_batch_size
+    per_step = f"{gbs * seq_len:,} tokens per step ({gbs} sequences of {seq_len})"
+    run = f"{max_steps} steps read {max_steps * gbs * seq_len:,} tokens"
+    samples = getattr(loader, "samples", None)
+    if samples is None:
+        return f"data: streamed, size unknown; {per_step}; {run}", 0.0
+    if hasattr(samples, "corpora"):  # a blend: each corpus gets its share of every step's samples
+        epochs = [max_steps * gbs * n / samples.period / c.samples_per_epoch
+                  for c, n in zip(samples.corpora, samples.counts)]
+        n_tokens = sum(c.n_tokens for c in samples.corpora)
+        return (f"data: {n_tokens:,} training tokens; {per_step}; {run}: "
+                f"{' / '.join(f'{e:.3g}' for e in epochs)} epochs of the blended corpora"), max(epochs)
+    epochs = max_steps * gbs / samples.samples_per_epoch
+    return f"data: {samples.n_tokens:,} training tokens; {per_step}; {run}: {epochs:.3g} epochs", epochs
 
 
 def find_resume(cfg: Config) -> Path | None:
@@ -270,6 +320,7 @@ def train(cfg: Config) -> dict[str, float]:
 
 def _train(cfg: Config, preemption: PreemptionWatch) -> dict[str, float]:
     run_dir = Path(cfg.train.out_dir)
+    check_schedule(cfg.train)
     if cfg.data.train_files:
         split_files(cfg.data)  # every data path resolves, before anything is written
     check_writable(run_dir)
@@ -287,6 +338,7 @@ def _train(cfg: Config, preemption: PreemptionWatch) -> dict[str, float]:
     dist.barrier()
     if rank != 0:
         tokenizer, loader, val_ds = data()
+    val_size = check_validation(cfg.data, val_ds, loader)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = padded_vocab(tokenizer.vocab_size)
     elif cfg.model.vocab_size < tokenizer.vocab_size:
@@ -311,6 +363,13 @@ def _train(cfg: Config, preemption: PreemptionWatch) -> dict[str, float]:
                  f"per token; {world} process(es) on {device.type}")
     else:
         log.text(f"resumed from {resume_from} at step {step}")
+    data_line, epochs = describe_data(loader, cfg.data.seq_len, t.max_steps)
+    log.text(data_line)
+    if epochs > 1:
+        log.text(f"warning: {epochs:.1f} epochs: the run sees its training tokens ~{epochs:.0f} times and may "
+                 "memorize them; add data or lower train.max_steps")
+    log.text("validation: {:,} documents, {:,} tokens, {:,} characters".format(*val_size) if val_size else
+             "validation: none (no data.holdout, data.val_files or data.val_fraction): no held-out numbers")
 
     end = min(t.max_steps, t.exit_at_step) if t.exit_at_step > 0 else t.max_steps
     progress = Progress(last_good=str(resume_from) if resume_from else None, skipped=skipped)

@@ -50,7 +50,8 @@ def test_kill_9_anywhere_then_restart_reproduces_the_run(tmp_path):
 
 def test_damaged_checkpoint_is_refused_naming_the_file(tmp_path):
     run = tmp_path / "run"
-    args = ["train", "configs/quickstart.yaml", *COMMON, f"train.out_dir={run}", "train.max_steps=2"]
+    args = ["train", "configs/quickstart.yaml", *COMMON, f"train.out_dir={run}", "train.warmup_steps=1",
+            "train.max_steps=2"]
     run_cli(*args)
     shard = run / "checkpoints" / "step_000002" / "mp_rank_00_model_states.pt"
     data = bytearray(shard.read_bytes())
