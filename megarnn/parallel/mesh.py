@@ -34,10 +34,9 @@ class ParallelMesh:
         dp = check_sizes(world, tp, pp, cp)
         mesh = cls(tp=tp, pp=pp, cp=cp, dp=dp, rank=rank)
         for axis in (*AXES, "dp_cp"):
-            for members in mesh.lines(axis):
-                group = dist.new_group(members)  # collective: every rank creates every group
-                if rank in members:
-                    mesh.groups[axis] = group
+            # One call per axis: the lines of an axis partition the world, and torch hands back the
+            # group of the line this rank is on (every rank takes part in creating every line's group).
+            mesh.groups[axis], _ = dist.new_subgroups_by_enumeration(mesh.lines(axis))
         return mesh
 
     def sizes(self) -> dict[str, int]:
