@@ -23,10 +23,12 @@ from typing import Any
 
 import yaml
 
+from megarnn import registry
 from megarnn.errors import ConfigError
 
 
-FAMILY_BLOCKS = {"griffin": "RA", "hawk": "R", "mamba2": "M", "pararnn": "GL"}
+# Block letters per family, from the block registry (megarnn/registry.py); X (model.mixer) fits every family.
+FAMILY_BLOCKS = {f: registry.family_letters(f) for f in registry.FAMILIES}
 
 
 @dataclass
@@ -35,7 +37,8 @@ class ModelConfig:
 
     block_pattern repeats over the layers: "R" = recurrent (RG-LRU) block, "A" = local
     multi-query attention block, "M" = Mamba2 block, "G" / "L" = paraGRU / paraLSTM block
-    (Newton-solved). Families: "hawk" ("R"), "griffin" (e.g. "RRA", RecurrentGemma),
+    (Newton-solved), "X" = your own mixer class named by `mixer` ("package.module:Class",
+    README "Your own cell"; megarnn/registry.py lists every kind). Families: "hawk" ("R"), "griffin" (e.g. "RRA", RecurrentGemma),
     "mamba2" ("M": no embedding scale, no logit cap, plain RMSNorm, as transformers'
     Mamba2ForCausalLM), "pararnn" ("G" or "L": Griffin's residual block around the
     ParaRNN mixer, no embedding scale or logit cap). lru_width is the recurrent width of
@@ -73,7 +76,10 @@ class ModelConfig:
     # ParaRNN blocks: Newton solve limits; tolerance 0 picks one from the dtype (1e-5 in float32)
     newton_max_iters: int = 10
     newton_tol: float = 0.0
-    scan_backend: str = ""  # "" picks the fastest that runs here; "torch" is the reference
+    # Every op's backend: "" picks the fastest that runs here (triton on CUDA), "torch", "triton",
+    # or "reference" (the textbook loops, slow): the RG-LRU and linear scans, SSD and Newton alike.
+    scan_backend: str = ""
+    mixer: str = ""  # "package.module:ClassName": the mixer of block letter "X" (your own cell)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "ModelConfig":
@@ -96,37 +102,35 @@ class ModelConfig:
         return [self.block_pattern[i % len(self.block_pattern)] for i in range(self.n_layers)]
 
     def check_tensor_parallel(self, tp: int) -> None:
-        """Reject sizes that tp does not divide, with the numbers (vocab_size 0 is padded later)."""
+        """Reject sizes that tp does not divide, with the numbers (vocab_size 0 is padded later).
+        What must divide comes from each block kind's registry entry."""
         if tp == 1:
             return
         c = self.resolved()
-
-        def need(n: int, what: str) -> None:
+        need = {"model.vocab_size": c.vocab_size} if c.vocab_size else {}
+        for letter in dict.fromkeys(c.block_types()):
+            kind = registry.block_kind(letter, c)
+            need.update(kind.tp_divisible(c))
+            if kind.has_mlp:
+                need["the MLP width (model.mlp_width)"] = c.mlp_width
+        for what, n in need.items():
             if n % tp:
                 raise ConfigError(f"parallel.tp={tp} does not divide {what}={n}; choose parallel.tp dividing it")
-        if c.vocab_size:
-            need(c.vocab_size, "model.vocab_size")
-        kinds = set(c.block_types())
-        if kinds & {"R", "A", "G", "L"}:
-            need(c.n_heads, "model.n_heads")
-            need(c.mlp_width, "the MLP width (model.mlp_width)")
-        if "A" in kinds and c.n_kv_heads > 1:
-            need(c.n_kv_heads, "model.n_kv_heads")
-        if "M" in kinds:
-            need(c.n_groups, "model.n_groups")
-            need(c.expand * c.d_model // c.ssm_head_dim, "the Mamba2 head count")
 
     def validate(self) -> None:
         if self.family not in FAMILY_BLOCKS:
             raise ConfigError(
                 f"model.family={self.family!r} is not known; expected one of {sorted(FAMILY_BLOCKS)} "
                 "(set model.family and model.block_pattern, e.g. 'RRA' for Griffin, 'R' for Hawk, 'M' for Mamba2)")
-        allowed = FAMILY_BLOCKS[self.family]
+        allowed = FAMILY_BLOCKS[self.family] + registry.PLUGIN_LETTER
         if not self.block_pattern or set(self.block_pattern) - set(allowed):
             raise ConfigError(
                 f"model.block_pattern={self.block_pattern!r} does not fit model.family={self.family!r}: use a "
                 f"non-empty string of {' / '.join(repr(a) for a in allowed)} (R = RG-LRU block, A = local "
-                "attention block, M = Mamba2 block, G / L = paraGRU / paraLSTM block)")
+                "attention block, M = Mamba2 block, G / L = paraGRU / paraLSTM block, X = your own mixer: "
+                "model.mixer)")
+        if registry.PLUGIN_LETTER in self.block_pattern:
+            registry.block_kind(registry.PLUGIN_LETTER, self)  # the class imports, or one line says why
         if self.family == "mamba2":
             _divides(self.expand * self.d_model, self.ssm_head_dim, "model.expand * model.d_model", "model.ssm_head_dim")
             _divides(self.expand * self.d_model // self.ssm_head_dim, self.n_groups, "the Mamba2 head count", "model.n_groups")
@@ -138,9 +142,9 @@ class ModelConfig:
         _divides(self.n_heads, self.n_kv_heads, "model.n_heads", "model.n_kv_heads")
         if not 0.0 <= self.rope_fraction <= 1.0:
             raise ConfigError(f"model.rope_fraction={self.rope_fraction} must be within [0, 1]")
-        if self.scan_backend not in ("", "torch", "triton"):
+        if self.scan_backend not in ("", "torch", "triton", "reference"):
             raise ConfigError(
-                f"model.scan_backend={self.scan_backend!r}; expected '' (auto), 'torch' or 'triton'")
+                f"model.scan_backend={self.scan_backend!r}; expected '' (auto), 'torch', 'triton' or 'reference'")
 
 
 @dataclass

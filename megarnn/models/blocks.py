@@ -5,14 +5,15 @@ where the temporal mixer is a RecurrentBlock ("R") or a LocalAttentionBlock ("A"
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 from torch import nn
 
+from megarnn import registry
 from megarnn.config import ModelConfig
 from megarnn.models.cells import RGLRU, at_least_float32
-from megarnn.models.pararnn import ParaRNNMixer
 from megarnn.ops import causal_conv1d, sliding_window_attention
 
 
@@ -134,13 +135,13 @@ class LocalAttentionBlock(nn.Module):
 
 
 def temporal_mixer(c: ModelConfig, kind: str) -> nn.Module:
-    """The mixer for one block letter: forward(x, reset, state[, pos]) -> (y, state)."""
-    if kind == "R":
-        return RecurrentBlock(c)
-    if kind == "A":
-        return LocalAttentionBlock(c)
-    return ParaRNNMixer(c.d_model, c.lru_width, c.n_heads, c.conv_width, {"G": "gru", "L": "lstm"}[kind],
-                        c.newton_max_iters, c.newton_tol or None, backend=c.scan_backend or None)
+    """The mixer for one block letter (megarnn/registry.py): forward(x, reset, state[, pos]) -> (y, state)."""
+    return registry.block_kind(kind, c).build_mixer(c)
+
+
+def takes_positions(mixer: nn.Module) -> bool:
+    """Whether the mixer's forward takes `pos` (the tokens' positions, for rotary attention)."""
+    return "pos" in inspect.signature(mixer.forward).parameters
 
 
 class ResidualBlock(nn.Module):
@@ -153,9 +154,14 @@ class ResidualBlock(nn.Module):
         self.temporal_block = temporal_mixer(c, kind)
         self.channel_pre_norm = RMSNorm(c.d_model, c.norm_eps)
         self.mlp_block = GatedMLP(c)
+        self._pos = takes_positions(self.temporal_block)
+
+    @property
+    def mixer(self) -> nn.Module:
+        return self.temporal_block
 
     def forward(self, x, reset=None, state=None, pos=None):
-        kwargs = {"pos": pos} if self.kind == "A" else {}
+        kwargs = {"pos": pos} if self._pos else {}
         mixed, new_state = self.temporal_block(self.temporal_pre_norm(x), reset, state, **kwargs)
         x = x + mixed
         return x + self.mlp_block(self.channel_pre_norm(x)), new_state

@@ -19,6 +19,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from megarnn import registry
 from megarnn.config import ModelConfig
 from megarnn.models.blocks import ResidualBlock, RMSNorm
 from megarnn.models.cells import at_least_float32
@@ -36,8 +37,9 @@ class TokenCrossEntropy(nn.Module):
 
 
 def build_block(c: ModelConfig, kind: str) -> nn.Module:
-    """One layer: forward(x, reset, state, pos) -> (x, state)."""
-    return Mamba2Block(c) if kind == "M" else ResidualBlock(c, kind)
+    """One layer: forward(x, reset, state, pos) -> (x, state); with or without the gated MLP as
+    the kind's registry entry says."""
+    return ResidualBlock(c, kind) if registry.block_kind(kind, c).has_mlp else Mamba2Block(c, kind)
 
 
 class RecurrentLM(nn.Module):
@@ -156,21 +158,14 @@ class RecurrentLM(nn.Module):
 
         forward = 2 x (every weight used in a matmul, including the output head even when
         tied, the block-diagonal gates and the conv taps)
-                + per attention layer 2 x 2 x n_heads x head_dim x (mean keys attended),
-        where a query at position i attends min(i + 1, window) keys,
-                + per Mamba2 layer and head 2 x (N + P) x (mean positions seen inside a chunk
-                of Q = min(chunk_size, seq_len): (Q + 1) / 2) + 4 x P x N (state in and out).
+                + per layer its kind's own term (megarnn/registry.py: attention scores and
+                values, SSD's chunk and state products).
         Elementwise work (gates, scan, norms) is left out, as in the PaLM / Megatron convention.
         """
         c = self.c
         matmul = sum(p.numel() for n, p in self.named_parameters()
                      if p.dim() >= 2 and "embed_tokens" not in n)
-        matmul += c.vocab_size * c.d_model  # the head
-        keys = sum(min(i + 1, c.attention_window) for i in range(seq_len)) / seq_len
-        n_attn = sum(1 for k in c.block_types() if k == "A")
-        attn = n_attn * 2 * 2 * c.n_heads * c.head_dim * keys
-        n_ssd = sum(1 for k in c.block_types() if k == "M")
-        q = min(c.chunk_size, seq_len)
-        heads = c.expand * c.d_model // c.ssm_head_dim
-        ssd = n_ssd * heads * (2 * (c.d_state + c.ssm_head_dim) * (q + 1) / 2 + 4 * c.ssm_head_dim * c.d_state)
-        return 3 * (2 * matmul + attn + ssd)
+        if self.lm_head is None:  # the tied head (an untied one is among the parameters already)
+            matmul += c.vocab_size * c.d_model
+        extra = sum(registry.block_kind(k, c).flops(c, seq_len) for k in c.block_types())
+        return 3 * (2 * matmul + extra)

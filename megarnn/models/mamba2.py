@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from megarnn.config import ModelConfig
-from megarnn.models.blocks import RMSNorm
+from megarnn.models.blocks import RMSNorm, takes_positions, temporal_mixer
 from megarnn.models.cells import at_least_float32
 from megarnn.ops import causal_conv1d, ssd_scan
 
@@ -72,11 +72,15 @@ class Mamba2Mixer(nn.Module):
 
 
 class Mamba2Block(nn.Module):
-    def __init__(self, c: ModelConfig):
+    """x + mixer(norm(x)): a block without an MLP, Mamba2's (any registry kind with has_mlp=False)."""
+
+    def __init__(self, c: ModelConfig, kind: str = "M"):
         super().__init__()
+        self.kind = kind
         self.norm = RMSNorm(c.d_model, c.norm_eps, unit_offset=False)
-        self.mixer = Mamba2Mixer(c)
+        self.mixer = temporal_mixer(c, kind)
+        self._pos = takes_positions(self.mixer)
 
     def forward(self, x, reset=None, state=None, pos=None):
-        y, new_state = self.mixer(self.norm(x), reset, state)
+        y, new_state = self.mixer(self.norm(x), reset, state, **({"pos": pos} if self._pos else {}))
         return x + y, new_state

@@ -1,38 +1,34 @@
-"""How each family is split across a tensor-parallel group: one function per mixer, one place.
+"""The parallelism pass: applied to a built, plain RecurrentLM (as torchtitan's parallelize_*).
 
-    apply_tensor_parallel(model, group)   # in place; the model then computes this rank's share
+    apply_tensor_parallel(model, group)     # in place; the model then computes this rank's share
+    apply_sequence_parallel(model, group)   # Megatron SP inside the tp group
+    apply_context_parallel(model, group)    # the ops work on this rank's chunk of the sequence
 
-Every family splits by heads or channels, so the recurrences stay local (no communication
-inside a scan or a Newton solve), and each residual branch ends in one all-reduce:
-  Griffin / Hawk  recurrent block: linear_x, linear_y column-parallel; conv, RG-LRU gate
-                  blocks and Lambda split by channel / head; linear_out row-parallel.
-                  attention: query heads split; the single key/value head replicated;
-                  o_proj row-parallel.
-  Mamba2          in_proj column-parallel per component (z, x, B, C, dt: heads and groups),
-                  so a resharded checkpoint stays correct; conv per component; dt_bias,
-                  A_log, D and the gated norm by head / group; out_proj row-parallel.
-  ParaRNN         in_proj column-parallel per component (u, gate); conv, cell gates
-                  (block-diagonal heads), diagonal recurrences and peepholes by channel;
-                  the gated RMSNorm sums its mean square over the group; out_proj row-parallel.
-  All             gated MLP: gate, up column-parallel, down row-parallel; embedding and
-                  (tied) head split by vocabulary, with vocabulary-parallel cross-entropy.
-  Sequence        (apply_sequence_parallel) the residual stream between layers split along T
-  parallel        within the tp group: gathers before column-parallel layers, reduce-scatters
-                  after row-parallel ones (megarnn/parallel/tensor.py).
+How each block kind splits under tensor parallelism is its entry in megarnn/registry.py
+(column / row / replicated linears, per-channel and per-head slices, packed components cut
+separately); this pass reads it and swaps layers or slices parameters, then lets the entry fix
+its head / channel counts (`localize`). Every family splits by heads or channels, so the
+recurrences stay local (no communication inside a scan or a Newton solve), and each residual
+branch ends in one all-reduce (reduce-scatter under sequence parallelism). The gated MLP:
+gate, up column-parallel, down row-parallel; embedding and (tied) head split by vocabulary,
+with vocabulary-parallel cross-entropy. Context parallelism is not in the model at all: the
+ops split their own work (megarnn/ops/context.py); this pass only enters their context around
+the model's and each block's forward.
 """
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from megarnn import registry
 from megarnn.config import ModelConfig
-from megarnn.models.blocks import GatedMLP, LocalAttentionBlock, RecurrentBlock, RMSNorm
-from megarnn.models.mamba2 import Mamba2Mixer
-from megarnn.models.pararnn import GatedRMSNorm, ParaRNNMixer
+from megarnn.models.blocks import RMSNorm
+from megarnn.models.pararnn import GatedRMSNorm
 from megarnn.ops.context import context_parallel
 from megarnn.parallel.tensor import (ColumnParallelLinear, HeadInput, ReplicatedLinear, RowParallelLinear,
                                      SumGradOverGroup, VocabParallelCrossEntropy, VocabParallelEmbedding,
@@ -64,20 +60,15 @@ def check_tensor_parallel(c: ModelConfig, tp: int) -> None:
 
 def apply_tensor_parallel(model: nn.Module, group) -> nn.Module:
     """Replace every layer of `model` (a full RecurrentLM) by this rank's shard, in place."""
-    check_tensor_parallel(model.c, dist.get_world_size(group))
-    for module in list(model.modules()):
-        if isinstance(module, RecurrentBlock):
-            _recurrent(module, group)
-        elif isinstance(module, LocalAttentionBlock):
-            _attention(module, group)
-        elif isinstance(module, Mamba2Mixer):
-            _mamba2(module, group)
-        elif isinstance(module, ParaRNNMixer):
-            _pararnn(module, group)
-        elif isinstance(module, GatedMLP):
-            module.gate_proj = ColumnParallelLinear(module.gate_proj, group)
-            module.up_proj = ColumnParallelLinear(module.up_proj, group)
-            module.down_proj = RowParallelLinear(module.down_proj, group)
+    c = model.c
+    check_tensor_parallel(c, dist.get_world_size(group))
+    for layer in model.layers:
+        kind = registry.block_kind(layer.kind, c)
+        shard_module(layer.mixer, kind.splits(c), group)
+        if kind.localize is not None:
+            kind.localize(layer.mixer, dist.get_world_size(group))
+        if kind.has_mlp:
+            shard_module(layer.mlp_block, registry.MLP_PLAN, group)
     model.embed_tokens = VocabParallelEmbedding(model.embed_tokens, group)
     if model.lm_head is not None:
         model.lm_head = ColumnParallelLinear(model.lm_head, group)
@@ -198,66 +189,38 @@ class SplitGatedRMSNorm(GatedRMSNorm):
         return all_reduce_sum(y.pow(2).sum(-1, keepdim=True), self.group) / self.full_dim
 
 
-def _split(module: nn.Module, name: str, group, dim: int = 0, components: list[int] | None = None) -> None:
-    setattr(module, name, sharded_parameter(getattr(module, name), dim, components, group))
+def _matches(module: nn.Module, pattern: str) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute name) for every parameter or submodule whose dotted path matches
+    `pattern` ("a.b"; "a.*.w" or "a.*_gate.w": a glob matches one name)."""
+    *parents, leaf = pattern.split(".")
+    nodes = [module]
+    for part in parents:
+        nodes = [child for node in nodes for name, child in node.named_children() if fnmatch.fnmatchcase(name, part)]
+    out = []
+    for node in nodes:
+        names = [n for n, _ in node.named_children()] + [n for n, _ in node.named_parameters(recurse=False)]
+        out += [(node, n) for n in names if fnmatch.fnmatchcase(n, leaf)]
+    return out
 
 
-def _recurrent(m: RecurrentBlock, group) -> None:
-    tp = dist.get_world_size(group)
-    m.linear_x = ColumnParallelLinear(m.linear_x, group)
-    m.linear_y = ColumnParallelLinear(m.linear_y, group)
-    m.linear_out = RowParallelLinear(m.linear_out, group)
-    _split(m, "conv_weight", group)
-    _split(m, "conv_bias", group)
-    lru = m.rg_lru
-    for gate in (lru.input_gate, lru.recurrent_gate):  # (heads, width, width): whole heads per rank
-        _split(gate, "weight", group)
-        _split(gate, "bias", group)
-        gate.n_blocks //= tp
-    _split(lru, "recurrent_param", group)
+def shard_module(mixer: nn.Module, splits: dict, group) -> None:
+    """Apply a registry tp plan ({path: Split}) to one mixer (or MLP), in place."""
+    for path, rule in splits.items():
+        targets = _matches(mixer, path)
+        if not targets:
+            raise ValueError(f"tensor parallel plan of {type(mixer).__name__}: nothing named {path!r}")
+        sizes = rule.components(mixer) if rule.components is not None else None
+        for parent, name in targets:
+            setattr(parent, name, _shard(getattr(parent, name), rule.how, sizes, group))
 
 
-def _attention(m: LocalAttentionBlock, group) -> None:
-    m.q_proj = ColumnParallelLinear(m.q_proj, group)
-    if m.c.n_kv_heads == 1:
-        m.k_proj, m.v_proj = ReplicatedLinear(m.k_proj, group), ReplicatedLinear(m.v_proj, group)
-    else:
-        m.k_proj, m.v_proj = ColumnParallelLinear(m.k_proj, group), ColumnParallelLinear(m.v_proj, group)
-    m.o_proj = RowParallelLinear(m.o_proj, group)
-
-
-def _mamba2(m: Mamba2Mixer, group) -> None:
-    tp = dist.get_world_size(group)
-    gn = m.n_groups * m.c.d_state
-    m.in_proj = ColumnParallelLinear(m.in_proj, group, [m.d_inner, m.d_inner, gn, gn, m.n_heads])
-    _split(m, "conv_weight", group, 0, [m.d_inner, gn, gn])
-    _split(m, "conv_bias", group, 0, [m.d_inner, gn, gn])
-    for name in ("dt_bias", "A_log", "D"):
-        _split(m, name, group)
-    _split(m.norm, "weight", group)
-    m.out_proj = RowParallelLinear(m.out_proj, group)
-    m.d_inner, m.n_heads, m.n_groups = m.d_inner // tp, m.n_heads // tp, m.n_groups // tp
-    m.conv_dim = m.d_inner + 2 * m.n_groups * m.c.d_state
-    m.norm.groups //= tp
-
-
-def _pararnn(m: ParaRNNMixer, group) -> None:
-    tp = dist.get_world_size(group)
-    hidden = m.out_proj.in_features
-    m.in_proj = ColumnParallelLinear(m.in_proj, group, [hidden, hidden])
-    _split(m, "conv_weight", group)
-    _split(m, "conv_bias", group)
-    cell = m.cell
-    for gate in cell.project.gates:
-        _split(gate, "weight", group)
-        _split(gate, "bias", group)
-        gate.n_blocks //= tp
-    _split(cell, "recurrent", group, 1)
-    if hasattr(cell, "peephole"):
-        _split(cell, "peephole", group, 1)
-    local = hidden // tp
-    if hasattr(cell, "width"):
-        cell.width = local
-    cell.state_size = cell.state_size // tp
-    m.norm = SplitGatedRMSNorm(m.norm, group)
-    m.out_proj = RowParallelLinear(m.out_proj, group)
+def _shard(target, how: str, sizes, group):
+    if how == "column":
+        return ColumnParallelLinear(target, group, sizes)
+    if how == "row":
+        return RowParallelLinear(target, group)
+    if how == "replicated":
+        return ReplicatedLinear(target, group)
+    if how == "norm":
+        return SplitGatedRMSNorm(target, group)
+    return sharded_parameter(target, {"dim0": 0, "dim1": 1}[how], sizes, group)

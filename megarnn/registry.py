@@ -1,0 +1,218 @@
+"""One entry per block kind: the only place that says what a block letter is.
+
+An entry declares its temporal mixer class, how each of the mixer's parameters splits under
+tensor parallelism, what tp must divide, its FLOPs per token beyond the matmuls, and the
+Hugging Face architecture its family exports to. config.py (letters, divisibility),
+models/ (building), parallel/plan.py (the TP pass), RecurrentLM.flops_per_token (MFU) and
+the export read it; nothing else names a block kind.
+
+    letter  mixer                                   tp splits
+    R       models.blocks.RecurrentBlock            linear_x/_y column, conv + RG-LRU per channel / head, linear_out row
+    A       models.blocks.LocalAttentionBlock       q (and k, v when n_kv_heads > 1) column, o row
+    M       models.mamba2.Mamba2Mixer               in_proj per component (z, x, B, C, dt), conv, heads; out_proj row
+    G / L   models.pararnn.ParaRNNMixer             in_proj per component (u, gate), conv, cell by channel; out_proj row
+    X       the user's class named by model.mixer   its own `tp_plan` (README, "Your own cell")
+
+A mixer is built as Class(config) (config resolved) unless the entry has `build`, and is
+called mixer(x, reset, state) -> (y, state) (attention also gets pos=). Split rules
+(`Split`): "column" / "row" swap an nn.Linear for its column- / row-parallel version,
+"replicated" keeps a full nn.Linear whose output feeds this rank's heads, "dim0" / "dim1"
+keep this rank's slice of a parameter along that dim, "norm" swaps a GatedRMSNorm for one
+over split channels. `components(mixer)` lists packed parts cut separately (Megatron's
+per-component in_proj), so a checkpoint can be resharded.
+
+This module imports nothing of megarnn (classes are named by "module:Class" and resolved
+when built), so config.py can read it without an import cycle.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+from megarnn.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Split:
+    """How one parameter (or nn.Linear) of a mixer is cut across a tensor-parallel group."""
+
+    how: str  # "column" | "row" | "replicated" | "dim0" | "dim1" | "norm"
+    components: Callable | None = None  # mixer -> full sizes of packed parts along the cut dim
+
+    def __post_init__(self):
+        if self.how not in ("column", "row", "replicated", "dim0", "dim1", "norm"):
+            raise ConfigError(f"tensor-parallel split {self.how!r}; expected column, row, replicated, dim0, dim1 or norm")
+
+
+def _splits(plan: dict) -> dict[str, Split]:
+    return {k: v if isinstance(v, Split) else Split(v) for k, v in plan.items()}
+
+
+@dataclass(frozen=True)
+class BlockKind:
+    letter: str
+    name: str
+    mixer: str  # "module:Class"
+    tp_plan: Callable  # config -> {parameter or submodule path (glob * allowed): Split or rule name}
+    tp_divisible: Callable = lambda c: {}  # config -> {what: size} that tp must divide
+    localize: Callable | None = None  # (mixer, tp) -> None: attribute counts after the split
+    flops: Callable = lambda c, seq_len: 0.0  # forward FLOPs per token beyond 2 x matmul weights
+    has_mlp: bool = True  # Griffin's residual block (mixer + gated MLP); False: Mamba2's (mixer only)
+    families: tuple = field(default=())
+    build: Callable | None = None  # config -> mixer, when Class(config) does not fit
+
+    def mixer_class(self):
+        return resolve_class(self.mixer)
+
+    def build_mixer(self, c):
+        return self.build(c) if self.build is not None else self.mixer_class()(c)
+
+    def splits(self, c) -> dict[str, Split]:
+        return _splits(self.tp_plan(c))
+
+
+def resolve_class(path: str):
+    """ "package.module:Class" -> the class, or a ConfigError saying what is wrong."""
+    module, _, name = path.partition(":")
+    if not module or not name:
+        raise ConfigError(f"model.mixer={path!r}: expected 'package.module:ClassName'")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"model.mixer={path!r} cannot be imported ({e}); check that the module is on "
+                          f"PYTHONPATH (or installed) and defines {name}") from e
+    return cls
+
+
+# --- the built-in kinds ------------------------------------------------------------------------
+
+def _heads(c) -> dict:
+    return {"model.n_heads": c.n_heads, "the MLP width (model.mlp_width)": c.mlp_width}
+
+
+def _recurrent_localize(m, tp):
+    m.rg_lru.input_gate.n_blocks //= tp
+    m.rg_lru.recurrent_gate.n_blocks //= tp
+
+
+def _attention_plan(c):
+    kv = "column" if c.n_kv_heads > 1 else "replicated"
+    return {"q_proj": "column", "k_proj": kv, "v_proj": kv, "o_proj": "row"}
+
+
+def _attention_flops(c, seq_len):
+    """2 x 2 x heads x head_dim x (mean keys attended; query i sees min(i + 1, window))."""
+    keys = sum(min(i + 1, c.attention_window) for i in range(seq_len)) / seq_len
+    return 2 * 2 * c.n_heads * c.head_dim * keys
+
+
+def _mamba2_heads(c) -> int:
+    return c.expand * c.d_model // c.ssm_head_dim
+
+
+def _mamba2_plan(c):
+    conv = lambda m: [m.d_inner, m.n_groups * m.c.d_state, m.n_groups * m.c.d_state]  # noqa: E731
+    return {"in_proj": Split("column", lambda m: [m.d_inner, *conv(m), m.n_heads]),
+            "conv_weight": Split("dim0", conv), "conv_bias": Split("dim0", conv),
+            "dt_bias": "dim0", "A_log": "dim0", "D": "dim0", "norm.weight": "dim0", "out_proj": "row"}
+
+
+def _mamba2_localize(m, tp):
+    m.d_inner, m.n_heads, m.n_groups = m.d_inner // tp, m.n_heads // tp, m.n_groups // tp
+    m.conv_dim = m.d_inner + 2 * m.n_groups * m.c.d_state
+    m.norm.groups //= tp
+
+
+def _ssd_flops(c, seq_len):
+    """Per head: 2 (N + P) x (mean positions seen inside a chunk of Q = min(chunk, T): (Q + 1) / 2)
+    + 4 P N (state in and out). Scores C.B are per group in a fast kernel; counted per head here,
+    as the chunked algorithm's matmuls run per head."""
+    q = min(c.chunk_size, seq_len)
+    return _mamba2_heads(c) * (2 * (c.d_state + c.ssm_head_dim) * (q + 1) / 2 + 4 * c.ssm_head_dim * c.d_state)
+
+
+def _pararnn_plan(peephole: bool):
+    return lambda c: {**_PARARNN_PLAN, **({"cell.peephole": "dim1"} if peephole else {})}
+
+
+_PARARNN_PLAN = {"in_proj": Split("column", lambda m: [m.out_proj.in_features] * 2),
+            "conv_weight": "dim0", "conv_bias": "dim0",
+            "cell.project.gates.*.weight": "dim0", "cell.project.gates.*.bias": "dim0",
+            "cell.recurrent": "dim1", "norm": "norm", "out_proj": "row"}
+
+
+def _pararnn_localize(m, tp):
+    for gate in m.cell.project.gates:
+        gate.n_blocks //= tp
+    if hasattr(m.cell, "width"):
+        m.cell.width //= tp
+    m.cell.state_size //= tp
+
+
+def _pararnn_build(cell):
+    def build(c):
+        from megarnn.models.pararnn import ParaRNNMixer
+        return ParaRNNMixer(c.d_model, c.lru_width, c.n_heads, c.conv_width, cell, c.newton_max_iters,
+                            c.newton_tol or None, backend=c.scan_backend or None)
+    return build
+
+
+BLOCKS: dict[str, BlockKind] = {k.letter: k for k in [
+    BlockKind("R", "RG-LRU recurrent block", "megarnn.models.blocks:RecurrentBlock",
+              lambda c: {"linear_x": "column", "linear_y": "column", "linear_out": "row",
+                         "conv_weight": "dim0", "conv_bias": "dim0", "rg_lru.*_gate.weight": "dim0",
+                         "rg_lru.*_gate.bias": "dim0", "rg_lru.recurrent_param": "dim0"},
+              _heads, _recurrent_localize, families=("griffin", "hawk")),
+    BlockKind("A", "local multi-query attention block", "megarnn.models.blocks:LocalAttentionBlock",
+              _attention_plan, lambda c: {**_heads(c), **({"model.n_kv_heads": c.n_kv_heads} if c.n_kv_heads > 1 else {})},
+              flops=_attention_flops, families=("griffin",)),
+    BlockKind("M", "Mamba2 block (SSD)", "megarnn.models.mamba2:Mamba2Mixer", _mamba2_plan,
+              lambda c: {"model.n_groups": c.n_groups, "the Mamba2 head count": _mamba2_heads(c)},
+              _mamba2_localize, _ssd_flops, has_mlp=False, families=("mamba2",)),
+    BlockKind("G", "paraGRU block (Newton)", "megarnn.models.pararnn:ParaRNNMixer", _pararnn_plan(False), _heads,
+              _pararnn_localize, families=("pararnn",), build=_pararnn_build("gru")),
+    BlockKind("L", "paraLSTM block (Newton)", "megarnn.models.pararnn:ParaRNNMixer", _pararnn_plan(True), _heads,
+              _pararnn_localize, families=("pararnn",), build=_pararnn_build("lstm")),
+]}
+
+# The gated MLP of every residual block with an MLP.
+MLP_PLAN = {"gate_proj": Split("column"), "up_proj": Split("column"), "down_proj": Split("row")}
+
+PLUGIN_LETTER = "X"
+
+
+def plugin_kind(path: str) -> BlockKind:
+    """The entry of a user's mixer class (model.mixer), read from its class attributes:
+    tp_plan (dict, default: nothing split, so the mixer must then be run with tp = 1), optional
+    tp_divisible(c) -> {what: size}, localize(self, tp), flops_per_token(c, seq_len)."""
+    cls = resolve_class(path)
+    plan = getattr(cls, "tp_plan", None)
+    return BlockKind(PLUGIN_LETTER, f"user mixer {path}", path,
+                     lambda c: dict(plan) if plan is not None else {},
+                     getattr(cls, "tp_divisible", lambda c: {}),
+                     (lambda m, tp: m.localize(tp)) if hasattr(cls, "localize") else None,
+                     getattr(cls, "flops_per_token", lambda c, seq_len: 0.0),
+                     has_mlp=getattr(cls, "has_mlp", True), families=())
+
+
+def block_kind(letter: str, c) -> BlockKind:
+    """The entry for one letter of model.block_pattern (c: a ModelConfig)."""
+    if letter == PLUGIN_LETTER:
+        if not c.mixer:
+            raise ConfigError(f"model.block_pattern={c.block_pattern!r} uses {PLUGIN_LETTER!r} (your own mixer) "
+                              "but model.mixer is empty; set model.mixer=package.module:ClassName")
+        return plugin_kind(c.mixer)
+    try:
+        return BLOCKS[letter]
+    except KeyError:
+        raise ConfigError(f"block letter {letter!r} is not known; expected one of "
+                          f"{sorted([*BLOCKS, PLUGIN_LETTER])}") from None
+
+
+def family_letters(family: str) -> str:
+    """The built-in letters a family may use ("" for an unknown family); X is allowed in every family."""
+    return "".join(k.letter for k in BLOCKS.values() if family in k.families)
+
+
+FAMILIES = sorted({f for k in BLOCKS.values() for f in k.families})
