@@ -3,8 +3,8 @@
     megarnn train CONFIG.yaml [key.sub=value ...] [--dry-run]
     megarnn tokenizer --input FILE... --vocab-size N --output DIR
     megarnn preprocess --input FILE...|hf:NAME --tokenizer DIR --output DIR [--workers N]
-    megarnn generate MODEL_DIR --prompt TEXT [--max-new-tokens N]
-    megarnn eval MODEL_DIR --data DIR
+    megarnn generate MODEL_DIR [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--seed N]
+    megarnn eval MODEL_DIR --data DIR [--seq-len N] [--batch-size N]
     megarnn export CHECKPOINT OUTPUT_DIR [--format safetensors|hf]
     megarnn bench step CONFIG.yaml [key.sub=value ...] [--steps N]   |   megarnn bench kernels [...]
 
@@ -20,7 +20,13 @@ import json
 import sys
 from pathlib import Path
 
-from megarnn.errors import MegarnnError
+from megarnn.errors import ConfigError, MegarnnError
+
+
+def at_least(flag: str, value: int, minimum: int) -> None:
+    """A numeric flag below its minimum -> ConfigError (one line, exit 2), before any work starts."""
+    if value < minimum:
+        raise ConfigError(f"{flag} {value}: must be >= {minimum}")
 
 
 def cmd_train(args) -> int:
@@ -67,15 +73,18 @@ def cmd_preprocess(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    import megarnn
-    from megarnn.generate import generate
+    from megarnn.generate import check_sampling, generate
 
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k)  # before the model loads
+    import megarnn
     model, tokenizer = megarnn.load(args.model_dir)
     print(generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
     return 0
 
 
 def cmd_eval(args) -> int:
+    at_least("--seq-len", args.seq_len, 1)
+    at_least("--batch-size", args.batch_size, 1)
     import megarnn
     from megarnn.data.indexed import IndexedDataset
     from megarnn.data.preprocess import MANIFEST, open_shards
@@ -113,72 +122,109 @@ def cmd_bench(args) -> int:
 
     if args.what == "kernels":
         return bench_kernels(args.args)
-    p = argparse.ArgumentParser(prog="megarnn bench step")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocation)")
+    p = argparse.ArgumentParser(prog="megarnn bench step", formatter_class=HelpFormatter,
+                                description="Time a config's optimizer steps on random tokens.")
+    p.add_argument("config", help="A training config (YAML).")
+    p.add_argument("overrides", nargs="*", help="Config overrides key.sub=value, e.g. parallel.tp=2.")
+    p.add_argument("--steps", type=int, default=10, metavar="N", help="Timed optimizer steps.")
+    p.add_argument("--warmup", type=int, default=3, metavar="N", help="Untimed steps first (compilation, allocation).")
     a, extra = p.parse_known_args(args.args)  # overrides may also follow the flags
     bench_step(a.config, a.overrides + extra, a.steps, a.warmup)
     return 0
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except where there is none worth showing."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        empty = isinstance(d, (str, list)) and not d
+        if action.required or empty or d is None or d is False or d is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megarnn", description="Pretrain recurrent language models.")
+    p = argparse.ArgumentParser(prog="megarnn", description="Pretrain recurrent language models.",
+                                formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train (or resume) a model from a YAML config")
-    t.add_argument("config")
-    t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
-    t.add_argument("--dry-run", action="store_true", help="print parameters, FLOPs per token and the config")
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=description, formatter_class=HelpFormatter)
+
+    t = command("train", "train (or resume) a model from a YAML config",
+                "Train a model as a YAML config says, or resume its run (train.resume=auto). SIGUSR1, "
+                "SIGTERM or Ctrl-C: finish the step, save a checkpoint, exit 75; a second Ctrl-C exits at once.")
+    t.add_argument("config", help="The run's config, e.g. configs/quickstart.yaml.")
+    t.add_argument("overrides", nargs="*", help="Config overrides key.sub=value, e.g. train.max_steps=100.")
+    t.add_argument("--dry-run", action="store_true",
+                   help="Print the parameter count, the FLOPs per token and the resolved config, and stop.")
     t.set_defaults(func=cmd_train)
 
-    k = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer, or import an existing .model")
+    k = command("tokenizer", "train a SentencePiece tokenizer, or import an existing .model",
+                "Train a SentencePiece tokenizer on documents, or copy in an existing .model file.")
     k.add_argument("--input", nargs="+", required=True,
-                   help="text/jsonl/parquet files or globs, pkg:PACKAGE/dir/*.txt, hf:json:FILES, "
-                        "hf:NAME[:CONFIG][@SPLIT]; or one existing .model file to copy in")
-    k.add_argument("--vocab-size", type=int, default=0, help="pieces to train (not needed to import a .model)")
-    k.add_argument("--output", required=True)
-    k.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
-    k.add_argument("--text-key", default="text", help="jsonl key / parquet column / dataset field with the text")
+                   help="Text / jsonl / parquet files or globs, pkg:PACKAGE/dir/*.txt, hf:json:FILES, "
+                        "hf:NAME[:CONFIG][@SPLIT]; or one existing .model file to import.")
+    k.add_argument("--vocab-size", type=int, default=0, metavar="N",
+                   help="The number of pieces to train (not needed to import a .model).")
+    k.add_argument("--output", required=True, help="The tokenizer directory to write.")
+    k.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"], help="The SentencePiece algorithm.")
+    k.add_argument("--text-key", default="text", help="The jsonl key / parquet column / dataset field with the text.")
     k.set_defaults(func=cmd_tokenizer)
 
-    pp = sub.add_parser("preprocess", help="tokenize documents into token shards (resumable, multi-process)")
+    pp = command("preprocess", "tokenize documents into token shards (resumable, multi-process)",
+                 "Tokenize documents into token shards for data.shards; run the same command again to resume.")
     pp.add_argument("--input", nargs="+", required=True,
-                    help="text/jsonl/parquet files or globs, pkg:PACKAGE/dir/*.txt, hf:json:FILES, hf:NAME[:CONFIG][@SPLIT]")
-    pp.add_argument("--tokenizer", required=True, help="a tokenizer directory or .model file")
-    pp.add_argument("--output", required=True, help="the shard directory; run the same command again to resume")
-    pp.add_argument("--workers", type=int, default=1, help="tokenizing processes")
-    pp.add_argument("--text-key", default="text", help="jsonl key / parquet column / dataset field with the text")
-    pp.add_argument("--docs-per-shard", type=int, default=100_000)
+                    help="Text / jsonl / parquet files or globs, pkg:PACKAGE/dir/*.txt, hf:json:FILES, "
+                         "hf:NAME[:CONFIG][@SPLIT].")
+    pp.add_argument("--tokenizer", required=True, help="A tokenizer directory or .model file.")
+    pp.add_argument("--output", required=True, help="The shard directory; run the same command again to resume.")
+    pp.add_argument("--workers", type=int, default=1, metavar="N", help="The number of tokenizing processes.")
+    pp.add_argument("--text-key", default="text", help="The jsonl key / parquet column / dataset field with the text.")
+    pp.add_argument("--docs-per-shard", type=int, default=100_000, metavar="N",
+                    help="The number of documents in each shard.")
     pp.set_defaults(func=cmd_preprocess)
 
-    g = sub.add_parser("generate", help="sample text from a checkpoint")
-    g.add_argument("model_dir", help="a run directory, its checkpoints/ directory, or one step_* checkpoint")
-    g.add_argument("--prompt", default="")
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=50)
-    g.add_argument("--seed", type=int, default=0)
+    g = command("generate", "sample text from a checkpoint",
+                "Sample a continuation of a prompt from a trained model, one token at a time.")
+    g.add_argument("model_dir", help="A run directory, its checkpoints/ directory, or one step_* checkpoint.")
+    g.add_argument("--prompt", default="", metavar="TEXT",
+                   help="The text to continue (default: none, start a new document).")
+    g.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
+                   help="The most tokens to generate; fewer if the model ends the document.")
+    g.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                   help="Divides the logits: lower is more conservative; 0 always picks the most likely token.")
+    g.add_argument("--top-k", type=int, default=50, metavar="K",
+                   help="Sample among the k most likely tokens only; 0 samples from the whole vocabulary.")
+    g.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="The random seed: the same seed gives the same text.")
     g.set_defaults(func=cmd_generate)
 
-    x = sub.add_parser("export", help="checkpoint -> safetensors (ours) or Hugging Face layout")
-    x.add_argument("checkpoint", help="a run directory, its checkpoints/ directory, or one step_* checkpoint")
-    x.add_argument("output", help="a new (or empty) directory")
-    x.add_argument("--format", default="safetensors", choices=["safetensors", "hf"])
+    x = command("export", "checkpoint -> safetensors (ours) or Hugging Face layout",
+                "Write a checkpoint's full model as safetensors (megarnn.load reads it) or in the Hugging Face layout.")
+    x.add_argument("checkpoint", help="A run directory, its checkpoints/ directory, or one step_* checkpoint.")
+    x.add_argument("output", help="A new (or empty) directory.")
+    x.add_argument("--format", default="safetensors", choices=["safetensors", "hf"], help="The output layout.")
     x.set_defaults(func=cmd_export)
 
-    b = sub.add_parser("bench", help="train-step throughput of a config (random tokens), or the kernel benchmark")
-    b.add_argument("what", choices=["step", "kernels"])
+    b = command("bench", "train-step throughput of a config (random tokens), or the kernel benchmark",
+                "Time a config's optimizer steps on random tokens (bench step), or run the kernel benchmark "
+                "(bench kernels).")
+    b.add_argument("what", choices=["step", "kernels"], help="What to time.")
     b.add_argument("args", nargs=argparse.REMAINDER,
-                   help="step: CONFIG.yaml [key=value ...] [--steps N] [--warmup N]; kernels: tools/bench_kernels.py's")
+                   help="For step: CONFIG.yaml [key=value ...] [--steps N] [--warmup N]; for kernels: the "
+                        "arguments of tools/bench_kernels.py.")
     b.set_defaults(func=cmd_bench)
 
-    e = sub.add_parser("eval", help="loss, perplexity, bits per char/byte on token shards")
-    e.add_argument("model_dir")
-    e.add_argument("--data", required=True, help="a directory of *.idx/*.bin shards, or one shard prefix")
-    e.add_argument("--seq-len", type=int, default=512)
-    e.add_argument("--batch-size", type=int, default=8)
+    e = command("eval", "loss, perplexity, bits per char/byte on token shards",
+                "Loss, perplexity and bits per character / byte of a model on token shards, over whole documents.")
+    e.add_argument("model_dir", help="A run directory, its checkpoints/ directory, or one step_* checkpoint.")
+    e.add_argument("--data", required=True, help="A directory of *.idx/*.bin shards, or one shard prefix.")
+    e.add_argument("--seq-len", type=int, default=512, metavar="N",
+                   help="Tokens per forward pass; the recurrent state carries over, so it changes the speed, "
+                        "not the result.")
+    e.add_argument("--batch-size", type=int, default=8, metavar="N", help="Documents evaluated together.")
     e.set_defaults(func=cmd_eval)
     return p
 
