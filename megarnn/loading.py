@@ -48,7 +48,7 @@ def _load_export(d: Path) -> tuple[RecurrentLM, Tokenizer]:
 
 def _load_checkpoint(path: Path) -> tuple[RecurrentLM, Tokenizer]:
     """A DeepSpeed checkpoint (any ZeRO stage)."""
-    ckpt_dir, tag = resolve_checkpoint(path)
+    ckpt_dir, tag = resolve_checkpoint(path, fallback=False)
     d = ckpt_dir / tag
     cfg_file = d / "config.yaml"
     if not cfg_file.is_file():

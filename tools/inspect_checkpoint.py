@@ -31,7 +31,7 @@ def file_kind(name: str) -> str:
 
 
 def describe(path: Path, tensors: bool, check: bool) -> str:
-    ckpt_dir, tag = resolve_checkpoint(path)
+    ckpt_dir, tag = resolve_checkpoint(path, fallback=False)
     d = ckpt_dir / tag
     meta = read_meta(ckpt_dir, tag)
     if check:

@@ -16,8 +16,10 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,22 +53,82 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
-    """A checkpoints dir (uses `latest`), a run dir, or one tag dir -> (checkpoints dir, tag)."""
+def resolve_checkpoint(path: str | Path, fallback: bool = True) -> tuple[Path, str]:
+    """A run directory or its checkpoints directory -> (checkpoints dir, the tag `latest` names);
+    one step_* directory -> (its parent, its name).
+
+    fallback=True (train.resume): when `latest` is garbage or names a checkpoint that fails
+    verification, the newest step_* directory that verifies instead, said on one line (see
+    newest_good); nothing is deleted. fallback=False (megarnn.load, tools/inspect_checkpoint.py):
+    `latest`'s checkpoint as it is, or CheckpointError when it is incomplete or missing."""
     p = Path(path)
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
     if (p / META_FILE).is_file():
         return p.parent, p.name
-    latest = p / "latest"
-    if not latest.is_file():
+    if not (p / "latest").is_file():
         raise CheckpointError(f"no checkpoint in {str(path)!r}: expected a run directory, a checkpoints "
                               f"directory with a `latest` file, or a step_* directory with {META_FILE}")
-    tag = latest.read_text().strip()
-    if not (p / tag / META_FILE).is_file():
-        raise CheckpointError(f"{p / tag}: checkpoint named by `latest` is incomplete or missing; "
-                              "point train.resume at an earlier step_* directory")
+    if fallback:
+        return p, newest_good(p)
+    tag, why = _latest_tag(p)
+    if tag is None or not (p / tag / META_FILE).is_file():
+        raise CheckpointError(f"{p / (tag or 'latest')}: " + (f"`latest` {why}" if tag is None else
+                              "the checkpoint named by `latest` is incomplete or missing")
+                              + "; point train.resume at an earlier step_* directory")
     return p, tag
+
+
+def newest_good(ckpt_dir: Path) -> str:
+    """The tag of the newest checkpoint in ckpt_dir that verifies: `latest`'s, else (`latest`
+    unreadable or naming no directory, or its checkpoint missing megarnn.json or a file, or a
+    file truncated or corrupt) the newest older step_* directory that does; then one line on
+    stderr names it and what was skipped and why. Bad checkpoints stay on disk.
+    CheckpointError when none verifies."""
+    named, why = _latest_tag(ckpt_dir)
+    skipped, candidates = ([] if named else [f"`latest` {why}"]), _candidates(ckpt_dir, named)
+    for tag in candidates:
+        try:
+            verify(ckpt_dir / tag, read_meta(ckpt_dir, tag))
+        except CheckpointError as e:
+            if candidates == [named]:
+                raise  # the only checkpoint there is: its own error says it best
+            skipped.append(f"{tag} ({str(e).split('; ')[0]})")
+            continue
+        if skipped:
+            _say(f"warning: resuming from {ckpt_dir / tag}, the newest checkpoint that verifies; skipped "
+                 + "; ".join(skipped) + " (left on disk)")
+        return tag
+    raise CheckpointError(f"no checkpoint in {ckpt_dir} verifies: " + "; ".join(skipped or ["no step_* directory"])
+                          + "; start afresh with train.resume=never or a new train.out_dir")
+
+
+def _latest_tag(ckpt_dir: Path) -> tuple[str | None, str]:
+    """(the tag `latest` names, "") or (None, what is wrong with it)."""
+    try:
+        tag = (ckpt_dir / "latest").read_bytes().decode().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"is unreadable ({e})"
+    if not tag or "/" in tag or tag in (".", "..") or not (ckpt_dir / tag).is_dir():
+        return None, f"names no checkpoint directory ({tag[:40]!r})"
+    return tag, ""
+
+
+def _candidates(ckpt_dir: Path, named: str | None) -> list[str]:
+    """Tags to try, newest first: `named`, then the step_* directories older than it (all of them
+    when `latest` named none; newer ones are saves that never completed)."""
+    steps = sorted(((int(m.group(1)), d.name) for d in ckpt_dir.iterdir()
+                    if d.is_dir() and (m := re.fullmatch(r"step_(\d+)", d.name))), reverse=True)
+    if named is None:
+        return [tag for _, tag in steps]
+    m = re.fullmatch(r"step_(\d+)", named)
+    return [named] + [tag for step, tag in steps if tag != named and (m is None or step < int(m.group(1)))]
+
+
+def _say(text: str) -> None:
+    """One line on stderr, from rank 0 only (every rank resolves the checkpoint)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"megarnn: {text}", file=sys.stderr, flush=True)
 
 
 def check_compatible(meta: dict, cfg: Config, where: Path) -> None:
@@ -148,7 +210,12 @@ def file_manifest(d: Path) -> dict[str, dict]:
 
 
 def verify(d: Path, meta: dict) -> None:
-    """Every file of the manifest is there, whole and unchanged; raises CheckpointError naming it."""
+    """Every file of the manifest is there, whole and unchanged; raises CheckpointError naming it.
+    A checkpoint that verified in this process and whose files have not changed since (same
+    sizes and modification times) is not hashed again: resuming checks it, then loads it."""
+    key = _stat_key(d, meta)
+    if key is not None and _VERIFIED.get(Path(d).resolve()) == key:
+        return
     for rel, want in meta.get("files", {}).items():
         f = d / rel
         if not f.is_file():
@@ -161,6 +228,21 @@ def verify(d: Path, meta: dict) -> None:
         if got[rel]["sha256"] != want["sha256"]:
             raise CheckpointError(f"{d / rel}: checksum mismatch (corrupt file); resume from an earlier "
                                   "step_* directory")
+    if key is not None:
+        _VERIFIED[Path(d).resolve()] = key
+
+
+_VERIFIED: dict[Path, tuple] = {}  # checkpoint directory -> _stat_key when it last verified in this process
+
+
+def _stat_key(d: Path, meta: dict) -> tuple | None:
+    """(the manifest, (name, size, mtime) of each of its files); None when a file is missing."""
+    files = meta.get("files", {})
+    try:
+        stats = tuple((rel, st.st_size, st.st_mtime_ns) for rel in sorted(files) for st in [(d / rel).stat()])
+    except OSError:
+        return None
+    return json.dumps(files, sort_keys=True), stats
 
 
 def prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
