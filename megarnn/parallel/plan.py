@@ -31,8 +31,8 @@ from megarnn.models.blocks import RMSNorm
 from megarnn.models.pararnn import GatedRMSNorm
 from megarnn.ops.context import context_parallel
 from megarnn.parallel.tensor import (ColumnParallelLinear, HeadInput, ReplicatedLinear, RowParallelLinear,
-                                     SumGradOverGroup, VocabParallelCrossEntropy, VocabParallelEmbedding,
-                                     all_reduce_sum, sharded_parameter)
+                                     SublayerInput, SumGradOverGroup, VocabParallelCrossEntropy,
+                                     VocabParallelEmbedding, all_reduce_sum, sharded_parameter)
 
 
 @dataclass
@@ -42,6 +42,7 @@ class Layout:
 
     tp_group: object = None
     head_input: HeadInput | None = None
+    sublayer_inputs: list = field(default_factory=list)
     split_sequence: "SplitSequence | None" = None
     sequence_parallel: bool = False
     norm_grad_hooks: list = field(default_factory=list)
@@ -62,19 +63,24 @@ def apply_tensor_parallel(model: nn.Module, group) -> nn.Module:
     """Replace every layer of `model` (a full RecurrentLM) by this rank's shard, in place."""
     c = model.c
     check_tensor_parallel(c, dist.get_world_size(group))
+    lay = layout(model)
     for layer in model.layers:
         kind = registry.block_kind(layer.kind, c)
+        sublayers = [layer.mixer] + ([layer.mlp_block] if kind.has_mlp else [])
         shard_module(layer.mixer, kind.splits(c), group)
         if kind.localize is not None:
             kind.localize(layer.mixer, dist.get_world_size(group))
         if kind.has_mlp:
             shard_module(layer.mlp_block, registry.MLP_PLAN, group)
+        for sub in sublayers:  # one copy (gather under SP) of each sublayer's input
+            hook = SublayerInput(group)
+            sub.register_forward_pre_hook(hook)
+            lay.sublayer_inputs.append(hook)
     model.embed_tokens = VocabParallelEmbedding(model.embed_tokens, group)
     if model.lm_head is not None:
         model.lm_head = ColumnParallelLinear(model.lm_head, group)
     # The head computes this rank's vocabulary slice: its input's gradient is summed over the
     # group (gathered along T under sequence parallelism), and the loss is vocabulary-parallel.
-    lay = layout(model)
     lay.tp_group, lay.head_input = group, HeadInput(group)
     model.final_norm.register_forward_hook(lay.head_input)
     model.loss = VocabParallelCrossEntropy(group)
@@ -155,8 +161,9 @@ def _set_sequence_parallel(model: nn.Module, on: bool) -> None:
     for m in model.modules():
         if hasattr(m, "sequence_parallel"):
             m.sequence_parallel = on
-    if layout(model).head_input is not None:
-        layout(model).head_input.sequence_parallel = on
+    lay = layout(model)
+    for hook in lay.sublayer_inputs + ([lay.head_input] if lay.head_input is not None else []):
+        hook.sequence_parallel = on
 
 
 @contextlib.contextmanager

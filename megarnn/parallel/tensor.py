@@ -1,19 +1,27 @@
-"""Tensor-parallel building blocks (Megatron-LM, Shoeybi et al. 2019, sec. 3).
+"""Tensor-parallel building blocks (Megatron-LM, Shoeybi et al. 2019, sec. 3; sequence
+parallelism, Korthikanti et al. 2022).
 
 Communication, each an autograd function over the tensor-parallel group:
-    copy_to_tp       forward identity,   backward all-reduce   (input of a column-parallel layer)
-    reduce_from_tp   forward all-reduce, backward identity     (output of a row-parallel layer)
-    all_reduce_sum   forward all-reduce, backward all-reduce   (a sum each rank uses for its shard)
-    gather_seq       forward all-gather along T, backward reduce-scatter   (sequence parallel:
-    scatter_seq      forward reduce-scatter along T, backward all-gather    Megatron-SP, Korthikanti
-                                                                            et al. 2022)
-
-Under sequence parallelism (`layer.sequence_parallel = True`) the residual stream between
-layers holds T / tp steps per rank: column-parallel layers gather the sequence first,
-row-parallel layers and the embedding reduce-scatter it, and every parameter that all ranks
-use on their own tokens (norm weights, row-parallel biases, replicated projections) goes
-through copy_to_tp, so its gradient is the sum over the ranks' tokens.
+    copy_to_tp       forward identity,      backward all-reduce      ("f": a sublayer's input)
+    reduce_from_tp   forward all-reduce,    backward identity        ("g": a row-parallel output)
+    gather_seq       forward all-gather T,  backward reduce-scatter  (sequence parallel "f")
+    scatter_seq      forward reduce-scatter T, backward all-gather   (sequence parallel "g")
+    all_reduce_sum   forward all-reduce,    backward all-reduce      (a sum each rank uses for its shard)
     gather_from_tp   forward all-gather along a dim, backward keep the local slice
+
+One "f" per sublayer: the pass (megarnn/parallel/plan.py) puts a SublayerInput hook in front of
+each mixer and each MLP, which copies (TP) or gathers along T (SP) the sublayer's input ONCE;
+the column-parallel and replicated layers inside then read it without communicating, and the
+hook's backward sums all their input gradients in one all-reduce (TP) or reduce-scatter (SP).
+Each residual branch ends in one "g": the row-parallel output's all-reduce (TP) or
+reduce-scatter along T (SP). So per branch TP moves one all-reduce forward and one backward,
+and SP one all-gather + one reduce-scatter each way: the same bytes (a ring all-reduce is a
+reduce-scatter plus an all-gather), with norms, residual adds and activations between the
+branches on T / tp steps.
+
+Under sequence parallelism every parameter that all ranks apply to their own tokens (norm
+weights, row-parallel biases) gets the sum of the ranks' gradients; replicated projections
+(MQA's single key/value head) sum their weight gradients over the group in every mode.
 
 Layers built from a full (unsharded) module, keeping only this rank's slice:
     ColumnParallelLinear   output features split (possibly per component of a packed output)
@@ -100,15 +108,18 @@ def all_reduce_sum(x, group):
     return _AllReduceSum.apply(x, group) if group is not None else x
 
 
-def _local_rows(x, group, dim: int):
-    n = x.shape[dim] // _world(group)
-    return x.narrow(dim, _rank(group) * n, n).contiguous()
-
-
 def _all_gather_cat(x, group, dim: int):
     parts = [torch.empty_like(x) for _ in range(_world(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
+
+
+def _reduce_scatter_seq(x, group):
+    """(B, T, ...) partial sums on every rank -> (B, T / tp, ...) of the sum, this rank's rows."""
+    xt = x.transpose(0, 1).contiguous()  # reduce_scatter_tensor cuts dim 0
+    out = xt.new_empty(xt.shape[0] // _world(group), *xt.shape[1:])
+    dist.reduce_scatter_tensor(out, xt, group=group)
+    return out.transpose(0, 1)
 
 
 class _GatherSeq(torch.autograd.Function):
@@ -119,18 +130,14 @@ class _GatherSeq(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        g = g.contiguous().clone()
-        dist.all_reduce(g, group=ctx.group)  # gloo has no reduce-scatter: all-reduce, keep our rows
-        return _local_rows(g, ctx.group, 1), None
+        return _reduce_scatter_seq(g, ctx.group), None
 
 
 class _ScatterSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
-        return _local_rows(x, group, 1)
+        return _reduce_scatter_seq(x, group)
 
     @staticmethod
     def backward(ctx, g):
@@ -193,17 +200,34 @@ def sharded_parameter(full: torch.Tensor, dim: int, sizes: list[int] | None, gro
     return p
 
 
+class SublayerInput:
+    """A forward pre-hook on a sublayer (mixer or MLP): its input, the same on every rank, made
+    ready once for the column-parallel layers inside: copy_to_tp, or under sequence parallelism
+    gather_seq ((B, T / tp, D) -> (B, T, D)). Off (evaluation of whole sequences without SP):
+    copy_to_tp."""
+
+    def __init__(self, group):
+        self.group, self.sequence_parallel = group, False
+
+    def __call__(self, module, args):
+        x, *rest = args
+        x = gather_seq(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        return (x, *rest)
+
+
 class ColumnParallelLinear(nn.Module):
-    """y_local = x W_local^T + b_local: this rank's output features. (..., D) -> (..., out / tp)."""
+    """y_local = x W_local^T + b_local: this rank's output features. (..., D) -> (..., out / tp).
+
+    x is the sublayer's input as SublayerInput made it ready (copied or gathered once for all
+    the column-parallel layers of the sublayer), so this layer itself does not communicate."""
 
     def __init__(self, full: nn.Linear, group, components: list[int] | None = None):
         super().__init__()
-        self.group, self.sequence_parallel = group, False
+        self.group = group
         self.weight = sharded_parameter(full.weight, 0, components, group)
         self.bias = sharded_parameter(full.bias, 0, components, group) if full.bias is not None else None
 
     def forward(self, x):
-        x = gather_seq(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -227,22 +251,19 @@ class RowParallelLinear(nn.Module):
 
 class ReplicatedLinear(nn.Module):
     """A full linear on every rank whose output feeds only this rank's heads (MQA's single
-    key/value head): the output's gradient is summed over the group, so the weight's and
-    the input's gradients are the full ones, identical on every rank."""
+    key/value head). Each rank's output gradient is partial (its heads): the weight's gradient
+    is summed over the group here; the input's partial gradient is summed by the sublayer's
+    SublayerInput, with the column-parallel layers' (x as ColumnParallelLinear gets it)."""
 
     def __init__(self, full: nn.Linear, group):
         super().__init__()
-        self.group, self.sequence_parallel = group, False
+        self.group = group
         self.weight = nn.Parameter(full.weight.detach().clone())
         self.bias = nn.Parameter(full.bias.detach().clone()) if full.bias is not None else None
 
     def forward(self, x):
-        if not self.sequence_parallel:
-            return copy_to_tp(F.linear(x, self.weight, self.bias), self.group)
-        # Each rank's output gradient is partial (its heads): sum the weight's over the group,
-        # and let the gather's reduce-scatter sum the input's.
         bias = copy_to_tp(self.bias, self.group) if self.bias is not None else None
-        return F.linear(gather_seq(x, self.group), copy_to_tp(self.weight, self.group), bias)
+        return F.linear(x, copy_to_tp(self.weight, self.group), bias)
 
 
 class VocabParallelEmbedding(nn.Module):
