@@ -7,6 +7,7 @@
     megarnn eval MODEL_DIR --data DIR [--seq-len N] [--batch-size N]
     megarnn export CHECKPOINT OUTPUT_DIR [--format safetensors|hf]
     megarnn bench step CONFIG.yaml [key.sub=value ...] [--steps N]   |   megarnn bench kernels [...]
+    megarnn plot RUN [RUN ...] [--out FILE.png]
 
 Errors caused by input (MegarnnError) print one line to stderr and exit with status 2.
 A training run stopped by SIGUSR1 / SIGTERM / SIGINT (Ctrl-C) finishes its step, saves a
@@ -114,6 +115,14 @@ def cmd_export(args) -> int:
 
     out = export(args.checkpoint, args.output, args.format)
     print(f"exported to {out}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from megarnn.plot import CURVES, metrics_file, plot_runs
+
+    out = args.out or (metrics_file(args.runs[0]).parent / CURVES if len(args.runs) == 1 else Path(CURVES))
+    print(f"curves of {len(args.runs)} run(s) written to {plot_runs(args.runs, out)}")
     return 0
 
 
@@ -226,6 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "not the result.")
     e.add_argument("--batch-size", type=int, default=8, metavar="N", help="Documents evaluated together.")
     e.set_defaults(func=cmd_eval)
+
+    pl = command("plot", "loss (and other) curves of one or more runs as an image (needs matplotlib)",
+                 "Draw the curves in runs' metrics.jsonl against steps: train and validation loss, val/bpc, the "
+                 "learning rate, tokens/s and Newton iterations where logged; several runs are overlaid. Needs "
+                 "matplotlib: pip install 'megarnn[plot]'.")
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="Run directories (train.out_dir), or metrics.jsonl files.")
+    pl.add_argument("--out", metavar="FILE.png",
+                    help="The image to write (default: RUN/curves.png for one run, curves.png here for several).")
+    pl.set_defaults(func=cmd_plot)
     return p
 
 

@@ -96,6 +96,19 @@ def describe_data(loader, seq_len: int, max_steps: int) -> tuple[str, float]:
     return f"data: {samples.n_tokens:,} training tokens; {per_step}; {run}: {epochs:.3g} epochs", epochs
 
 
+def draw_curves(run_dir: Path, log) -> None:
+    """run_dir/curves.png at the end of a run where matplotlib is installed (nothing otherwise); a
+    drawing that fails costs a line, not the finished run."""
+    from megarnn.plot import write_curves
+    try:
+        path = write_curves(run_dir)
+    except Exception as e:  # noqa: BLE001
+        log.text(f"curves not drawn: {type(e).__name__}: {e}")
+        return
+    if path is not None:
+        log.text(f"curves: {path}")
+
+
 def find_resume(cfg: Config) -> Path | None:
     """The checkpoint to resume from, checked against the config, or None to start fresh."""
     r = cfg.train.resume
@@ -412,6 +425,8 @@ def _train(cfg: Config, preemption: PreemptionWatch) -> dict[str, float]:
                 text = generate(model, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
             log.text("sample:\n" + text)
     log.close_bar()
+    if rank == 0:
+        draw_curves(run_dir, log)
     if val is not None:
         log.text(FINAL_LINE.format(val["bpc"]))
     log.close()

@@ -33,7 +33,7 @@ def _subparsers(parser):
     return action.choices
 
 
-@pytest.mark.parametrize("command", ["train", "tokenizer", "preprocess", "generate", "export", "bench", "eval"])
+@pytest.mark.parametrize("command", ["train", "tokenizer", "preprocess", "generate", "export", "bench", "eval", "plot"])
 def test_help_explains_every_option_in_sentences_and_shows_defaults(capsys, command):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
