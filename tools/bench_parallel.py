@@ -2,13 +2,17 @@
 
     python tools/bench_parallel.py                 # tiny Griffin: bytes per step + measured CPU step time
     python tools/bench_parallel.py --paper         # 7B / 14B at realistic layouts on H100 nodes, on paper
+    python tools/bench_parallel.py --tp-sp         # tp=2 bytes of one step, TP vs TP+SP: counted vs closed form
+    TRITON_INTERPRET=1 python tools/bench_parallel.py --cp-launches   # Triton launches of a step, cp=1 vs cp=2
 
 Bytes are per rank per optimizer step, counted from the model config (ring collectives move
 2 (n-1)/n of the buffer for an all-reduce, (n-1)/n for an all-gather or reduce-scatter):
   dp  gradients: all-reduce of this rank's parameter shard, 2 (dp-1)/dp x params/(tp) x 4 bytes
       (fp32 gradients; ZeRO 1/2 do the same volume as reduce-scatter + all-gather)
-  tp  activations: per residual branch one all-reduce of (B, T/cp, D) forward and one backward
-      (Griffin / ParaRNN: 2 branches per layer, Mamba2: 1), plus the embedding's all-reduce
+  tp  megarnn/parallel/comm.py's closed form: per residual branch one all-reduce of (B, T/cp, D)
+      forward and one backward (Griffin / ParaRNN: 2 branches per layer, Mamba2: 1) -- the same
+      bytes as an all-gather + reduce-scatter each way under sequence parallelism -- plus the
+      embedding's and the head's, the vocabulary-parallel loss and O(D) gradients
   cp  per layer O(B x D): the scan carries (all-gather of decay and state) and the conv /
       attention halos, forward and backward; independent of T
   pp  per micro batch the activation (B, T/cp, D) to the next stage and its gradient back,
@@ -33,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megarnn.config import ModelConfig  # noqa: E402
+from megarnn.parallel.comm import tp_bytes_per_micro_batch  # noqa: E402
 
 NVLINK_GBS = 450.0  # H100 NVLink 4, per direction per GPU
 IB_GBS = 50.0  # 400 Gb/s InfiniBand NIC per GPU
@@ -67,7 +72,7 @@ def bytes_per_step(c: ModelConfig, lay: Layout, micro_batch: int, seq_len: int, 
     B, Tl, D = micro_batch, seq_len // lay.cp, c.d_model
     ring = lambda n: 2 * (n - 1) / n if n > 1 else 0.0  # noqa: E731
     dp = ring(lay.dp * lay.cp) * params / (lay.tp * lay.pp) * 4
-    tp = ring(lay.tp) * 2 * (branches / lay.pp + 1) * B * Tl * D * act_bytes
+    tp = tp_bytes_per_micro_batch(c, B, seq_len, lay.tp, lay.cp, act_bytes=act_bytes)["total"] / lay.pp
     pp = 2 * B * Tl * D * act_bytes / lay.tp if lay.pp > 1 else 0.0
     cp = 0.0
     if lay.cp > 1:
@@ -155,13 +160,119 @@ def paper_table(mfu: float, global_tokens: int) -> None:
               f"{(t_dp + t_tp + t_cp + t_pp) / compute:>14.2f}")
 
 
+def _count_step(rank: int, port: int, sp: bool, out: str) -> None:
+    """One rank of a 2-rank tp step of the quickstart model: bytes sent, counted, to out.<rank>."""
+    import torch
+    import torch.distributed as dist
+
+    from megarnn.models import RecurrentLM
+    from megarnn.parallel.comm import CountBytes
+    from megarnn.parallel.mesh import ParallelMesh
+    from megarnn.parallel.plan import apply_sequence_parallel, apply_tensor_parallel
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    c = _quickstart_model()
+    torch.manual_seed(0)
+    model = RecurrentLM(c)
+    apply_tensor_parallel(model, ParallelMesh.build(tp=2).group("tp"))
+    if sp:
+        apply_sequence_parallel(model, dist.group.WORLD)
+    tokens = torch.randint(0, c.vocab_size, (16, 257))
+    with CountBytes(2) as count:
+        logits, _ = model(tokens[:, :-1])
+        model.masked_loss(logits, tokens[:, 1:], torch.ones(16, 256, dtype=torch.bool)).backward()
+    Path(f"{out}.{rank}").write_text(json.dumps(dict(count.bytes)))
+    dist.destroy_process_group()
+
+
+def _quickstart_model() -> ModelConfig:
+    c = ModelConfig.from_yaml(ROOT / "configs/model/griffin-small.yaml")  # the quickstart's model
+    c.vocab_size = 2048  # the quickstart's data.vocab_size
+    return c
+
+
+def tp_sp_table() -> None:
+    import torch.multiprocessing as mp
+
+    from megarnn.parallel.launch_env import free_port
+    c = _quickstart_model()
+    print(f"tp=2, quickstart model ({c.n_layers} layers '{c.block_pattern}', d_model {c.d_model}, vocab "
+          f"{c.vocab_size}), one step of 16 x 256 tokens, fp32, bytes sent per rank (ring collectives)")
+    print(f"{'':<8}{'counted':>12}{'closed form':>14}{'activations':>14}{'loss':>10}{'O(D) grads':>12}  collectives")
+    with tempfile.TemporaryDirectory() as tmp:
+        for sp in (False, True):
+            mp.spawn(_count_step, args=(free_port(), sp, f"{tmp}/bytes"), nprocs=2, join=True)
+            counted = json.loads(Path(f"{tmp}/bytes.0").read_text())
+            want = tp_bytes_per_micro_batch(c.resolved(), 16, 256, 2, sequence_parallel=sp, act_bytes=4)
+            kinds = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in sorted(counted.items()))
+            print(f"{'TP+SP' if sp else 'TP':<8}{_fmt_bytes(sum(counted.values())):>12}{_fmt_bytes(want['total']):>14}"
+                  f"{_fmt_bytes(want['activations']):>14}{_fmt_bytes(want['loss']):>10}{_fmt_bytes(want['params']):>12}"
+                  f"  {kinds}")
+
+
+def _launch_step(rank: int, port: int, name: str, cp: int, out: str) -> None:
+    """One rank of a training step (forward + backward) of configs/model/NAME.yaml with
+    scan_backend=triton, 2 x 64 tokens: Triton kernel launches, counted, to out.<rank>."""
+    import torch
+    import torch.distributed as dist
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from megarnn.models import RecurrentLM
+    from megarnn.parallel.plan import apply_context_parallel
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(cp))
+    dist.init_process_group("gloo", rank=rank, world_size=cp)
+    c = ModelConfig.from_yaml(ROOT / f"configs/model/{name}.yaml")
+    c.vocab_size, c.scan_backend, c.n_layers = 512, "triton", len(c.block_pattern)
+    torch.manual_seed(0)
+    model = apply_context_parallel(RecurrentLM(c), dist.group.WORLD if cp > 1 else None)
+    counts: dict[str, int] = {}
+    run = InterpretedFunction.run
+
+    def counting(self, *args, **kwargs):
+        counts[self.fn.__name__] = counts.get(self.fn.__name__, 0) + 1
+        return run(self, *args, **kwargs)
+    InterpretedFunction.run = counting
+    n = 64 // cp
+    tokens = torch.randint(0, 512, (2, 65))[:, rank * n:(rank + 1) * n + 1]
+    logits, _ = model(tokens[:, :-1])
+    model.cross_entropy(logits, tokens[:, 1:]).sum().backward()
+    Path(f"{out}.{rank}").write_text(json.dumps(counts))
+    dist.destroy_process_group()
+
+
+def cp_launch_table() -> None:
+    import torch.multiprocessing as mp
+
+    from megarnn.parallel.launch_env import free_port
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("--cp-launches counts launches under Triton's interpreter: run it with TRITON_INTERPRET=1")
+    print("Triton kernel launches per rank in one training step (forward + backward), model.scan_backend=triton,")
+    print("one of each block of the pattern, 2 x 64 tokens, under TRITON_INTERPRET=1")
+    print(f"{'model':<16}{'cp=1':>8}{'cp=2':>8}  kernels at cp=2")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("griffin-tiny", "mamba2-tiny", "paragru-tiny", "paralstm-tiny"):
+            got = {}
+            for cp in (1, 2):
+                mp.spawn(_launch_step, args=(free_port(), name, cp, f"{tmp}/{name}{cp}"), nprocs=cp, join=True)
+                got[cp] = json.loads(Path(f"{tmp}/{name}{cp}.0").read_text())
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(got[2].items()))
+            print(f"{name:<16}{sum(got[1].values()):>8}{sum(got[2].values()):>8}  {kinds or '-'}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--paper", action="store_true", help="only the on-paper GPU table")
+    p.add_argument("--tp-sp", action="store_true", help="only tp=2 bytes of one step, TP vs TP+SP, counted and closed form")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--mfu", type=float, default=0.4)
     p.add_argument("--global-tokens", type=int, default=2**21, help="tokens per optimizer step (on paper)")
+    p.add_argument("--cp-launches", action="store_true", help="only Triton launches per step, cp=1 vs cp=2 "
+                   "(needs TRITON_INTERPRET=1)")
     args = p.parse_args()
+    if args.cp_launches:
+        return cp_launch_table()
+    if args.tp_sp:
+        return tp_sp_table()
     if not args.paper:
         cpu_table(args.steps)
         print()
