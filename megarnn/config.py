@@ -110,6 +110,7 @@ class ModelConfig:
         need = {"model.vocab_size": c.vocab_size} if c.vocab_size else {}
         for letter in dict.fromkeys(c.block_types()):
             kind = registry.block_kind(letter, c)
+            kind.tp_check(c, tp)
             need.update(kind.tp_divisible(c))
             if kind.has_mlp:
                 need["the MLP width (model.mlp_width)"] = c.mlp_width

@@ -57,6 +57,7 @@ class BlockKind:
     tp_plan: Callable  # config -> {parameter or submodule path (glob * allowed): Split or rule name}
     tp_divisible: Callable = lambda c: {}  # config -> {what: size} that tp must divide
     localize: Callable | None = None  # (mixer, tp) -> None: attribute counts after the split
+    tp_check: Callable = lambda c, tp: None  # (config, tp) -> raise ConfigError: other rules than "divides"
     flops: Callable = lambda c, seq_len: 0.0  # forward FLOPs per token beyond 2 x matmul weights
     has_mlp: bool = True  # Griffin's residual block (mixer + gated MLP); False: Mamba2's (mixer only)
     families: tuple = field(default=())
@@ -112,16 +113,24 @@ def _mamba2_heads(c) -> int:
 
 
 def _mamba2_plan(c):
-    conv = lambda m: [m.d_inner, m.n_groups * m.c.d_state, m.n_groups * m.c.d_state]  # noqa: E731
+    # B and C are n_groups blocks: cut by group when tp <= n_groups, else each group kept whole by
+    # tp / n_groups ranks (its heads' ranks), so the shipped n_groups = 1 configs split by heads.
+    gn = lambda m: [m.n_groups * m.c.d_state, m.n_groups]  # noqa: E731
+    conv = lambda m: [m.d_inner, gn(m), gn(m)]  # noqa: E731
     return {"in_proj": Split("column", lambda m: [m.d_inner, *conv(m), m.n_heads]),
             "conv_weight": Split("dim0", conv), "conv_bias": Split("dim0", conv),
-            "dt_bias": "dim0", "A_log": "dim0", "D": "dim0", "norm.weight": "dim0", "out_proj": "row"}
+            "dt_bias": "dim0", "A_log": "dim0", "D": "dim0", "norm": "norm", "out_proj": "row"}
 
 
 def _mamba2_localize(m, tp):
-    m.d_inner, m.n_heads, m.n_groups = m.d_inner // tp, m.n_heads // tp, m.n_groups // tp
+    m.d_inner, m.n_heads, m.n_groups = m.d_inner // tp, m.n_heads // tp, max(m.n_groups // tp, 1)
     m.conv_dim = m.d_inner + 2 * m.n_groups * m.c.d_state
-    m.norm.groups //= tp
+
+
+def _mamba2_tp_check(c, tp):
+    if c.n_groups % tp and tp % c.n_groups:
+        raise ConfigError(f"parallel.tp={tp} and model.n_groups={c.n_groups}: one must divide the other (each "
+                          "rank takes whole groups, or a group's heads are spread over tp / n_groups ranks)")
 
 
 def _ssd_flops(c, seq_len):
@@ -168,8 +177,8 @@ BLOCKS: dict[str, BlockKind] = {k.letter: k for k in [
               _attention_plan, lambda c: {**_heads(c), **({"model.n_kv_heads": c.n_kv_heads} if c.n_kv_heads > 1 else {})},
               flops=_attention_flops, families=("griffin",)),
     BlockKind("M", "Mamba2 block (SSD)", "megarnn.models.mamba2:Mamba2Mixer", _mamba2_plan,
-              lambda c: {"model.n_groups": c.n_groups, "the Mamba2 head count": _mamba2_heads(c)},
-              _mamba2_localize, _ssd_flops, has_mlp=False, families=("mamba2",)),
+              lambda c: {"the Mamba2 head count": _mamba2_heads(c)},
+              _mamba2_localize, _mamba2_tp_check, _ssd_flops, has_mlp=False, families=("mamba2",)),
     BlockKind("G", "paraGRU block (Newton)", "megarnn.models.pararnn:ParaRNNMixer", _pararnn_plan(False), _heads,
               _pararnn_localize, families=("pararnn",), build=_pararnn_build("gru")),
     BlockKind("L", "paraLSTM block (Newton)", "megarnn.models.pararnn:ParaRNNMixer", _pararnn_plan(True), _heads,
@@ -189,10 +198,10 @@ def plugin_kind(path: str) -> BlockKind:
     cls = resolve_class(path)
     plan = getattr(cls, "tp_plan", None)
     return BlockKind(PLUGIN_LETTER, f"user mixer {path}", path,
-                     lambda c: dict(plan) if plan is not None else {},
-                     getattr(cls, "tp_divisible", lambda c: {}),
-                     (lambda m, tp: m.localize(tp)) if hasattr(cls, "localize") else None,
-                     getattr(cls, "flops_per_token", lambda c, seq_len: 0.0),
+                     tp_plan=lambda c: dict(plan) if plan is not None else {},
+                     tp_divisible=getattr(cls, "tp_divisible", lambda c: {}),
+                     localize=(lambda m, tp: m.localize(tp)) if hasattr(cls, "localize") else None,
+                     flops=getattr(cls, "flops_per_token", lambda c, seq_len: 0.0),
                      has_mlp=getattr(cls, "has_mlp", True), families=())
 
 

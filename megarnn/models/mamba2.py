@@ -30,8 +30,13 @@ class GatedGroupRMSNorm(nn.Module):
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         h = (at_least_float32(y) * nn.functional.silu(at_least_float32(z))).unflatten(-1, (self.groups, -1))
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = h * torch.rsqrt(self.mean_square(h) + self.eps)
         return self.weight * h.flatten(-2).to(y.dtype)
+
+    def mean_square(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., groups, size) -> (..., groups, 1): the mean over each group's channels (a split
+        layout whose group spans ranks sums over them)."""
+        return h.pow(2).mean(-1, keepdim=True)
 
 
 class Mamba2Mixer(nn.Module):

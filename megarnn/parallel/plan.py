@@ -28,6 +28,7 @@ from torch import nn
 from megarnn import registry
 from megarnn.config import ModelConfig
 from megarnn.models.blocks import RMSNorm
+from megarnn.models.mamba2 import GatedGroupRMSNorm
 from megarnn.models.pararnn import GatedRMSNorm
 from megarnn.ops.context import context_parallel
 from megarnn.parallel.tensor import (ColumnParallelLinear, HeadInput, ReplicatedLinear, RowParallelLinear,
@@ -196,6 +197,27 @@ class SplitGatedRMSNorm(GatedRMSNorm):
         return all_reduce_sum(y.pow(2).sum(-1, keepdim=True), self.group) / self.full_dim
 
 
+class SplitGroupRMSNorm(GatedGroupRMSNorm):
+    """GatedGroupRMSNorm (Mamba2) over channels split across a tensor-parallel group: a rank keeps
+    n_groups / tp whole groups, or, with fewer groups than ranks, a 1 / (tp / n_groups) share of
+    one group, whose mean square then sums the shares of the ranks that keep it."""
+
+    def __init__(self, full: GatedGroupRMSNorm, group):
+        world, rank, G = dist.get_world_size(group), dist.get_rank(group), full.groups
+        super().__init__(full.weight.shape[0] // world, max(G // world, 1), full.eps)
+        self.weight = sharded_parameter(full.weight, 0, None, group)
+        self.group, self.blocks, self.shared = group, G, G < world
+        self.group_size = full.weight.shape[0] // G
+        self.slot = rank // (world // G) if self.shared else 0
+
+    def mean_square(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.shared:
+            return super().mean_square(h)
+        onehot = torch.nn.functional.one_hot(torch.tensor(self.slot), self.blocks).to(h.dtype)
+        sums = all_reduce_sum(h.pow(2).sum(-1, keepdim=True) * onehot, self.group)  # (..., 1, blocks)
+        return sums[..., self.slot:self.slot + 1] / self.group_size
+
+
 def _matches(module: nn.Module, pattern: str) -> list[tuple[nn.Module, str]]:
     """(parent, attribute name) for every parameter or submodule whose dotted path matches
     `pattern` ("a.b"; "a.*.w" or "a.*_gate.w": a glob matches one name)."""
@@ -229,5 +251,5 @@ def _shard(target, how: str, sizes, group):
     if how == "replicated":
         return ReplicatedLinear(target, group)
     if how == "norm":
-        return SplitGatedRMSNorm(target, group)
+        return (SplitGroupRMSNorm if isinstance(target, GatedGroupRMSNorm) else SplitGatedRMSNorm)(target, group)
     return sharded_parameter(target, {"dim0": 0, "dim1": 1}[how], sizes, group)

@@ -166,37 +166,97 @@ def gather_from_tp(x, group, dim: int = -1):
     return _GatherFromTP.apply(x, group, dim % x.dim()) if group is not None else x
 
 
-def shard(t: torch.Tensor, dim: int, sizes: list[int], rank: int, world: int) -> torch.Tensor:
+def _component(spec, world: int, rank: int) -> tuple[int, int, int]:
+    """A component of a tp_split record -> (full size, start of this rank's slice, slice size).
+
+    spec: n (cut evenly: rank r takes [r n / world, (r + 1) n / world)), or [n, blocks]: n is
+    `blocks` equal blocks (Mamba2's B / C per group), cut evenly when world <= blocks, else each
+    block kept whole by world / blocks ranks (rank r: block r // (world / blocks)), as mamba_ssm
+    replicates B and C when there are fewer groups than ranks."""
+    n, blocks = (spec, 0) if isinstance(spec, int) else spec
+    if blocks and blocks < world:
+        if world % blocks or n % blocks:
+            raise ValueError(f"cannot share {blocks} blocks of a component of size {n} among {world} "
+                             "tensor-parallel ranks (world must be a multiple of the blocks)")
+        k = n // blocks
+        return n, (rank // (world // blocks)) * k, k
+    if n % world:
+        raise ValueError(f"cannot split a component of size {n} across {world} tensor-parallel ranks")
+    k = n // world
+    return n, rank * k, k
+
+
+def shard(t: torch.Tensor, dim: int, sizes: list, rank: int, world: int) -> torch.Tensor:
     """This rank's slice of each component of `t` along `dim`, concatenated.
 
     sizes: the full sizes of the packed components along dim (e.g. [z, x, B, C, dt] of
-    Mamba2's in_proj); each must be divisible by world.
+    Mamba2's in_proj), each an int or [size, blocks] (see _component).
     """
     parts, start = [], 0
-    for n in sizes:
-        if n % world:
-            raise ValueError(f"cannot split a component of size {n} across {world} tensor-parallel ranks")
-        k = n // world
-        parts.append(t.narrow(dim, start + rank * k, k))
+    for spec in sizes:
+        n, offset, k = _component(spec, world, rank)
+        parts.append(t.narrow(dim, start + offset, k))
         start += n
     return torch.cat(parts, dim=dim).clone()
 
 
-def merge_shards(parts: list[torch.Tensor], dim: int, sizes: list[int]) -> torch.Tensor:
-    """Inverse of `shard`: parts[r] is rank r's shard -> the full tensor."""
-    out, start = [], 0
-    for n in sizes:
-        k = n // len(parts)
-        out += [p.narrow(dim, start, k) for p in parts]
+def merge_shards(parts: list[torch.Tensor], dim: int, sizes: list) -> torch.Tensor:
+    """Inverse of `shard`: parts[r] is rank r's shard -> the full tensor (a block kept by several
+    ranks is taken from the first of them)."""
+    world, out, start = len(parts), [], 0
+    for spec in sizes:
+        n, _, k = _component(spec, world, 0)
+        owners = range(world) if k * world == n else range(0, world, world * k // n)
+        out += [parts[r].narrow(dim, start, k) for r in owners]
         start += k
     return torch.cat(out, dim)
 
 
-def sharded_parameter(full: torch.Tensor, dim: int, sizes: list[int] | None, group) -> nn.Parameter:
+def _replicated_rows(dim: int, sizes: list, world: int) -> list[tuple[int, int, int, int]]:
+    """(start, size, blocks, this rank's block) of the local components kept whole by several ranks."""
+    out, start = [], 0
+    for spec in sizes:
+        n, _, k = _component(spec, world, 0)
+        if k * world != n:
+            out.append((start, k, n // k))
+        start += k
+    return out
+
+
+class _SumReplicatedBlocks:
+    """A gradient hook for a parameter with components kept whole by several ranks (Mamba2's B /
+    C rows when there are fewer groups than ranks): each rank's gradient of such a block covers
+    only its heads, so the block's gradient is summed over the ranks that keep it (one all-reduce
+    over the group of a (blocks, ...) buffer in which each rank fills its own block's slot)."""
+
+    def __init__(self, dim, rows, group):
+        self.dim, self.rows, self.group = dim, rows, group
+        self.world, self.rank = _world(group), _rank(group)
+
+    def __call__(self, grad):
+        grad = grad.clone()
+        for start, k, blocks in self.rows:
+            g = grad.narrow(self.dim, start, k)
+            buf = g.new_zeros(blocks, *g.shape)
+            buf[self.rank // (self.world // blocks)] = g
+            dist.all_reduce(buf, group=self.group)
+            g.copy_(buf[self.rank // (self.world // blocks)])
+        return grad
+
+
+def sharded_parameter(full: torch.Tensor, dim: int, sizes: list | None, group) -> nn.Parameter:
     sizes = sizes or [full.shape[dim]]
     p = nn.Parameter(shard(full.detach(), dim, sizes, _rank(group), _world(group)))
-    p.tp_split = (dim, list(sizes))
+    p.tp_split = (dim, [s if isinstance(s, int) else list(s) for s in sizes])
     p.tensor_model_parallel = True  # DeepSpeed counts it on every rank in the gradient norm
+    rows = _replicated_rows(dim, sizes, _world(group))
+    if rows:
+        p.register_hook(_SumReplicatedBlocks(dim, rows, group))
+        # The gradient norm sums squares over the group: a block kept by m ranks counts 1 / m each.
+        weight = torch.ones(p.shape[dim])
+        for start, k, blocks in rows:
+            weight[start:start + k] = blocks / _world(group)
+        p.tp_grad_weight = (dim, weight)
     return p
 
 

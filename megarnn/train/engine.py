@@ -69,6 +69,16 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
     }
 
 
+def _grad_sq(p) -> torch.Tensor:
+    """Sum of squares of p's gradient; rows several tensor-parallel ranks keep whole are
+    weighted so that the sum over the group counts them once (megarnn.parallel.tensor)."""
+    g = p.grad.float().pow(2)
+    if not hasattr(p, "tp_grad_weight"):
+        return g.sum()
+    dim, weight = p.tp_grad_weight
+    return (g.movedim(dim, -1) * weight.to(g.device)).sum()
+
+
 class SkipNonFiniteAdamW(torch.optim.AdamW):
     """AdamW that clips by global norm and skips the update when that norm is NaN or Inf.
 
@@ -87,7 +97,7 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
         """L2 norm of all gradients; under tensor parallelism shards are summed over the group
         and replicated parameters (identical on every rank) counted once; under pipeline
         parallelism the stages' sums are added, a tied copy (`ds_pipe_replicated`) counted once."""
-        sq = lambda ps: sum((p.grad.float().pow(2).sum() for p in ps), torch.zeros(()))  # noqa: E731
+        sq = lambda ps: sum((_grad_sq(p) for p in ps), torch.zeros(()))  # noqa: E731
         params = [p for p in params if not getattr(p, "ds_pipe_replicated", False)]
         if self.tp_group is None:
             total = sq(params)

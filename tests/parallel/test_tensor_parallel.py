@@ -24,6 +24,7 @@ FAMILIES = {
     "griffin": dict(family="griffin", block_pattern="RRA", n_heads=4, attention_window=5),
     "griffin-untied-kv2": dict(family="griffin", block_pattern="RA", n_heads=4, n_kv_heads=2, tie_embeddings=False),
     "mamba2": dict(family="mamba2", block_pattern="M", d_state=8, ssm_head_dim=8, n_groups=2, chunk_size=4),
+    "mamba2-g1": dict(family="mamba2", block_pattern="M", d_state=8, ssm_head_dim=8, n_groups=1, chunk_size=4),
     "paragru": dict(family="pararnn", block_pattern="G", n_heads=2),
     "paralstm": dict(family="pararnn", block_pattern="L", n_heads=2),
 }
@@ -89,8 +90,13 @@ def test_tensor_parallel_equals_one_process_for_every_family():
     mp.spawn(_worker, args=(2, free_port(), list(FAMILIES)), nprocs=2, join=True)
 
 
+def test_mamba2_with_fewer_groups_than_ranks_equals_one_process_on_4_ranks():
+    """n_groups = 1 and 2 on tp = 4: each group's B / C kept whole by the ranks of its heads."""
+    mp.spawn(_worker, args=(4, free_port(), ["mamba2", "mamba2-g1"]), nprocs=4, join=True)
+
+
 def test_sizes_that_do_not_split_are_rejected_with_numbers():
     with pytest.raises(ConfigError, match=r"parallel.tp=3 does not divide model.vocab_size=64"):
         check_tensor_parallel(ModelConfig(vocab_size=64), 3)
-    with pytest.raises(ConfigError, match=r"model.n_groups=1"):
-        check_tensor_parallel(ModelConfig(family="mamba2", block_pattern="M", vocab_size=64, n_groups=1), 2)
+    with pytest.raises(ConfigError, match=r"parallel.tp=3 and model.n_groups=2"):
+        check_tensor_parallel(ModelConfig(family="mamba2", block_pattern="M", vocab_size=64, n_groups=2), 3)
