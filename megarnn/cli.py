@@ -8,6 +8,7 @@
     megarnn export CHECKPOINT OUTPUT_DIR [--format safetensors|hf]
     megarnn bench step CONFIG.yaml [key.sub=value ...] [--steps N]   |   megarnn bench kernels [...]
     megarnn plot RUN [RUN ...] [--out FILE.png]
+    megarnn plan CONFIG.yaml [key.sub=value ...] --world-size N [--rank R --materialize] [--json]
 
 Errors caused by input (MegarnnError) print one line to stderr and exit with status 2.
 A training run stopped by SIGUSR1 / SIGTERM / SIGINT (Ctrl-C) finishes its step, saves a
@@ -126,6 +127,34 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from megarnn.plan import format_plan, load_plan_config, materialize, plan
+
+    cfg = load_plan_config(args.config, args.overrides)
+    at_least("--world-size", args.world_size, 1)
+    result = plan(cfg, args.world_size)
+    if args.materialize:
+        if args.rank is None or not 0 <= args.rank < args.world_size:
+            raise ConfigError(f"--materialize needs --rank R with 0 <= R < --world-size {args.world_size}")
+        measured = materialize(cfg, args.world_size, args.rank)
+        entry = next(e for e in result["ranks"] if args.rank in e["ranks"])
+        entry = {**entry, "ranks": [args.rank], "measured_peak_bytes": measured["measured_peak_bytes"],
+                 "measured_params": measured["params"], "seconds": measured["seconds"]}
+        result = {**result, "ranks": [entry]}
+    elif args.rank is not None:
+        result = {**result, "ranks": [{**e, "ranks": [args.rank]} for e in result["ranks"] if args.rank in e["ranks"]]}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(format_plan(result))
+    for e in result["ranks"]:
+        if "measured_peak_bytes" in e:
+            print(f"rank {e['ranks'][0]} built for real on the CPU (fp32), one forward + backward of a micro batch: "
+                  f"peak resident memory {e['measured_peak_bytes'] / 2**30:.2f} GiB above the process's start, "
+                  f"{e['measured_params'] / 1e9:.3f}B parameters, {e['seconds']:.0f} s")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from megarnn.bench import bench_kernels, bench_step
 
@@ -236,6 +265,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=8, metavar="N", help="Documents evaluated together.")
     e.set_defaults(func=cmd_eval)
 
+    pn = command("plan", "per-rank memory and communication of a layout, built on the meta device",
+                 "For a config (or a model file alone) and a world size, print per pipeline stage what a rank "
+                 "holds (parameters, weights, gradients, optimizer state, activations with and without "
+                 "activation checkpointing) and sends per step over each axis (tp, cp, pp, dp), and its "
+                 "checkpoint bytes. Every rank's model is built as training builds it, on the meta device in a "
+                 "fake process group: no memory, no other processes. --materialize builds --rank R for real "
+                 "on the CPU and measures its peak memory through one forward and backward.")
+    pn.add_argument("config", help="A training config or a model file (YAML), e.g. configs/model/griffin-14b.yaml.")
+    pn.add_argument("overrides", nargs="*", help="Config overrides key.sub=value, e.g. parallel.tp=8 parallel.pp=4.")
+    pn.add_argument("--world-size", type=int, required=True, metavar="N", help="Number of ranks (GPUs).")
+    pn.add_argument("--rank", type=int, default=None, metavar="R", help="Only the entry of this rank.")
+    pn.add_argument("--materialize", action="store_true", help="Build --rank R for real on the CPU and measure it.")
+    pn.add_argument("--json", action="store_true", help="One JSON object instead of the table.")
+    pn.set_defaults(func=cmd_plan)
     pl = command("plot", "loss (and other) curves of one or more runs as an image (needs matplotlib)",
                  "Draw the curves in runs' metrics.jsonl against steps: train and validation loss, val/bpc, the "
                  "learning rate, tokens/s and Newton iterations where logged; several runs are overlaid. Needs "

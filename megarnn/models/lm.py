@@ -13,6 +13,8 @@ inputs and RG-LRU state, attention layers at most window - 1 keys and values.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 
 import torch
@@ -36,6 +38,19 @@ class TokenCrossEntropy(nn.Module):
                                            reduction="none").view(targets.shape)
 
 
+@contextlib.contextmanager
+def _seeded(seed: int | None, name: str):
+    """The global RNG seeded by (seed, name) inside the block and restored after; nothing when
+    seed is None. The seed is a stable hash (not Python's salted hash()) of both."""
+    if seed is None:
+        yield
+        return
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        yield
+
+
 def build_block(c: ModelConfig, kind: str) -> nn.Module:
     """One layer: forward(x, reset, state, pos) -> (x, state); with or without the gated MLP as
     the kind's registry entry says."""
@@ -43,25 +58,54 @@ def build_block(c: ModelConfig, kind: str) -> nn.Module:
 
 
 class RecurrentLM(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """seed: None builds every piece from the global RNG, in order (as any nn.Module). An int
+    builds each piece (embed_tokens, layers.i, final_norm, lm_head) from its own generator
+    seeded by (seed, piece name): a piece's initial values then do not depend on which other
+    pieces exist, so a rank can build only its own (make_piece), and every layout starts from
+    the weights one process would."""
+
+    def __init__(self, config: ModelConfig, seed: int | None = None):
         super().__init__()
         config.validate()
         if config.vocab_size <= 0:
             raise ValueError("RecurrentLM needs model.vocab_size > 0 (the trainer fills it from the tokenizer)")
-        self.config = config
+        self.config, self.seed = config, seed
         c = self.c = config.resolved()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.d_model)
-        nn.init.normal_(self.embed_tokens.weight, std=1 / math.sqrt(c.d_model))
-        self.layers = nn.ModuleList(build_block(c, kind) for kind in c.block_types())
+        self.embed_tokens = self.make_piece("embed_tokens")
+        self.layers = nn.ModuleList(self.make_piece(f"layers.{i}") for i in range(c.n_layers))
         griffin = c.family in ("griffin", "hawk")
-        self.final_norm = RMSNorm(c.d_model, c.norm_eps, unit_offset=c.family != "mamba2")
-        self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
-        if self.lm_head is not None:
-            nn.init.normal_(self.lm_head.weight, std=1 / math.sqrt(c.d_model))
+        self.final_norm = self.make_piece("final_norm")
+        self.lm_head = None if c.tie_embeddings else self.make_piece("lm_head")
         self.embed_scale = torch.tensor(math.sqrt(c.d_model), dtype=torch.bfloat16, device="cpu").item() if griffin else 1.0
         self.soft_cap = c.logits_soft_cap if griffin else 0.0
         self.loss = TokenCrossEntropy()
         self.checkpoint_every = 0  # activation checkpointing of every k-th block (0: none)
+
+    def piece_names(self) -> list[str]:
+        """The model's top-level pieces, in order: what a pipeline stage owns a subset of."""
+        c = self.c
+        return ["embed_tokens", *(f"layers.{i}" for i in range(c.n_layers)), "final_norm",
+                *([] if c.tie_embeddings else ["lm_head"])]
+
+    def make_piece(self, name: str) -> nn.Module:
+        """A freshly initialized piece (on the current default device): from the global RNG
+        without a seed, else from its own generator seeded by (seed, name)."""
+        with _seeded(self.seed, name):
+            return self._build_piece(name)
+
+    def _build_piece(self, name: str) -> nn.Module:
+        c = self.c
+        if name == "embed_tokens":
+            embed = nn.Embedding(c.vocab_size, c.d_model)
+            nn.init.normal_(embed.weight, std=1 / math.sqrt(c.d_model))
+            return embed
+        if name == "final_norm":
+            return RMSNorm(c.d_model, c.norm_eps, unit_offset=c.family != "mamba2")
+        if name == "lm_head":
+            head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+            nn.init.normal_(head.weight, std=1 / math.sqrt(c.d_model))
+            return head
+        return build_block(c, c.block_types()[int(name.split(".")[1])])
 
     def forward(self, tokens: torch.Tensor, state: dict | None = None,
                 reset: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:

@@ -35,6 +35,7 @@ from torch import nn
 
 from megarnn.config import stage_bounds  # noqa: F401 (re-exported: the pipeline's stages)
 from megarnn.ops.context import sequence_start
+from megarnn.parallel.construct import dematerialize, materialize
 from megarnn.parallel.plan import sequence_count
 
 TIE_KEY = "embed"
@@ -115,13 +116,14 @@ class PipelineLoss:
 
 
 
-def pipeline_module(lm, mesh, balance: str = "parameters"):
-    """The DeepSpeed PipelineModule of `lm` over mesh.pp stages (every rank calls this)."""
+def pipeline_module(lm, mesh, balance: str = "parameters", parts: list[int] | None = None):
+    """The DeepSpeed PipelineModule of `lm` over mesh.pp stages (every rank calls this).
+    parts: the stage bounds already decided (megarnn/parallel/construct.py), else DeepSpeed's."""
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import ProcessTopology
 
     n = len(lm.layers)
-    bounds = stage_bounds(balance, n, mesh.pp)
+    bounds = parts if parts is not None else stage_bounds(balance, n, mesh.pp)
 
     class Pipe(PipelineModule):
         def _partition_layers(self, method="uniform"):
@@ -195,17 +197,20 @@ def full_model(lm, pipe, mesh, device):
     """The whole `lm`, up to date, on `device` and in the stage's dtype, for evaluation and sampling.
 
     During training a stage keeps only its own layers on the device (DeepSpeed places them);
-    the other layers wait on the CPU and come to the device only inside this block."""
+    the other layers (on the meta device when the rank built only its own, else waiting on the
+    CPU) come to the device only inside this block."""
     if pipe is None:
         yield lm
         return
     dtype = next(pipe.parameters()).dtype  # bf16 when DeepSpeed trains in bf16
+    swapped = materialize(lm, device)  # the other stages' pieces, built on the meta device only
     lm.to(device=device, dtype=dtype)
     sync_full_model(lm, pipe, mesh)
     try:
         yield lm
     finally:
+        dematerialize(swapped)
         stage, owners, n = mesh.rank_in("pp"), _owners(pipe, mesh.pp, lm.lm_head is None), len(lm.layers)
         for name, p in lm.named_parameters():
-            if stage not in owners[_layer_of(name, n)]:
+            if stage not in owners[_layer_of(name, n)] and not p.is_meta:
                 p.data = p.data.to("cpu")

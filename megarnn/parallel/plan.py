@@ -60,26 +60,22 @@ def check_tensor_parallel(c: ModelConfig, tp: int) -> None:
     c.check_tensor_parallel(tp)
 
 
-def apply_tensor_parallel(model: nn.Module, group) -> nn.Module:
-    """Replace every layer of `model` (a full RecurrentLM) by this rank's shard, in place."""
+def apply_tensor_parallel(model: nn.Module, group, make=None) -> nn.Module:
+    """Replace every piece of `model` (a full RecurrentLM) by this rank's shard, in place.
+
+    make: name -> a full piece to shard in place of the model's own (local construction builds
+    this rank's pieces for real one at a time and leaves the others on the meta device)."""
     c = model.c
     check_tensor_parallel(c, dist.get_world_size(group))
+    for name in model.piece_names():
+        set_piece(model, name, shard_piece(c, name, make(name) if make else model.get_submodule(name), group))
     lay = layout(model)
-    for layer in model.layers:
-        kind = registry.block_kind(layer.kind, c)
-        sublayers = [layer.mixer] + ([layer.mlp_block] if kind.has_mlp else [])
-        shard_module(layer.mixer, kind.splits(c), group)
-        if kind.localize is not None:
-            kind.localize(layer.mixer, dist.get_world_size(group))
-        if kind.has_mlp:
-            shard_module(layer.mlp_block, registry.MLP_PLAN, group)
-        for sub in sublayers:  # one copy (gather under SP) of each sublayer's input
+    for layer in model.layers:  # one copy (gather under SP) of each sublayer's input
+        has_mlp = registry.block_kind(layer.kind, c).has_mlp
+        for sub in [layer.mixer] + ([layer.mlp_block] if has_mlp else []):
             hook = SublayerInput(group)
             sub.register_forward_pre_hook(hook)
             lay.sublayer_inputs.append(hook)
-    model.embed_tokens = VocabParallelEmbedding(model.embed_tokens, group)
-    if model.lm_head is not None:
-        model.lm_head = ColumnParallelLinear(model.lm_head, group)
     # The head computes this rank's vocabulary slice: its input's gradient is summed over the
     # group (gathered along T under sequence parallelism), and the loss is vocabulary-parallel.
     lay.tp_group, lay.head_input = group, HeadInput(group)
@@ -87,6 +83,31 @@ def apply_tensor_parallel(model: nn.Module, group) -> nn.Module:
     model.loss = VocabParallelCrossEntropy(group)
     model.tp_group = group  # sampling gathers the logits over it (megarnn/generate.py)
     return model
+
+
+def shard_piece(c: ModelConfig, name: str, piece: nn.Module, group) -> nn.Module:
+    """This rank's shard of one piece of a RecurrentLM (embed_tokens, layers.i, final_norm,
+    lm_head), as the block registry says; layers are changed in place."""
+    if name == "embed_tokens":
+        return VocabParallelEmbedding(piece, group)
+    if name == "lm_head":
+        return ColumnParallelLinear(piece, group)
+    if name == "final_norm":
+        return piece
+    kind = registry.block_kind(piece.kind, c)
+    shard_module(piece.mixer, kind.splits(c), group)
+    if kind.localize is not None:
+        kind.localize(piece.mixer, dist.get_world_size(group))
+    if kind.has_mlp:
+        shard_module(piece.mlp_block, registry.MLP_PLAN, group)
+    return piece
+
+
+def set_piece(model: nn.Module, name: str, piece: nn.Module) -> None:
+    if name.startswith("layers."):
+        model.layers[int(name.split(".")[1])] = piece
+    else:
+        setattr(model, name, piece)
 
 
 class SplitSequence:
