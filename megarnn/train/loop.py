@@ -26,8 +26,8 @@ from megarnn.models import RecurrentLM
 from megarnn.train import checkpoint
 from megarnn.parallel.mesh import ParallelMesh
 from megarnn.parallel.pipeline import full_model, pipeline_module
-from megarnn.parallel.plan import (apply_context_parallel, apply_sequence_parallel, apply_tensor_parallel, sequence_count,
-                                   whole_sequences)
+from megarnn.parallel.construct import build_local
+from megarnn.parallel.plan import sequence_count, whole_sequences
 from megarnn.train.engine import SkipNonFiniteAdamW, build_engine, setup_distributed
 from megarnn.train.evaluate import evaluate, text_size
 from megarnn.train.metrics import MetricsLogger, peak_flops
@@ -304,21 +304,18 @@ def start_processes(cfg: Config) -> tuple[int, int, ParallelMesh, torch.device]:
 def build_model(cfg: Config, mesh: ParallelMesh, device):
     """The model with the layout's plans applied, its pipeline (None unless parallel.pp > 1) and
     the DeepSpeed engine that trains it -> (model, pipe, engine, parameters, FLOPs per token)."""
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = RecurrentLM(cfg.model)
+    torch.manual_seed(cfg.train.seed)
+    with torch.device("meta"):  # sizes of the whole model, without its memory
+        whole = RecurrentLM(cfg.model)
+    n_params, flops_per_token = whole.num_params(), whole.flops_per_token(cfg.data.seq_len)
+    # Each rank builds for real only its pipeline stage's pieces, each from its own seed and cut to
+    # its tensor-parallel shard (megarnn/parallel/construct.py): every layout starts from the
+    # weights one process would, and no rank holds the whole model.
+    model, _, parts = build_local(cfg.model, mesh, cfg.train.seed, cfg.parallel)
+    model.checkpoint_every = cfg.parallel.activation_checkpointing
     if mesh.pp == 1:  # under pipeline parallelism DeepSpeed puts this stage's layers on the device
         model.to(device)
-    model.checkpoint_every = cfg.parallel.activation_checkpointing
-    n_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.data.seq_len)
-    if mesh.tp > 1:
-        apply_tensor_parallel(model, mesh.group("tp"))
-    if mesh.cp > 1:
-        apply_context_parallel(model, mesh.group("cp"))
-    if cfg.parallel.sequence_parallel:
-        apply_sequence_parallel(model, mesh.group("tp"))
-    # Under pipeline parallelism every rank builds all of `model` (on the CPU) but trains, and keeps
-    # on the device, its stage's layers only; full_model brings the rest for evaluation and sampling.
-    pipe = pipeline_module(model, mesh, cfg.parallel.pp_balance) if mesh.pp > 1 else None
+    pipe = pipeline_module(model, mesh, cfg.parallel.pp_balance, parts) if mesh.pp > 1 else None
     return model, pipe, build_engine(cfg, pipe or model, mesh), n_params, flops_per_token
 
 

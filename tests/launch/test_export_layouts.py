@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tests.conftest import ROOT, TINY, run_cli, run_launcher
 from tests.e2e.test_quickstart import read_metrics
 
-COMMON = [*TINY, "model.n_layers=4", "train.max_steps=3", "train.warmup_steps=2", "train.save_interval=3", "train.eval_interval=100",
+COMMON = [*TINY, "model.n_layers=4", "train.max_steps=6", "train.exit_at_step=3", "train.save_interval=3", "train.eval_interval=100",
           "data.holdout=[]"]
 
 

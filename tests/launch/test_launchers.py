@@ -8,7 +8,7 @@ import pytest
 from tests.conftest import ROOT, TINY, run_cli, run_launcher
 from tests.e2e.test_quickstart import read_metrics
 
-COMMON = [*TINY, "train.max_steps=4", "train.warmup_steps=2", "train.save_interval=4", "train.eval_interval=4",
+COMMON = [*TINY, "train.max_steps=6", "train.exit_at_step=4", "train.save_interval=4", "train.eval_interval=4",
           "data.holdout=[macbeth_gut.txt]"]
 
 
