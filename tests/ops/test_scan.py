@@ -52,3 +52,36 @@ def test_bad_shapes_are_rejected():
         linear_scan(torch.zeros(2, 3), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="h0 must be"):
         linear_scan(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), torch.zeros(3, 4))
+
+
+def _chunk_inputs(B, T, D, dtype):
+    g = torch.Generator().manual_seed(T * 7 + D)
+    a = torch.rand(B, T, D, dtype=dtype, generator=g)
+    a[:, ::50] = 0.0  # resets, some at a chunk's first step
+    a[:, 64] = 0.0
+    a[0, 70:75, 1] = 0.0  # a run of zero decays in one channel
+    a[:, 130:140] = 1.0  # no decay
+    b = torch.randn(B, T, D, dtype=dtype, generator=g)
+    h0 = torch.randn(B, D, dtype=dtype, generator=g)
+    return a, b, h0
+
+
+@pytest.mark.parametrize("T", [128, 200, 321])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_chunked_scan_is_exact_with_resets_and_zero_decays(T, dtype, tol):
+    """The chunked form (picked for few channels) equals the loop forward and backward."""
+    from megarnn.ops import scan
+    a, b, h0 = _chunk_inputs(3, T, 7, dtype)
+    assert T >= 2 * scan.CHUNK and 3 * 7 < scan.CHUNKED_MAX_CHANNELS  # linear_scan takes the chunked form
+    acc = torch.float64
+    ref = linear_scan_reference(a.double(), b.double(), h0.double())
+    torch.testing.assert_close(scan._scan_chunked(a, b, h0.to(acc)), ref, rtol=tol, atol=tol)
+    a, b, h0 = (t.requires_grad_() for t in (a, b, h0))
+    out = linear_scan(a, b, h0, backend="torch")
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    g = torch.randn_like(out)
+    ad, bd, hd = (t.detach().double().requires_grad_() for t in (a, b, h0))
+    want = torch.autograd.grad(linear_scan_reference(ad, bd, hd), (ad, bd, hd), g.double())
+    got = torch.autograd.grad(out, (a, b, h0), g)
+    for w, o in zip(want, got):
+        torch.testing.assert_close(o.double(), w, rtol=tol, atol=tol)
