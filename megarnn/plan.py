@@ -50,15 +50,17 @@ def fake_world(rank: int, world_size: int):
 
 
 class SavedBytes:
-    """Bytes autograd saves for backward while active (each tensor counted once)."""
+    """Bytes autograd saves for backward while active: each saved tensor's storage counted once
+    (views of one tensor, saved by several ops, share it; parameters are not activations)."""
 
     def __init__(self):
         self.total, self._seen = 0, {}
 
     def pack(self, t):
-        if id(t) not in self._seen:
-            self._seen[id(t)] = t  # kept alive: its id is not reused
-            self.total += t.numel() * t.element_size()
+        base = t if t._base is None else t._base
+        if id(base) not in self._seen and not isinstance(base, torch.nn.Parameter):
+            self._seen[id(base)] = base  # kept alive: its id is not reused
+            self.total += base.untyped_storage().nbytes()
         return t
 
     def __enter__(self):
