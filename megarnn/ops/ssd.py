@@ -52,12 +52,14 @@ def ssd_scan(x, dt, A, B, C, D=None, chunk_size: int = 64, initial_state=None, r
         _check_state_and_reset(initial_state, reset, b, T, H, P, N)
         return _TritonSSD.apply(x, dt, A, B, C, D, initial_state, reset, chunk_size)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    rep = H // G
-    Bh = B.to(acc).repeat_interleave(rep, dim=2)  # (b, T, H, N)
-    Ch = C.to(acc).repeat_interleave(rep, dim=2)
     s0 = x.new_zeros(b, H, P, N, dtype=acc) if initial_state is None else initial_state.to(acc)
-    fn = _ssd_reference if backend == "reference" or T == 1 else _ssd_chunked
-    y, state = fn(x.to(acc), dt.to(acc), A.to(acc), Bh, Ch, s0, reset, chunk_size)
+    if backend == "reference" or T == 1:
+        rep = H // G
+        Bh = B.to(acc).repeat_interleave(rep, dim=2)  # (b, T, H, N)
+        Ch = C.to(acc).repeat_interleave(rep, dim=2)
+        y, state = _ssd_reference(x.to(acc), dt.to(acc), A.to(acc), Bh, Ch, s0, reset)
+    else:  # B, C stay per group: the chunked form computes C.B^T once per group
+        y, state = _ssd_chunked(x.to(acc), dt.to(acc), A.to(acc), B.to(acc), C.to(acc), s0, reset, chunk_size)
     if D is not None:
         y = y + D.to(acc)[:, None] * x.to(acc)
     return y.to(x.dtype), state
@@ -82,7 +84,7 @@ def _split_ssd(x, dt, A, B, C, D, chunk_size, initial_state, reset, backend, cp)
     return y, final
 
 
-def _ssd_reference(x, dt, A, B, C, state, reset, chunk_size):
+def _ssd_reference(x, dt, A, B, C, state, reset):
     ys = []
     for t in range(x.shape[1]):
         decay = torch.exp(dt[:, t] * A)  # (b, H)
@@ -94,7 +96,13 @@ def _ssd_reference(x, dt, A, B, C, state, reset, chunk_size):
 
 
 def _ssd_chunked(x, dt, A, B, C, state, reset, Q):
+    """The chunked algorithm. x (b, T, H, P), dt (b, T, H), A (H,), B and C per GROUP (b, T, G, N),
+    state (b, H, P, N). Heads are laid out (G, rep) (head h = g * rep + r), so B and C broadcast over
+    a group's heads and C_l.B_s is computed once per group, not once per head. The only 5-D tensors
+    are the (b, c, G, rep, Q, Q) decay matrix, built in place, and its product with the scores."""
     b, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    rep = H // G
     pad = (-T) % Q
     if reset is None:
         reset = torch.zeros(b, T, dtype=torch.bool, device=x.device)
@@ -102,35 +110,40 @@ def _ssd_chunked(x, dt, A, B, C, state, reset, Q):
         x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
         reset = F.pad(reset, (0, pad))
     nc = x.shape[1] // Q
-    x, dt, B, C = (t.reshape(b, nc, Q, *t.shape[2:]) for t in (x, dt, B, C))
+    # Heads split as (G, r) and time after them: (b, c, G, r, l, ...), the layout of the matmuls.
+    x = x.reshape(b, nc, Q, G, rep, P).permute(0, 1, 3, 4, 2, 5)
+    dt = dt.reshape(b, nc, Q, G, rep).permute(0, 1, 3, 4, 2)
+    B, C = (t.reshape(b, nc, Q, G, N).transpose(2, 3) for t in (B, C))  # (b, c, G, l, N)
     seg = torch.cumsum(reset.reshape(b, nc, Q).to(torch.int32), dim=2)  # resets so far in the chunk
-    xdt = x * dt[..., None]  # (b, c, l, H, P)
-    Acs = torch.cumsum(dt * A, dim=2)  # (b, c, l, H): log decay from the chunk start through l
+    xdt = (x * dt[..., None]).contiguous()  # (b, c, G, r, l, P)
+    Acs = torch.cumsum(dt * A.reshape(G, rep, 1), dim=-1)  # (b, c, G, r, l): log decay from the chunk start
+    seg = seg[:, :, None, None]  # (b, c, 1, 1, l)
 
     # 1. Inside a chunk: y_l += sum_{s <= l, same segment} C_l.B_s exp(Acs_l - Acs_s) xdt_s.
     causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
-    same = causal & (seg[:, :, :, None] == seg[:, :, None, :])  # (b, c, l, s)
-    diff = Acs[:, :, :, None, :] - Acs[:, :, None, :, :]  # (b, c, l, s, H)
-    L = torch.exp(diff.masked_fill(~same[..., None], float("-inf")))
-    scores = torch.einsum("bclhn,bcshn->bclsh", C, B) * L
-    y = torch.einsum("bclsh,bcshp->bclhp", scores, xdt)
+    same = causal & (seg[..., :, None] == seg[..., None, :])  # (b, c, 1, 1, l, s)
+    L = (Acs[..., :, None] - Acs[..., None, :]).masked_fill_(~same, float("-inf")).exp_()
+    scores = (C @ B.transpose(-1, -2)).unsqueeze(3)  # (b, c, G, 1, l, s): once per group
+    y = (L * scores) @ xdt  # (b, c, G, r, l, P)
 
     # 2. What each chunk adds to the state by its end (inputs after the chunk's last reset).
-    to_end = torch.exp(Acs[:, :, -1:] - Acs) * (seg == seg[:, :, -1:])[..., None]  # (b, c, l, H)
-    chunk_states = torch.einsum("bclhn,bclh,bclhp->bchpn", B, to_end, xdt)
+    to_end = torch.exp(Acs[..., -1:] - Acs) * (seg == seg[..., -1:])  # (b, c, G, r, l)
+    chunk_states = (xdt * to_end[..., None]).transpose(-1, -2) @ B.unsqueeze(3)  # (b, c, G, r, P, N)
 
     # 3. Pass states from chunk to chunk; a chunk with a reset lets nothing through.
-    through = torch.exp(Acs[:, :, -1]) * (seg[:, :, -1] == 0)[..., None]  # (b, c, H)
+    through = torch.exp(Acs[..., -1]) * (seg[..., -1] == 0)  # (b, c, G, r)
+    state = state.reshape(b, G, rep, P, N)
     starts = []
     for c in range(nc):
         starts.append(state)
-        state = through[:, c, :, None, None] * state + chunk_states[:, c]
-    starts = torch.stack(starts, 1)  # (b, c, H, P, N)
+        state = through[:, c, :, :, None, None] * state + chunk_states[:, c]
+    starts = torch.stack(starts, 1)  # (b, c, G, r, P, N)
 
     # 4. The incoming state's share of each output, until the chunk's first reset.
-    from_start = torch.exp(Acs) * (seg == 0)[..., None]  # (b, c, l, H)
-    y = y + torch.einsum("bclhn,bchpn,bclh->bclhp", C, starts, from_start)
-    return y.reshape(b, nc * Q, H, P)[:, :T], state
+    from_start = torch.exp(Acs) * (seg == 0)  # (b, c, G, r, l)
+    y = y + (C.unsqueeze(3) @ starts.transpose(-1, -2)) * from_start[..., None]  # (b, c, G, r, l, P)
+    y = y.permute(0, 1, 4, 2, 3, 5)  # (b, c, l, G, r, P)
+    return y.reshape(b, nc * Q, H, P)[:, :T], state.reshape(b, H, P, N)
 
 
 def _check_state_and_reset(initial_state, reset, b, T, H, P, N):
