@@ -520,6 +520,38 @@ def _adjoint_kernel(X, P, H0, RESET, H, G, CIN, COUT, PROD, DX, DP, T, W, CHUNK,
         _store_matrix(PROD, chunk, offs, mask, W, m00, m01, m10, m11, LSTM)
 
 
+@triton.jit
+def _block2_scan_kernel(A, BV, H0, H, T, D, HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
+                        BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """h_t = a_t @ h_{t-1} + b_t with one 2x2 matrix per channel (the LSTM's Newton updates and
+    adjoints solved across context-parallel ranks). Grid (channel blocks, batch); a program walks
+    t with its channels' two states in registers. a: (B, T, D, 2, 2), b, h: (B, T, D, 2), h0: (B, D, 2)."""
+    offs = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = offs < D
+    b = tl.program_id(1).to(tl.int64)
+    if HAS_H0:
+        s0 = tl.load(H0 + (b * D + offs) * 2, mask=mask, other=0.0).to(ACC)
+        s1 = tl.load(H0 + (b * D + offs) * 2 + 1, mask=mask, other=0.0).to(ACC)
+    else:
+        s0 = tl.zeros([BLOCK_D], ACC)
+        s1 = tl.zeros([BLOCK_D], ACC)
+    for i in range(T):
+        if REVERSE:
+            t = T - 1 - i
+        else:
+            t = i
+        row = (b * T + t) * D + offs
+        a00 = tl.load(A + row * 4, mask=mask, other=0.0).to(ACC)
+        a01 = tl.load(A + row * 4 + 1, mask=mask, other=0.0).to(ACC)
+        a10 = tl.load(A + row * 4 + 2, mask=mask, other=0.0).to(ACC)
+        a11 = tl.load(A + row * 4 + 3, mask=mask, other=0.0).to(ACC)
+        n0 = a00 * s0 + a01 * s1 + tl.load(BV + row * 2, mask=mask, other=0.0).to(ACC)
+        n1 = a10 * s0 + a11 * s1 + tl.load(BV + row * 2 + 1, mask=mask, other=0.0).to(ACC)
+        tl.store(H + row * 2, n0.to(H.dtype.element_ty), mask=mask)
+        tl.store(H + row * 2 + 1, n1.to(H.dtype.element_ty), mask=mask)
+        s0, s1 = n0, n1
+
+
 # ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
@@ -693,3 +725,24 @@ def adjoint(cell: str, x: torch.Tensor, params: torch.Tensor, h: torch.Tensor, h
     dparams = dp.sum(dim=(0, 1)).view(CELLS[cell], c.W)
     dh0 = None if h0 is None else cout[:, 0].to(h0.dtype)
     return dx, dparams, dh0
+
+
+def block_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None,
+               reverse: bool = False) -> torch.Tensor:
+    """h_t = a_t @ h_{t-1} + b_t per channel, one fused kernel (the contract of
+    megarnn.ops.newton.block2_scan, forward only: Newton's solves run without autograd).
+    a: (B, T, D, 2, 2); b: (B, T, D, 2); h0: (B, D, 2) or None -> (B, T, D, 2) in b's dtype,
+    accumulated in fp32 (fp64 for fp64 b). reverse: from t = T-1 down (h_t = a_t @ h_{t+1} + b_t)."""
+    if a.dim() != 5 or a.shape[-2:] != (2, 2) or b.shape != a.shape[:-1]:
+        raise ValueError(f"block_scan: a must be (B, T, D, 2, 2) and b (B, T, D, 2); got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    B, T, D, _ = b.shape
+    acc = torch.float64 if b.dtype == torch.float64 else torch.float32
+    a, b = a.contiguous(), b.contiguous()
+    h = _empty(b.shape, b.dtype, b.device)
+    h0 = h0.to(acc).contiguous() if h0 is not None else None
+    block = min(128, triton.next_power_of_2(D))
+    _block2_scan_kernel[(triton.cdiv(D, block), B)](a, b, h0 if h0 is not None else h, h, T, D,
+                                                     HAS_H0=h0 is not None, REVERSE=reverse, BLOCK_D=block,
+                                                     ACC=_tl_dtype(acc))
+    return h

@@ -212,6 +212,11 @@ def _drive_newton(K, dtype, shape, ragged):
                     K.newton_guess(cell, x, params, h0, reset, chunk_size=cs)
                     K.newton_iteration(cell, x, params, h, h0, reset, chunk_size=cs)
                     K.adjoint(cell, x, params, h, h0, reset, h, chunk_size=cs)
+        if cell == "lstm":  # the 2x2-block scan of the LSTM's Newton solves across cp ranks
+            a, v = torch.randn(B, T, W, 2, 2, dtype=dtype), torch.randn(B, T, W, 2, dtype=dtype)
+            for s0 in (None, torch.zeros(B, W, 2, dtype=dtype)):
+                for reverse in (False, True):
+                    K.block_scan(a, v, s0, reverse)
 
 
 DRIVERS = {"linear_scan": _drive_linear_scan, "ssd": _drive_ssd, "newton": _drive_newton}

@@ -171,15 +171,19 @@ def _solve_linear(j: torch.Tensor, b: torch.Tensor, structure: str, reverse: boo
                   backend: str | None = None) -> torch.Tensor:
     """y_t = j_t y_{t-1} + b_t from a zero state (or from the end when reverse). b: (B, T, S);
     j per structure. cp: the sequence split across ranks (the carry passed between them);
-    backend: linear_scan's, for the diagonal scans."""
+    backend: linear_scan's, for the diagonal scans; "triton" runs the 2x2-block scans as the
+    fused block-scan kernel too."""
     if structure == "diagonal":
         local = lambda j, b, h0: linear_scan(j, b, h0, backend=backend, cp=False)  # noqa: E731
+    elif backend == "triton":
+        kernels = _require_kernels(b)
+        local = lambda j, b, h0, reverse=False: kernels.block_scan(j, b, h0, reverse)  # noqa: E731
     else:
-        local = lambda j, b, h0: block2_scan(j, b, h0)  # noqa: E731
+        local = lambda j, b, h0, reverse=False: block2_scan(j, b, h0, reverse)  # noqa: E731
     if cp is None:
         if structure == "diagonal":
             return linear_scan(j, b, reverse=reverse, backend=backend, cp=False)
-        return _unpairs(block2_scan(j, _pairs(b), reverse=reverse))
+        return _unpairs(local(j, _pairs(b), None, reverse))
     if structure == "diagonal":
         return context.scan_across(local, j, b, structure, cp, reverse)
     return _unpairs(context.scan_across(local, j, _pairs(b), structure, cp, reverse))

@@ -312,3 +312,18 @@ def test_kernels_compile_for_a_gpu_without_one():
     if no_cuda or ("ptxas" in proc.stderr and "not found" in proc.stderr):
         pytest.skip(f"this triton cannot compile for CUDA: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_block_scan_kernel_equals_the_reference_loop(dtype, tol, reverse):
+    """The 2x2-block scan (paraLSTM's Newton solves across context-parallel ranks), odd sizes,
+    with and without h0, every output written (NaN-prefilled)."""
+    torch.manual_seed(3)
+    a = (torch.rand(2, 37, 35, 2, 2, dtype=dtype) - 0.5).to(DEVICE)
+    b = torch.randn(2, 37, 35, 2, dtype=dtype, device=DEVICE)
+    h0 = torch.randn(2, 35, 2, dtype=dtype, device=DEVICE)
+    for start in (None, h0):
+        got = kernels.block_scan(a, b, start, reverse)
+        _assert_close("h", got, newton_ops.block2_scan(a.double(), b.double(), None if start is None else
+                                                       start.double(), reverse), tol)

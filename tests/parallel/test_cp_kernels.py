@@ -2,9 +2,9 @@
 step of each family launches the same Triton kernels as one process (counted under Triton's
 interpreter), and its loss and gradients equal the one-process torch backend.
 
-paraLSTM (a 2x2-block Jacobian) is the exception, stated here so it is not forgotten: across
-ranks its Newton solves run the distributed scan with torch block scans, as no block-diagonal
-Triton scan exists yet; its one-process run launches the fused Newton kernels.
+Across ranks the Newton cells run the distributed Newton solve with the Triton scans inside
+(the diagonal linear-scan kernel for paraGRU, the 2x2-block scan kernel for paraLSTM); on one
+rank the fused solver kernels.
 """
 import copy
 from collections import Counter
@@ -23,7 +23,7 @@ from tests.parallel.spawn_util import run_on_ranks
 from tests.parallel.test_tensor_parallel import FAMILIES
 
 T = 16
-KERNEL_FAMILIES = ["griffin", "mamba2", "paragru"]
+KERNEL_FAMILIES = ["griffin", "mamba2", "paragru", "paralstm"]
 
 
 def count_launches() -> Counter:
