@@ -119,7 +119,7 @@ def _reduce_scatter_seq(x, group):
     xt = x.transpose(0, 1).contiguous()  # reduce_scatter_tensor cuts dim 0
     out = xt.new_empty(xt.shape[0] // _world(group), *xt.shape[1:])
     dist.reduce_scatter_tensor(out, xt, group=group)
-    return out.transpose(0, 1)
+    return out.transpose(0, 1).contiguous()  # batch-first again (a pipeline stage sends it as it is)
 
 
 class _GatherSeq(torch.autograd.Function):
