@@ -263,6 +263,9 @@ class TrainConfig:
     progress: str = "auto"  # auto (a bar on a terminal) | on | off
     sample_prompt: str = ""
     sample_tokens: int = 0  # tokens generated after training; 0 skips the sample
+    # Seconds a rank may go without progress before the watchdog dumps its stacks and exits 75
+    # (3x while saving, evaluating or in the first step); also sets the collective timeout. 0: off.
+    hang_timeout: float = 300.0
 
     def validate(self) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "log_interval",
@@ -275,6 +278,9 @@ class TrainConfig:
             raise ConfigError(f"train.precision={self.precision!r}; expected auto, fp32 or bf16")
         if self.progress not in ("auto", "on", "off"):
             raise ConfigError(f"train.progress={self.progress!r}; expected auto, on or off")
+        if not self.hang_timeout >= 0:
+            raise ConfigError(f"train.hang_timeout={self.hang_timeout} must be >= 0 (seconds without progress before "
+                              "a rank dumps its stacks and exits; 0 turns the watchdog off)")
         if not self.out_dir:
             raise ConfigError("train.out_dir is empty; set the run directory, e.g. train.out_dir=runs/x")
 

@@ -15,6 +15,7 @@ import torch
 from megarnn.config import Config
 from megarnn.parallel.launch_env import rendezvous_env
 from megarnn.parallel.mesh import DeepSpeedMPU, ParallelMesh, check_sizes
+from megarnn.train.watchdog import collective_timeout
 
 
 def setup_distributed(cfg: Config | None = None) -> tuple[int, int]:
@@ -36,7 +37,14 @@ def setup_distributed(cfg: Config | None = None) -> tuple[int, int]:
         check_sizes(int(os.environ["WORLD_SIZE"]), p.tp, p.pp, p.cp)
     # Also when torch.distributed is up already (tests): DeepSpeed's comm layer then wraps that group.
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    # Collectives time out after the hang watchdog's longest allowance (megarnn/train/watchdog.py),
+    # so the watchdog reports a hang first; the module defaults also reach the mesh's subgroups.
+    timeout = collective_timeout(cfg.train.hang_timeout) if cfg is not None else None
+    if timeout is not None and not dist.is_initialized():
+        from torch.distributed import distributed_c10d
+        distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               **({"timeout": timeout} if timeout is not None else {}))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()

@@ -23,7 +23,7 @@ from megarnn.config import Config
 from megarnn.data.prepare import build_run_data, split_files
 from megarnn.errors import ConfigError, DataError, TrainingError
 from megarnn.models import RecurrentLM
-from megarnn.train import checkpoint
+from megarnn.train import checkpoint, watchdog
 from megarnn.parallel.mesh import ParallelMesh
 from megarnn.parallel.pipeline import full_model, pipeline_module
 from megarnn.parallel.construct import build_local
@@ -200,14 +200,18 @@ def train_step(engine, loader, step: int, grad_accum: int, mesh: ParallelMesh, d
     loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum):
         b = local_micro_batch(loader, step, micro, mesh, device)
+        watchdog.beat("forward")
         logits, _ = engine(b["tokens"], reset=b["reset"])
         count = sequence_count(b["loss_mask"], mesh.group("cp") if mesh.cp > 1 else None)
         loss = engine.module.masked_loss(logits, b["targets"], b["loss_mask"], count)
         # DeepSpeed averages gradients over dp x cp; x cp turns the cp average into the sum of shares.
+        watchdog.beat("backward")
         engine.backward(loss * mesh.cp)
+        watchdog.beat("optimizer")
         engine.step()
         loss_sum += loss.detach()
     # Context-parallel shares add up to each replica's loss; tensor-parallel ranks hold the same loss.
+    watchdog.beat("loss all-reduce")
     dist.all_reduce(loss_sum, group=mesh.group("dp_cp"))
     return loss_sum.item() / (grad_accum * mesh.dp), global_grad_norm(engine)
 
@@ -220,6 +224,7 @@ def pipeline_step(engine, loader, step: int, grad_accum: int, mesh: ParallelMesh
         for micro in range(grad_accum):
             b = local_micro_batch(loader, step, micro, mesh, device)
             yield (b["tokens"], b["reset"].long()), (b["targets"], b["loss_mask"].long())
+    watchdog.beat("pipeline schedule (forward, backward, optimizer)")
     loss = engine.train_batch(micro_batches())
     return float(loss), global_grad_norm(engine)
 
@@ -325,7 +330,10 @@ def train(cfg: Config) -> dict[str, float]:
     The preemption signals are caught from the start: one that arrives while the run is still
     setting up (data, model, engine, resume) stops it after its first step, with a checkpoint."""
     with PreemptionWatch() as preemption:
-        return _train(cfg, preemption)
+        try:
+            return _train(cfg, preemption)
+        finally:
+            watchdog.stop()
 
 
 def _train(cfg: Config, preemption: PreemptionWatch) -> dict[str, float]:
@@ -385,7 +393,9 @@ def _train(cfg: Config, preemption: PreemptionWatch) -> dict[str, float]:
     progress = Progress(last_good=str(resume_from) if resume_from else None, skipped=skipped)
     meter = Meter(loader.global_batch_size * cfg.data.seq_len, flops_per_token, peak)
     val = None
+    watchdog.start(t.hang_timeout, rank, run_dir / "log.txt")  # a rank without progress dumps its stacks, exits
     while step < end:
+        watchdog.beat("step", step=step + 1)
         t0 = time.perf_counter()
         loss_val, grad_norm = train_step(engine, loader, step, t.grad_accum, mesh, device)
         seconds = time.perf_counter() - t0
@@ -398,11 +408,14 @@ def _train(cfg: Config, preemption: PreemptionWatch) -> dict[str, float]:
                                    "train/grad_norm": grad_norm, "train/skipped_steps": progress.skipped,
                                    **model.solver_stats()})
             if val_ds is not None and (step % t.eval_interval == 0 or step == end):
+                watchdog.beat("eval", slow=True)
                 with full_model(model, pipe, mesh, device):
                     val = run_eval(model, val_ds, cfg.data.seq_len, device)
                 log.scalars(step, {"val/loss": val["loss"], "val/bpc": val["bpc"], "val/ppl": val["ppl"]})
+        watchdog.beat("stop flag all-reduce")
         stop = preemption.requested()
         if (progress.bad_in_a_row == 0 and (step % t.save_interval == 0 or step == end)) or stop:
+            watchdog.beat("save", slow=True)
             client = {"skipped": progress.skipped, "data": loader.state_dict(step),
                       "param_groups": engine.megarnn_param_groups}
             tag = checkpoint.save(engine, cfg, ckpt_dir, step, client, tokenizer, mesh.sizes(), model)
@@ -413,6 +426,7 @@ def _train(cfg: Config, preemption: PreemptionWatch) -> dict[str, float]:
             raise Preempted(f"stopped by {preemption.signal_name} after step {step}; "
                             f"checkpoint {progress.last_good}; rerun the same command to resume")
 
+    watchdog.beat("final eval and sample", slow=True)
     with full_model(model, pipe, mesh, device):
         if val is None and val_ds is not None:
             val = run_eval(model, val_ds, cfg.data.seq_len, device)

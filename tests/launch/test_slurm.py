@@ -15,10 +15,13 @@ tools/install_slurm.sh when they are missing); elsewhere it skips and says why. 
 """
 import importlib.util
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -152,3 +155,62 @@ def test_sbatch_two_nodes_stopped_twice_requeued_resumed_equals_one_process(clus
     a, b = read_metrics(single, "train/loss"), read_metrics(run, "train/loss")
     for s in a:
         assert b[s] == pytest.approx(a[s], rel=1e-5), s
+
+
+def _task_pid(job_id: str, procid: int) -> int | None:
+    """The pid of task `procid` of the job's training step (the nodes share this machine's pids)."""
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            raw = environ.read_bytes()
+            cmd = (environ.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        env = dict(x.decode(errors="replace").split("=", 1) for x in raw.split(b"\0") if b"=" in x)
+        if (env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID") == str(procid)
+                and "SLURM_STEP_ID" in env and b"megarnn" in cmd and b"train" in cmd):
+            return int(environ.parent.name)
+    return None
+
+
+def test_sbatch_a_hung_task_trips_the_watchdog_and_the_job_is_requeued_and_resumed(cluster, tmp_path):
+    """Task 1 of 4 is SIGSTOPped mid-run (a hung GPU / process). The other tasks wait for it in a
+    collective; their watchdogs (train.hang_timeout=10) dump their stacks and exit 75; srun ends the
+    step, the script requeues the job, which resumes from the last checkpoint and completes."""
+    steps, run = 40, tmp_path / "run"
+    args = [*TINY, f"train.max_steps={steps}", "train.save_interval=5", "train.eval_interval=1000",
+            "data.holdout=[]", "train.hang_timeout=10", f"train.out_dir={run}"]
+    env = {**cluster.env, "MEGARNN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    sub = subprocess.run(cluster.client("sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=2",
+                                        f"--output={tmp_path}/slurm-%j.out", "launch/slurm/train.sbatch",
+                                        "configs/quickstart.yaml", *args),
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip().split(";")[0]
+    job = Job(cluster, job_id, run, tmp_path / f"slurm-{job_id}.out")
+
+    job.wait("a checkpoint and a step on", lambda j, s: (run / "checkpoints" / "latest").is_file()
+             and max(s, default=0) >= 6)
+    pid = _task_pid(job.id, 1)
+    assert pid is not None, job.explain()
+    os.kill(pid, signal.SIGSTOP)
+    stopped_at = max(_steps(run))
+    try:
+        job.wait("requeued after the watchdog", lambda j, s: j["Restarts"] == "1", timeout=120)
+    finally:
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
+    final = job.wait("completed", lambda j, s: j["JobState"] == "COMPLETED")
+    explain = job.explain(final)
+    assert final["Restarts"] == "1" and final["ExitCode"] == "0:0", explain
+
+    text = job.log.read_text()
+    reports = re.findall(r"^megarnn watchdog: rank (\d) made no progress .*$", text, re.M)
+    # Its peers speak (Slurm's SIGCONT on ending the step may let the stopped task speak too).
+    assert {"0", "2", "3"} & set(reports), explain
+    assert f"megarnn: checkpoint saved, requeueing job {job.id}" in text, explain
+    log = (run / "log.txt").read_text()
+    assert "megarnn watchdog: rank 0 made no progress" in log and "train_step" in log
+    resumed = int(re.search(r"resumed from \S+step_(\d+) at step", log).group(1))
+    assert 5 <= resumed <= stopped_at, explain
+    assert (run / "checkpoints" / "latest").read_text() == f"step_{steps:06d}"
+    assert set(_steps(run)) == set(range(1, steps + 1))  # steps after the checkpoint ran twice
