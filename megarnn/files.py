@@ -69,6 +69,11 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, unique: bool = Fals
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync one file or directory (not what is inside a directory); see fsync_tree for that."""
+    _fsync(Path(path))
+
+
 def _remove(p: Path) -> None:
     if p.is_dir() and not p.is_symlink():
         shutil.rmtree(p, ignore_errors=True)

@@ -133,6 +133,52 @@ def _zero_files(d: Path, r: int, layout: dict) -> list[Path]:
     return [found[i] for i in range(want)]
 
 
+_LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
+_ZERO_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
+_MODEL_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt")
+
+
+def source_files(meta: dict) -> list[str]:
+    """The manifest's DeepSpeed files (model states, pipeline layers, ZeRO optimizer slices):
+    what a reshard reads. Relative paths, sorted."""
+    return sorted(rel for rel in meta.get("files", {})
+                  if any(p.fullmatch(rel) for p in (_LAYER_FILE, _ZERO_FILE, _MODEL_FILE)))
+
+
+def rank_files(meta: dict, stage: int, tp_rank: int, dp_rank: int, layers: range | None = None) -> list[str]:
+    """The files DeepSpeed reads on the rank at pipeline stage `stage`, tensor-parallel rank
+    tp_rank and data x context parallel rank dp_rank when it reloads a checkpoint of its own
+    layout: its model-states file (mp rank stage x tp + tp_rank), its ZeRO optimizer slice and,
+    under pipeline parallelism, its stage's layer files (`layers`: their indices; None: all of
+    its tensor-parallel rank's). Relative paths of the manifest; CheckpointError when the
+    model-states file is not in it."""
+    tp, files = layout_of(meta)["tp"], meta.get("files", {})
+    r = stage * tp + tp_rank
+    model = f"mp_rank_{r:02d}_model_states.pt"
+    if model not in files:
+        raise CheckpointError(f"{model}: not in the checkpoint's {META_FILE}; the checkpoint is incomplete: {EARLIER}")
+    out = [model]
+    for rel in sorted(files):
+        if (m := _ZERO_FILE.fullmatch(rel)) and (int(m.group(1)), int(m.group(2))) == (dp_rank, r):
+            out.append(rel)
+        elif (m := _LAYER_FILE.fullmatch(rel)) and int(m.group(2)) == tp_rank \
+                and (layers is None or int(m.group(1)) in layers):
+            out.append(rel)
+    return out
+
+
+def share_of(files: dict[str, dict], names: list[str], rank: int, world: int) -> list[str]:
+    """This rank's part of `names` when `world` ranks split the hashing of them: the largest
+    file first to the least loaded rank (the same answer on every rank, about equal bytes each)."""
+    load, mine = [0] * world, []
+    for rel in sorted(names, key=lambda n: (-files[n]["size"], n)):
+        r = min(range(world), key=lambda i: (load[i], i))
+        load[r] += files[rel]["size"]
+        if r == rank:
+            mine.append(rel)
+    return mine
+
+
 def read_weights(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """The full model's weights, fp32 by RecurrentLM name: from the model files (ZeRO 0-2), the
     pipeline layer files, or ZeRO-3's partitions, tensor-parallel shards merged."""
