@@ -5,6 +5,11 @@ to chunk (chunks of seq_len tokens), so every token is predicted with its full h
 the numbers are exact for the document, not an average over cut windows.
 
     bpc = sum over documents of the nats of every predicted token / ln 2 / characters
+
+Split over data-parallel ranks (group=the dp group): rank r of n reads documents r, r + n, ...
+of each dataset and the sums (nats, tokens, characters, bytes) are all-reduced in float64,
+so every rank reports the numbers of the whole set (the one-process value up to the order in
+which the per-document sums are added).
 """
 from __future__ import annotations
 
@@ -32,8 +37,12 @@ def text_size(datasets) -> tuple[int, int, int]:
 
 @torch.no_grad()
 def evaluate(model, datasets: IndexedDataset | list[IndexedDataset], seq_len: int, batch_size: int = 8,
-             device: torch.device | None = None) -> dict[str, float]:
+             device: torch.device | None = None, group=None) -> dict[str, float]:
     """Every document of `datasets` -> {"loss": nats/token, "ppl", "bpc": bits/char, "bpb": bits/byte, "tokens"}.
+
+    group: a torch.distributed group of data-parallel ranks that share the work (each reads
+    every n-th document, the sums are all-reduced); every rank of it must call. None: this
+    process reads every document.
 
     Raises DataError when there is no text to predict (no documents, or only empty ones)
     rather than report a loss of 0 and 0 bits per character."""
@@ -44,21 +53,40 @@ def evaluate(model, datasets: IndexedDataset | list[IndexedDataset], seq_len: in
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
+    rank, world = _position(group)
     totals = [0.0, 0, 0, 0]  # nats, tokens, characters, bytes
     for ds in datasets if isinstance(datasets, list) else [datasets]:
-        _add_dataset(model, ds, seq_len, batch_size, device, totals)
+        _add_dataset(model, ds, seq_len, batch_size, device, totals, range(rank, len(ds), world))
     if was_training:
         model.train()
+    if world > 1:
+        import torch.distributed as dist
+        summed = torch.tensor(totals, dtype=torch.float64)  # integers stay exact below 2^53
+        if dist.get_backend(group) == "nccl":
+            summed = summed.to(device)
+        dist.all_reduce(summed, group=group)
+        totals = [summed[0].item(), *(int(v) for v in summed[1:].tolist())]
     nll, tokens, chars, nbytes = totals
     loss = nll / max(tokens, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bpc": nll / math.log(2) / max(chars, 1),
             "bpb": nll / math.log(2) / max(nbytes, 1), "tokens": tokens}
 
 
-def _add_dataset(model, ds: IndexedDataset, seq_len: int, batch_size: int, device, totals: list) -> None:
-    n_docs = len(ds)
-    for first in range(0, n_docs, batch_size):
-        idx = list(range(first, min(first + batch_size, n_docs)))
+def _position(group) -> tuple[int, int]:
+    """(this rank's index, ranks) in `group`; (0, 1) without one."""
+    if group is None:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group=group), dist.get_world_size(group=group)
+
+
+def _add_dataset(model, ds: IndexedDataset, seq_len: int, batch_size: int, device, totals: list,
+                 which: range) -> None:
+    """Add documents `which` of ds to totals (nats, tokens, characters, bytes)."""
+    for first in range(0, len(which), batch_size):
+        idx = list(which[first:first + batch_size])
         docs = [torch.from_numpy(ds[i].astype("int64")) for i in idx]
         length = max(len(d) for d in docs) - 1
         inp = torch.zeros(len(docs), length, dtype=torch.long)

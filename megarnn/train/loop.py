@@ -285,10 +285,11 @@ class Meter:
         return out
 
 
-def run_eval(model, val_ds, seq_len: int, device) -> dict[str, float]:
-    """Whole held-out documents on every rank (context / sequence parallelism off)."""
+def run_eval(model, val_ds, seq_len: int, device, mesh: ParallelMesh | None = None) -> dict[str, float]:
+    """Whole held-out documents (context / sequence parallelism off), split over the dp ranks."""
     with whole_sequences(model):
-        return evaluate(model, val_ds, seq_len, device=device)
+        group = mesh.group("dp") if mesh is not None and mesh.dp > 1 else None
+        return evaluate(model, val_ds, seq_len, device=device, group=group)
 
 
 def padded_vocab(n: int) -> int:
@@ -410,7 +411,7 @@ def _train(cfg: Config, preemption: PreemptionWatch) -> dict[str, float]:
             if val_ds is not None and (step % t.eval_interval == 0 or step == end):
                 watchdog.beat("eval", slow=True)
                 with full_model(model, pipe, mesh, device):
-                    val = run_eval(model, val_ds, cfg.data.seq_len, device)
+                    val = run_eval(model, val_ds, cfg.data.seq_len, device, mesh)
                 log.scalars(step, {"val/loss": val["loss"], "val/bpc": val["bpc"], "val/ppl": val["ppl"]})
         watchdog.beat("stop flag all-reduce")
         stop = preemption.requested()
@@ -429,7 +430,7 @@ def _train(cfg: Config, preemption: PreemptionWatch) -> dict[str, float]:
     watchdog.beat("final eval and sample", slow=True)
     with full_model(model, pipe, mesh, device):
         if val is None and val_ds is not None:
-            val = run_eval(model, val_ds, cfg.data.seq_len, device)
+            val = run_eval(model, val_ds, cfg.data.seq_len, device, mesh)
         if t.sample_tokens > 0 and mesh.rank_in("dp") == 0:  # a tensor-parallel group samples together
             from megarnn.generate import generate
             with whole_sequences(model):
