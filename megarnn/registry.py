@@ -134,11 +134,13 @@ def _mamba2_tp_check(c, tp):
 
 
 def _ssd_flops(c, seq_len):
-    """Per head: 2 (N + P) x (mean positions seen inside a chunk of Q = min(chunk, T): (Q + 1) / 2)
-    + 4 P N (state in and out). Scores C.B are per group in a fast kernel; counted per head here,
-    as the chunked algorithm's matmuls run per head."""
+    """Inside a chunk of Q = min(chunk, T) steps a token meets (Q + 1) / 2 earlier ones on average:
+    the scores C.B^T per GROUP (2 N each: every head of a group reads the same B and C) and their
+    product with x per head (2 P each); plus per head the state in and out (4 P N)."""
     q = min(c.chunk_size, seq_len)
-    return _mamba2_heads(c) * (2 * (c.d_state + c.ssm_head_dim) * (q + 1) / 2 + 4 * c.ssm_head_dim * c.d_state)
+    seen = (q + 1) / 2
+    return c.n_groups * 2 * c.d_state * seen + _mamba2_heads(c) * (2 * c.ssm_head_dim * seen
+                                                                     + 4 * c.ssm_head_dim * c.d_state)
 
 
 def _pararnn_plan(peephole: bool):
