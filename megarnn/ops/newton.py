@@ -28,7 +28,9 @@ neither the solve nor the adjoint crosses the boundary.
 
 Backends (one vocabulary with the other ops): "reference" (the textbook loop, differentiated by
 autograd; "sequential" is accepted as its old name),
-"torch" (Newton with the adjoint backward; the default off CUDA) and "triton"
+"torch" (the default off CUDA: a forward solver picked by torch_solver from the shape, with the
+adjoint backward; "torch_newton" / "torch_sequential" force Newton / the sequential loop under
+no_grad, both with the same adjoint backward) and "triton"
 (kernels/newton.py, for the cells it implements: ParaGRU and ParaLSTM, see triton_kind; the
 default on CUDA for them). "triton" runs one of two solvers, both with the fused adjoint
 kernel as backward: the fused sequential kernel (all T steps in one kernel, the state in
@@ -44,11 +46,31 @@ best so far), the sequential solve is run instead, logged on the "megarnn.newton
 and reported as stats["fallback"] = True. With strict=False (the paper's fixed-iteration
 mode, e.g. max_iters=3, tol=0) the last iterate is returned and stats["converged"] says
 whether it met tol; only divergence falls back.
+
+What "converged" promises: when the residual max-norm of an iterate h_k is <= tol, the update
+computed from that same linearisation (one more linear scan, no new Jacobian) is applied and
+h_{k+1} is returned; Newton's quadratic convergence puts it within ~tol^2 of the exact solution,
+not only within tol / (1 - |J|) (float32: within 1e-6 of the exact solution with default_tol,
+float64: within 1e-10; tests/ops/test_newton.py sweeps random ParaGRU cells). stats["iters"]
+counts that final update, so a converged solve reports k + 1.
+
+Host syncs: the residuals stay on the device as 0-d tensors; the host reads them (one sync,
+one all-reduce under context parallelism) every SYNC_EVERY iterations and replays the policy
+above on the values in order, so a convergence or divergence found there stops there and the
+result is exactly the iterate the one-sync-per-iteration loop would return. The price is at most
+SYNC_EVERY - 1 iterations computed and dropped after the one that converged.
+
+Compilation: the whole solve (every backend but "reference" and context parallelism) is one
+custom op (megarnn::newton_torch / megarnn::newton_triton) with its adjoint registered as the
+backward (megarnn::newton_adjoint / megarnn::newton_triton_adjoint), so torch.compile sees one
+opaque node and no data-dependent loop. The cell reaches the op by a key (id(cell), registered
+when the call is traced or run); its parameters are the op's inputs, so their gradients flow.
 """
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import warnings
 
 import torch
@@ -57,18 +79,22 @@ from torch import nn
 from megarnn.ops import context
 from megarnn.ops.scan import linear_scan, load_kernels
 
-BACKENDS = ("reference", "torch", "triton", "triton_sequential", "triton_newton")
+BACKENDS = ("reference", "torch", "torch_newton", "torch_sequential", "triton", "triton_sequential", "triton_newton")
 _ALIASES = {"sequential": "reference"}
 STRUCTURES = ("diagonal", "block2")
 DEFAULT_MAX_ITERS = 10
 # A residual this many times above the best seen so far means Newton is diverging.
 DIVERGENCE_FACTOR = 1e3
+# Newton iterations between two reads of the residuals by the host (module docstring, "Host syncs").
+SYNC_EVERY = 4
 
 logger = logging.getLogger("megarnn.newton")
 
 
 def default_tol(dtype: torch.dtype) -> float:
-    """Residual max-norm accepted as converged, per compute dtype (states are O(1))."""
+    """Residual max-norm accepted as converged, per compute dtype (states are O(1)): 1e-6 in
+    float32, 1e-12 in float64, 1e-2 otherwise. model.newton_tol = 0 means this. A converged solve
+    is closer than tol to the exact solution (module docstring: the last update is applied)."""
     return {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-2)
 
 
@@ -236,17 +262,15 @@ def _newton(cell, x, h0, reset, max_iters, tol, strict, cp=None, scan_backend=No
     # Initial guess f(0, x_t) (paper eq. A.1), except f(h0, x_0) at the sequence start, which is exact.
     start = h0 if first else torch.zeros_like(h0)
     h = cell.step(_prev_states(x.new_zeros(*x.shape[:2], cell.state_size), start, reset), x)
-    seen = {}
 
     def boundary(h):
         return h0 if cp is None else context.shift(h[:, -1], cp, edge=h0)
 
     def iterate(h):
-        seen["boundary"] = b = boundary(h)
-        f, j = cell.linearize(_prev_states(h, b, reset), x)
+        f, j = cell.linearize(_prev_states(h, boundary(h), reset), x)
         r = h - f
-        return context.global_max(r.abs().max(), cp), lambda: h + _solve_linear(
-            _mask_jacobian(j, reset), -r, structure, cp=cp, backend=scan_backend)
+        return r.abs().amax(), lambda: h + _solve_linear(_mask_jacobian(j, reset), -r, structure, cp=cp,
+                                                         backend=scan_backend)
 
     def solve_exactly():
         if cp is None:
@@ -255,31 +279,61 @@ def _newton(cell, x, h0, reset, max_iters, tol, strict, cp=None, scan_backend=No
 
     h, stats, exact = _newton_loop(h, iterate, max_iters, tol, strict, solve_exactly, cell, x, cp)
     if exact is not None:
-        h, seen["boundary"] = exact
-    return h, seen["boundary"], stats
+        return exact[0], exact[1], stats
+    return h, boundary(h), stats
+
+
+def _residuals_to_host(residuals: list, cp=None) -> list[float]:
+    """The host's view of a window of residual max-norms (0-d tensors): ONE sync (and under cp one
+    all-reduce of the whole window, a non-finite value anywhere read as inf everywhere)."""
+    v = torch.stack([torch.as_tensor(r) for r in residuals]).detach().to(torch.float64)
+    if v.is_meta:  # shapes only (megarnn plan): no values to test, treat as converged
+        return [0.0] * len(residuals)
+    if cp is not None:
+        import torch.distributed as dist
+        v = torch.where(torch.isfinite(v), v, torch.full_like(v, math.inf))
+        dist.all_reduce(v, op=dist.ReduceOp.MAX, group=cp.group)
+    return v.tolist()
 
 
 def _newton_loop(h, iterate, max_iters, tol, strict, solve_exactly, cell, x, cp=None):
     """The convergence policy (module docstring), shared by the backends. h: the initial guess
-    (B, T, S); iterate(h) -> (the residual max-norm of h, a function returning the next
-    iterate); solve_exactly() -> the sequential solution (the fallback). Returns h, the stats
-    and the fallback's result (None unless it ran)."""
+    (B, T, S); iterate(h) -> (the residual max-norm of h as a 0-d tensor, a function returning the
+    next iterate h + delta); solve_exactly() -> the sequential solution (the fallback). Runs up to
+    SYNC_EVERY iterations before the host looks at their residuals (module docstring, "Host
+    syncs"). Returns h, the stats and the fallback's result (None unless it ran)."""
     eps = torch.finfo(h.dtype).eps
-    best, iters = float("inf"), 0
+    best, k = math.inf, 0  # k: the index of the first iterate of the window
     while True:
-        residual, update = iterate(h)
-        if residual <= tol:
-            return h, _stats(iters, residual, converged=True), None
-        reason = _divergence(residual, best, eps)
-        if not reason and iters >= max_iters:
-            if not strict:
-                return h, _stats(iters, residual, converged=False), None
-            reason = f"not converged to tol={tol:.3g} in max_iters={max_iters}"
+        window = []  # (the iterate, its residual, its update) for iterates k, k + 1, ...
+        while True:
+            residual, update = iterate(h)
+            window.append((h, residual, update))
+            if len(window) == SYNC_EVERY or k + len(window) - 1 >= max_iters:
+                break
+            h = update()
+        values = _residuals_to_host([r for _, r, _ in window], cp)
+        reason = ""
+        for i, ((h_i, _, update), residual) in enumerate(zip(window, values)):
+            it = k + i
+            if residual <= tol:  # converged: apply the update this linearisation gives (none when r = 0)
+                if residual == 0:
+                    return h_i, _stats(it, residual, converged=True), None
+                h_next = window[i + 1][0] if i + 1 < len(window) else update()
+                return h_next, _stats(it + 1, residual, converged=True), None
+            reason = _divergence(residual, best, eps)
+            if not reason and it >= max_iters:
+                if not strict:
+                    return h_i, _stats(it, residual, converged=False), None
+                reason = f"not converged to tol={tol:.3g} in max_iters={max_iters}"
+            if reason:
+                iters = it
+                break
+            best = min(best, residual)
         if reason:
             break
-        best = min(best, residual)
-        h = update()
-        iters += 1
+        h = window[-1][2]()
+        k += len(window)
     if cp is None or cp.rank == 0:
         logger.warning("newton_solve: %s (cell %s, x %s, iters=%d, residual=%.3g); fell back to the "
                        "sequential solve%s", reason, type(cell).__name__, tuple(x.shape), iters, residual,
@@ -302,16 +356,54 @@ def _stats(iters: int, residual: float, converged: bool) -> dict:
     return {"iters": iters, "residual": residual, "fallback": False, "converged": converged}
 
 
+def _forward_solve(cell, x, h0, reset, solver, max_iters, tol, strict, cp=None, scan_backend=None
+                   ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The torch backends' forward without autograd: (h, the state entering the chunk, stats)."""
+    with torch.no_grad():
+        if solver == "sequential":
+            return sequential_solve(cell, x, h0, reset), h0, _stats(0, 0.0, converged=True)
+        return _newton(cell, x, h0, reset, max_iters, tol, strict, cp, scan_backend)
+
+
+def _adjoint_grads(cell, x, boundary, h, reset, g, cp=None, scan_backend=None, need_x=True, need_h0=True,
+                   needs=None) -> tuple:
+    """The adjoint backward at the solution h (paper eq. 2.6): (dx, dh0, [d param for each
+    _grad_params(cell) whose entry in needs is True, None for the others])."""
+    params = list(_grad_params(cell))
+    needs = [True] * len(params) if needs is None else list(needs)
+    prev = _prev_states(h, boundary, reset)
+    lam = _adjoint(cell, prev, x, g.to(h.dtype), reset, cp, scan_backend)
+    # Only the first rank's h_{-1} is an input (h0); elsewhere it is the previous rank's output,
+    # whose gradient the adjoint scan has already carried across the boundary.
+    grad_prev = need_h0 and (cp is None or cp.rank == 0)
+    wanted = [p for p, need in zip(params, needs) if need]
+    with torch.enable_grad():
+        prev = prev.detach().requires_grad_(grad_prev)
+        xg = x.detach().requires_grad_(need_x)
+        inputs = [t for t, need in ((prev, grad_prev), (xg, need_x)) if need] + wanted
+        grads = list(torch.autograd.grad(cell.step(prev, xg), inputs, lam, allow_unused=True)) if inputs else []
+    dh0 = None
+    if grad_prev:
+        dh0 = grads.pop(0)[:, 0].to(boundary.dtype)
+        if reset is not None:
+            dh0 = dh0.masked_fill(reset[:, 0, None], 0.0)  # no gradient across a reset
+    elif need_h0:
+        dh0 = torch.zeros_like(boundary)
+    dx = grads.pop(0) if need_x else None
+    dparams = iter(grads)
+    return dx, dh0, [next(dparams) if need else None for need in needs]
+
+
 class _NewtonSolve(torch.autograd.Function):
-    """Newton forward; adjoint backward at the solution (no unrolling of iterations), on one
-    rank or across the ranks of cp."""
+    """Newton forward; adjoint backward at the solution (no unrolling of iterations), across the
+    ranks of cp (one process runs the custom op megarnn::newton_torch instead)."""
 
     @staticmethod
     def forward(ctx, cell, x, h0, reset, opts, stats, cp, *params):
         max_iters, tol, strict, scan_backend = opts
-        h, boundary, info = _newton(cell, x, h0, reset, max_iters, tol, strict, cp, scan_backend)
+        h, boundary, info = _forward_solve(cell, x, h0, reset, "newton", max_iters, tol, strict, cp, scan_backend)
         stats.update(info)
-        ctx.cell, ctx.params, ctx.cp, ctx.scan_backend = cell, params, cp, scan_backend
+        ctx.cell, ctx.cp, ctx.scan_backend = cell, cp, scan_backend
         ctx.save_for_backward(x, boundary, h, reset)
         return h
 
@@ -319,31 +411,96 @@ class _NewtonSolve(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x, boundary, h, reset = ctx.saved_tensors
-        cell, cp = ctx.cell, ctx.cp
-        need_x, need_h0 = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        needs = ctx.needs_input_grad[7:]
-        prev = _prev_states(h, boundary, reset)
-        lam = _adjoint(cell, prev, x, g.to(h.dtype), reset, cp, ctx.scan_backend)
-        # Only the first rank's h_{-1} is an input (h0); elsewhere it is the previous rank's output,
-        # whose gradient the adjoint scan has already carried across the boundary.
-        grad_prev = need_h0 and (cp is None or cp.rank == 0)
-        wanted = [p for p, need in zip(ctx.params, needs) if need]
-        with torch.enable_grad():
-            prev = prev.detach().requires_grad_(grad_prev)
-            xg = x.detach().requires_grad_(need_x)
-            inputs = [t for t, need in ((prev, grad_prev), (xg, need_x)) if need] + wanted
-            grads = list(torch.autograd.grad(cell.step(prev, xg), inputs, lam, allow_unused=True)) \
-                if inputs else []
-        dh0 = None
-        if grad_prev:
-            dh0 = grads.pop(0)[:, 0].to(boundary.dtype)
-            if reset is not None:
-                dh0 = dh0.masked_fill(reset[:, 0, None], 0.0)  # no gradient across a reset
-        elif need_h0:
-            dh0 = torch.zeros_like(boundary)
-        dx = grads.pop(0) if need_x else None
-        dparams = iter(grads)
-        return (None, dx, dh0, None, None, None, None, *(next(dparams) if need else None for need in needs))
+        dx, dh0, dparams = _adjoint_grads(ctx.cell, x, boundary, h, reset, g, ctx.cp, ctx.scan_backend,
+                                          ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[7:])
+        return (None, dx, dh0, None, None, None, None, *dparams)
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom ops: the whole solve as one opaque node for torch.compile
+# ---------------------------------------------------------------------------------------------
+
+_CELLS: dict[int, nn.Module] = {}  # id(cell) -> cell, for the custom ops (they take tensors and scalars)
+_LAST_STATS: dict[int, dict] = {}  # id(cell) -> the python stats of its last eager solve
+
+
+# The dispatch keys excluded outside any op. A custom op's implementation runs below autograd;
+# the adjoint needs autograd for the cell's vector-Jacobian product, so it restores this set.
+_TOP_LEVEL_EXCLUDE = torch._C._dispatch_tls_local_exclude_set()
+
+
+def _autograd_inside_op():
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), _TOP_LEVEL_EXCLUDE)
+
+
+@torch._dynamo.assume_constant_result
+def _cell_key(cell: nn.Module) -> int:
+    """The key the custom ops find `cell` by. Run (not traced) when torch.compile traces a call, so
+    the compiled graph holds the key as a constant and the cell stays registered while it lives
+    in the graph; an eager call registers again (cheap)."""
+    _CELLS[id(cell)] = cell
+    return id(cell)
+
+
+def _stats_tensor(info: dict) -> torch.Tensor:
+    return torch.tensor([info["iters"], info["residual"], float(info["fallback"]), float(info["converged"])],
+                        dtype=torch.float64)
+
+
+def _stats_from(key: int, st: torch.Tensor, x: torch.Tensor) -> dict:
+    """The stats of the solve that returned st: python values when it ran eagerly (no sync), 0-d
+    tensors (read when logged) in a compiled graph; on meta tensors (shapes only) no iterations."""
+    if x.is_meta:
+        return _stats(0, 0.0, converged=True)
+    info = None if torch.compiler.is_compiling() else _LAST_STATS.pop(key, None)
+    if info is not None:
+        return info
+    st = st.detach()
+    return {"iters": st[0], "residual": st[1], "fallback": st[2], "converged": st[3]}
+
+
+@torch.library.custom_op("megarnn::newton_torch", mutates_args=())
+def _newton_torch_op(x: torch.Tensor, h0: torch.Tensor, reset: torch.Tensor | None, params: list[torch.Tensor],
+                     key: int, solver: str, max_iters: int, tol: float, strict: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch backends in one process: (h (B, T, S), stats (4,) float64 on the CPU)."""
+    h, _, info = _forward_solve(_CELLS[key], x, h0, reset, solver, max_iters, tol, strict)
+    _LAST_STATS[key] = info
+    return h, _stats_tensor(info)
+
+
+@_newton_torch_op.register_fake
+def _(x, h0, reset, params, key, solver, max_iters, tol, strict):
+    return x.new_empty(*x.shape[:2], h0.shape[-1]), torch.empty(4, dtype=torch.float64)
+
+
+@torch.library.custom_op("megarnn::newton_adjoint", mutates_args=())
+def _newton_adjoint_op(x: torch.Tensor, h0: torch.Tensor, h: torch.Tensor, reset: torch.Tensor | None,
+                       g: torch.Tensor, params: list[torch.Tensor], key: int) -> list[torch.Tensor]:
+    """[dx, dh0, d params...] of megarnn::newton_torch (the adjoint, module docstring)."""
+    with _autograd_inside_op():
+        dx, dh0, dparams = _adjoint_grads(_CELLS[key], x, h0, h, reset, g)
+    return [dx, dh0, *(torch.zeros_like(p) if d is None else d for p, d in zip(params, dparams))]
+
+
+@_newton_adjoint_op.register_fake
+def _(x, h0, h, reset, g, params, key):
+    return [torch.empty_like(x), torch.empty_like(h0), *(torch.empty_like(p) for p in params)]
+
+
+def _newton_torch_setup(ctx, inputs, output):
+    x, h0, reset, params, key, *_ = inputs
+    ctx.save_for_backward(x, h0, output[0], reset, *params)
+    ctx.key = key
+
+
+def _newton_torch_backward(ctx, g, _g_stats):
+    x, h0, h, reset, *params = ctx.saved_tensors
+    dx, dh0, *dparams = _newton_adjoint_op(x, h0, h, reset, g, params, ctx.key)
+    return dx, dh0, None, dparams, None, None, None, None, None
+
+
+_newton_torch_op.register_autograd(_newton_torch_backward, setup_context=_newton_torch_setup)
 
 
 def _adjoint(cell, prev, x, g, reset, cp=None, scan_backend=None) -> torch.Tensor:
@@ -414,6 +571,22 @@ def triton_solver(B: int, T: int, W: int, device: torch.device) -> str:
     return "sequential" if B * W >= SEQUENTIAL_MIN_CHANNELS_PER_SM * sms else "newton"
 
 
+def torch_solver(B: int, T: int, W: int, device: torch.device, strict: bool = True) -> str:
+    """"sequential" or "newton": the faster forward of backend="torch" for x (B, T, 3, W).
+
+    Both have the same adjoint backward. On CPU the sequential loop (no_grad, T steps of the cell)
+    beat Newton's forward at every shape measured (Newton 0.5-0.8x; sequential forward + adjoint
+    backward 1.3x Newton's at hidden 256, T = 4096; BENCHMARKS.md "CPU fast paths"), so CPU
+    runs "sequential". On CUDA a step is several kernel launches, so "sequential" only up to
+    SEQUENTIAL_MAX_T steps, like triton_solver (untuned for the torch backend). strict=False (the
+    paper's fixed-iteration mode) asks for Newton's iterates: always "newton"."""
+    if not strict:
+        return "newton"
+    if device.type != "cuda":
+        return "sequential"
+    return "sequential" if T <= SEQUENTIAL_MAX_T else "newton"
+
+
 def _default_backend(cell: NewtonCell, x: torch.Tensor) -> str:
     """backend=None: "triton" for the cells it implements on CUDA in float32/64, else "torch"."""
     if x.is_cuda and x.dtype in (torch.float32, torch.float64) and triton_kind(cell) is not None:
@@ -456,46 +629,71 @@ def _block_grads(cell: NewtonCell, kind: str, dblock: torch.Tensor) -> dict[int,
 
 def _triton_newton(kernels, cell, kind, x, block, h0, reset, max_iters, tol, strict) -> tuple[torch.Tensor, dict]:
     """_newton with the fused kernels: each iteration is one newton_iteration call, which
-    returns the residual of the iterate it was given and the next iterate; the fallback is the
-    fused sequential kernel."""
+    returns the residual of the iterate it was given (a 0-d tensor) and the next iterate; the
+    fallback is the fused sequential kernel."""
     h = kernels.newton_guess(kind, x, block, h0, reset)
 
     def iterate(h):
         h_next, residual = kernels.newton_iteration(kind, x, block, h, h0, reset)
-        return float(residual), lambda: h_next
+        return residual, lambda: h_next
 
     h, stats, _ = _newton_loop(h, iterate, max_iters, tol, strict,
                                lambda: kernels.sequential(kind, x, block, h0, reset), cell, x)
     return h, stats
 
 
-class _TritonSolve(torch.autograd.Function):
-    """The triton backend: a fused solver forward (sequential or Newton), the fused adjoint
-    backward at the solution (the same math as _NewtonSolve.backward)."""
+@torch.library.custom_op("megarnn::newton_triton", mutates_args=())
+def _newton_triton_op(x: torch.Tensor, h0: torch.Tensor, reset: torch.Tensor | None, params: list[torch.Tensor],
+                      key: int, kind: str, solver: str, max_iters: int, tol: float, strict: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The triton backend: a fused solver forward (sequential or Newton) -> (h, stats (4,))."""
+    cell = _CELLS[key]
+    kernels = _require_kernels(x)
+    block = _param_block(cell, kind, x.dtype)
+    if solver == "sequential":
+        h, info = kernels.sequential(kind, x, block, h0, reset), _stats(0, 0.0, converged=True)
+    else:
+        h, info = _triton_newton(kernels, cell, kind, x, block, h0, reset, max_iters, tol, strict)
+    _LAST_STATS[key] = info
+    return h, _stats_tensor(info)
 
-    @staticmethod
-    def forward(ctx, cell, x, h0, reset, opts, stats, *params):
-        kind, solver, max_iters, tol, strict = opts
-        kernels = _require_kernels(x)
-        block = _param_block(cell, kind, x.dtype)
-        if solver == "sequential":
-            h, info = kernels.sequential(kind, x, block, h0, reset), _stats(0, 0.0, converged=True)
-        else:
-            h, info = _triton_newton(kernels, cell, kind, x, block, h0, reset, max_iters, tol, strict)
-        stats.update(info)
-        ctx.cell, ctx.kind, ctx.params = cell, kind, params
-        ctx.save_for_backward(x, h0, h, reset, block)
-        return h
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        x, h0, h, reset, block = ctx.saved_tensors
-        dx, dblock, dh0 = _require_kernels(x).adjoint(ctx.kind, x, block, h, h0, reset, g)
-        grads = _block_grads(ctx.cell, ctx.kind, dblock)
-        need_x, need_h0 = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        dparams = (grads.get(id(p)) if need else None for p, need in zip(ctx.params, ctx.needs_input_grad[6:]))
-        return (None, dx if need_x else None, dh0 if need_h0 else None, None, None, None, *dparams)
+@_newton_triton_op.register_fake
+def _(x, h0, reset, params, key, kind, solver, max_iters, tol, strict):
+    return x.new_empty(*x.shape[:2], h0.shape[-1]), torch.empty(4, dtype=torch.float64)
+
+
+@torch.library.custom_op("megarnn::newton_triton_adjoint", mutates_args=())
+def _newton_triton_adjoint_op(x: torch.Tensor, h0: torch.Tensor, h: torch.Tensor, reset: torch.Tensor | None,
+                              g: torch.Tensor, params: list[torch.Tensor], key: int, kind: str
+                              ) -> list[torch.Tensor]:
+    """The fused adjoint kernel -> [dx, dh0, d params...] (the same math as _adjoint_grads)."""
+    cell = _CELLS[key]
+    dx, dblock, dh0 = _require_kernels(x).adjoint(kind, x, _param_block(cell, kind, x.dtype), h, h0, reset, g)
+    grads = _block_grads(cell, kind, dblock)
+    dparams = [grads.get(id(p)) for p in _grad_params(cell)]  # rows of dblock: cloned, outputs may not alias
+    dh0 = torch.zeros_like(h0) if dh0 is None else dh0
+    return [dx, dh0, *(torch.zeros_like(p) if d is None else d.clone() for p, d in zip(params, dparams))]
+
+
+@_newton_triton_adjoint_op.register_fake
+def _(x, h0, h, reset, g, params, key, kind):
+    return [torch.empty_like(x), torch.empty_like(h0), *(torch.empty_like(p) for p in params)]
+
+
+def _newton_triton_setup(ctx, inputs, output):
+    x, h0, reset, params, key, kind, *_ = inputs
+    ctx.save_for_backward(x, h0, output[0], reset, *params)
+    ctx.key, ctx.kind = key, kind
+
+
+def _newton_triton_backward(ctx, g, _g_stats):
+    x, h0, h, reset, *params = ctx.saved_tensors
+    dx, dh0, *dparams = _newton_triton_adjoint_op(x, h0, h, reset, g, params, ctx.key, ctx.kind)
+    return dx, dh0, None, dparams, None, None, None, None, None, None
+
+
+_newton_triton_op.register_autograd(_newton_triton_backward, setup_context=_newton_triton_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,11 +710,14 @@ def newton_solve(cell: NewtonCell, x: torch.Tensor, h0: torch.Tensor | None = No
     None (zeros); reset: (B, T) bool, True where a document starts (h_{t-1} := 0 there).
     The final state is h[:, -1], so a long sequence can be run chunk by chunk with
     h0 = the previous chunk's h[:, -1]. Compute in float32 or float64.
-    max_iters: Newton updates at most; tol: residual max-norm accepted (None: default_tol
-    of x's dtype). strict: see the module docstring (fallback vs. returning the last
+    max_iters: Newton linearisations at most (a converged solve applies the update of its last
+    one, counted in stats["iters"]: module docstring); tol: residual max-norm accepted (None:
+    default_tol of x's dtype). strict: see the module docstring (fallback vs. returning the last
     iterate). stats, when given, is filled with {"iters", "residual", "fallback",
     "converged"}; "residual" is the last Newton residual (before any fallback).
-    backend: "torch" (Newton), "reference" (the textbook loop), "triton" (fused kernels
+    backend: "torch" (the forward solver torch_solver picks for the shape, or forced with
+    "torch_newton" / "torch_sequential"; the adjoint backward), "reference" (the textbook
+    loop), "triton" (fused kernels
     for ParaGRU / ParaLSTM cells: the solver triton_solver picks for the shape, or forced with
     "triton_sequential" / "triton_newton"), or None: "triton" on CUDA for the cells it
     implements, "torch" otherwise. T = 1 (step-mode decoding) always takes one direct step,
@@ -539,35 +740,36 @@ def newton_solve(cell: NewtonCell, x: torch.Tensor, h0: torch.Tensor | None = No
             raise ValueError("newton_solve: backend='reference' is not split across ranks; use 'torch' or 'triton'")
         # The fused solvers run whole sequences; across ranks Newton runs with the fast linear scan inside.
         scan_backend = "triton" if backend.startswith("triton") else None
-        info = _run_newton(cell, x, h0, reset, max_iters, tol, strict, split, scan_backend)
-        h = info.pop("h")
+        _check_max_iters(max_iters)
+        info: dict = {}
+        h = _NewtonSolve.apply(cell, x, h0, reset, (max_iters, tol, strict, scan_backend), info, split,
+                               *_grad_params(cell))
     elif backend.startswith("triton"):
         kind = _triton_cell(cell, x, backend)
         solver = backend[len("triton_"):] or triton_solver(x.shape[0], x.shape[1], x.shape[-1], x.device)
-        if solver == "newton" and max_iters < 0:
-            raise ValueError(f"newton_solve: max_iters must be >= 0; got {max_iters}")
-        info = {}
-        h = _TritonSolve.apply(cell, x, h0, reset, (kind, solver, max_iters, tol, strict), info,
-                               *_grad_params(cell))
+        if solver == "newton":
+            _check_max_iters(max_iters)
+        key = _cell_key(cell)
+        h, st = _newton_triton_op(x, h0, reset, list(_grad_params(cell)), key, kind, solver, max_iters, tol, strict)
+        info = _stats_from(key, st, x)
     elif backend == "reference" or x.shape[1] == 1:
         h = sequential_solve(cell, x, h0, reset)
         info = _stats(0, 0.0, converged=True)
     else:
-        info = _run_newton(cell, x, h0, reset, max_iters, tol, strict, None, None)
-        h = info.pop("h")
+        solver = backend[len("torch_"):] or torch_solver(x.shape[0], x.shape[1], x.shape[-1], x.device, strict)
+        if solver == "newton":
+            _check_max_iters(max_iters)
+        key = _cell_key(cell)
+        h, st = _newton_torch_op(x, h0, reset, list(_grad_params(cell)), key, solver, max_iters, tol, strict)
+        info = _stats_from(key, st, x)
     if stats is not None:
         stats.update(info)
     return h
 
 
-def _run_newton(cell, x, h0, reset, max_iters, tol, strict, cp, scan_backend) -> dict:
-    """_NewtonSolve.apply -> its stats with the solution under "h"."""
+def _check_max_iters(max_iters: int) -> None:
     if max_iters < 0:
         raise ValueError(f"newton_solve: max_iters must be >= 0; got {max_iters}")
-    info: dict = {}
-    h = _NewtonSolve.apply(cell, x, h0, reset, (max_iters, tol, strict, scan_backend), info, cp,
-                           *_grad_params(cell))
-    return {**info, "h": h}
 
 
 def _check_inputs(cell, x, h0, reset) -> None:

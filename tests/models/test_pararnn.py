@@ -73,7 +73,7 @@ def test_newton_gradients_equal_sequential_and_reach_every_parameter(cell):
 
 
 def test_last_stats_are_exposed_for_logging():
-    m = _mixer("lstm", max_iters=6)
+    m = _mixer("lstm", max_iters=6, backend="torch_newton")  # Newton: the torch backend runs sequentially on CPU
     m(torch.randn(2, 30, 10, dtype=DT))
     s = m.last_stats
     assert s["converged"] and not s["fallback"]

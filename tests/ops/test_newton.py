@@ -1,4 +1,5 @@
 """Newton parallel solve (megarnn.ops.newton) against the sequential reference, in float64."""
+import functools
 import logging
 import math
 
@@ -7,7 +8,12 @@ import torch
 from torch import nn
 
 from megarnn.models.pararnn import ParaGRUCell, ParaLSTMCell
-from megarnn.ops.newton import NewtonCell, block2_scan, newton_solve
+from megarnn.ops import newton as newton_ops
+from megarnn.ops.newton import NewtonCell, block2_scan
+
+# Newton itself: backend="torch" runs the sequential forward on CPU (torch_solver); these tests
+# force Newton (a test passing backend= overrides it).
+newton_solve = functools.partial(newton_ops.newton_solve, backend="torch_newton")
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -231,3 +237,83 @@ def test_bad_shapes_raise_value_error_with_expectation():
         newton_solve(cell, x, backend="cuda")
     with pytest.raises(ValueError, match=r"\(B, T, D, 2, 2\)"):
         block2_scan(torch.zeros(1, 2, 3, 2), torch.zeros(1, 2, 3))
+
+
+# --- the torch backend's solver choice, the promise of a converged solve, host syncs -------------
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_torch_backend_runs_the_sequential_forward_on_cpu_with_the_adjoint_backward(kind):
+    cell, layout = _cell(kind)
+    x, h0, reset = _inputs(cell, layout, T=37, resets=((1, 10),))
+    assert newton_ops.torch_solver(3, 37, 6, x.device) == "sequential"
+    assert newton_ops.torch_solver(3, 37, 6, x.device, strict=False) == "newton"
+    ref, ref_grads = _solve_and_grads(cell, x, h0, reset, backend="reference")
+    for backend in ("torch", "torch_sequential", None):
+        stats = {}
+        out, grads = _solve_and_grads(cell, x, h0, reset, backend=backend, stats=stats)
+        assert stats == {"iters": 0, "residual": 0.0, "fallback": False, "converged": True}
+        torch.testing.assert_close(out, ref, **TOL)
+        for got, want in zip(grads, ref_grads):
+            torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("dtype,n,bound", [(torch.float32, 200, 1e-6), (torch.float64, 100, 1e-10)])
+def test_converged_newton_is_within_its_promise_of_the_exact_solution(dtype, n, bound):
+    """Random ParaGRU cells (recurrent weights in (-0.8, 0.8), inputs 1.5 randn): a converged solve
+    with the default tolerance is within 1e-6 (float32) / 1e-10 (float64) of the float64 solution."""
+    g = torch.Generator().manual_seed(5)
+    worst = 0.0
+    for _ in range(n):
+        cell = ParaGRUCell(8, 2).to(DT)
+        with torch.no_grad():
+            cell.recurrent.copy_(torch.rand(3, 8, generator=g, dtype=DT) * 1.6 - 0.8)
+        x = 1.5 * torch.randn(2, 64, 3, 8, generator=g, dtype=DT)
+        h0 = torch.randn(2, 8, generator=g, dtype=DT)
+        with torch.no_grad():
+            exact = newton_ops.sequential_solve(cell, x, h0)
+            stats = {}
+            h = newton_solve(cell.to(dtype), x.to(dtype), h0.to(dtype), stats=stats)
+        assert stats["converged"] and not stats["fallback"]
+        assert stats["residual"] <= newton_ops.default_tol(dtype)
+        worst = max(worst, (h.double() - exact).abs().max().item())
+    assert worst <= bound, worst
+
+
+def _count_host_syncs(monkeypatch) -> list:
+    """Patch the Tensor methods that read a value on the host; returns the list they append to."""
+    calls = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, _original=original, _name=name, **k):
+            calls.append(_name)
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_newton_reads_the_residuals_every_sync_every_iterations(kind, monkeypatch):
+    """One host read per SYNC_EVERY iterations, and the same result and stats as reading every
+    iteration: converged, fixed-iteration (strict=False: exactly the iterate after max_iters
+    updates), and the fallback."""
+    cell, layout = _cell(kind)
+    x, h0, reset = _inputs(cell, layout, T=40, resets=((1, 10),))
+    cases = [dict(), dict(tol=1e-14, max_iters=2), *(dict(max_iters=k, tol=0.0, strict=False) for k in range(7))]
+    results = {}
+    for every in (1, newton_ops.SYNC_EVERY):
+        monkeypatch.setattr(newton_ops, "SYNC_EVERY", every)
+        for i, kw in enumerate(cases):
+            stats = {}
+            with torch.no_grad(), monkeypatch.context() as m:
+                calls = _count_host_syncs(m)
+                h = newton_solve(cell, x, h0, reset=reset, stats=stats, **kw)
+            # The residuals the policy needed: a converged solve's iters counts its final update.
+            needed = stats["iters"] + (0 if stats["converged"] and not stats["fallback"] else 1)
+            assert calls == ["tolist"] * -(-needed // every), (kw, every, calls, stats)
+            results.setdefault(i, []).append((h, stats))
+    for i, ((h1, s1), (h4, s4)) in enumerate(results.values()):
+        torch.testing.assert_close(h4, h1, rtol=0, atol=0)
+        assert s4 == s1, cases[i]
+    for k in range(7):  # strict=False returns the k-th iterate: each one nearer the solution
+        assert results[2 + k][0][1]["iters"] == k

@@ -184,7 +184,8 @@ def check_newton(group, kind, Tl):
     seq, seq_grads = _solve_grads(lambda x, h: newton_solve(cell, x, h, reset=reset, backend="reference"),
                                   cell, _leaf(x), _leaf(h0), gy)
     one_stats = {}
-    one, one_grads = _solve_grads(lambda x, h: newton_solve(cell, x, h, reset=reset, max_iters=30, stats=one_stats),
+    one, one_grads = _solve_grads(lambda x, h: newton_solve(cell, x, h, reset=reset, max_iters=30, stats=one_stats,
+                                                                  backend="torch_newton"),
                                   cell, _leaf(x), _leaf(h0), gy)
     stats = {}
     lx, lh0 = _local(x, group, Tl), _leaf(h0)
