@@ -139,17 +139,16 @@ def _entry(cfg, world: int, stage: int, ranks: list[int]) -> dict:
         ends = (stage == 0, stage == p.pp - 1)
         full = _activation_bytes(model, owned, B, T, p.cp, dtype, 0, *ends) * in_flight
         ckpt = _activation_bytes(model, owned, B, T, p.cp, dtype, 1, *ends) * in_flight
-        letters = "".join(k for i, k in enumerate(model.c.block_types()) if f"layers.{i}" in owned)
+        layers = [i for i in range(len(model.layers)) if f"layers.{i}" in owned]
+        letters = "".join(model.c.block_types()[i] for i in layers)
     weights = params * act
     grads = params * act / (dpcp if p.zero_stage >= 2 else 1)
     optimizer = params * (12 if bf16 else 8) / (dpcp if p.zero_stage >= 1 else 1)
     if p.zero_stage >= 3:
         weights /= dpcp
     c = model.c
-    sub = dict(c.__dict__)
-    sub.update(n_layers=max(len(letters), 1), block_pattern=letters or c.block_pattern)
-    from megarnn.config import ModelConfig
-    tp = tp_bytes_per_micro_batch(ModelConfig(**sub).resolved(), B, T, p.tp, p.cp, p.sequence_parallel, act)["total"]
+    tp = tp_bytes_per_micro_batch(c, B, T, p.tp, p.cp, p.sequence_parallel, act, layers=layers,
+                                  first=stage == 0, last=stage == p.pp - 1)["total"]
     boundaries = (stage > 0) + (stage < p.pp - 1)
     pp_bytes = boundaries * B * (T // p.cp) * c.d_model * act / (1 if p.sequence_parallel else p.tp)
     comm = {"tp": tp * t.grad_accum, "cp": _cp_bytes(c, letters, B, T, p.cp, p.tp, act) * t.grad_accum,

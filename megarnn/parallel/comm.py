@@ -29,23 +29,28 @@ def _ring(p: int) -> float:
 
 
 def tp_bytes_per_micro_batch(c, micro_batch: int, seq_len: int, tp: int, cp: int = 1,
-                             sequence_parallel: bool = False, act_bytes: int = 2, param_bytes: int = 4
+                             sequence_parallel: bool = False, act_bytes: int = 2, param_bytes: int = 4,
+                             layers: list[int] | None = None, first: bool = True, last: bool = True
                              ) -> dict[str, float]:
     """{"activations", "loss", "params", "total"}: bytes a rank sends over the tp group per micro
-    batch. c: a resolved ModelConfig. act_bytes: the activations' element size (2 in bf16)."""
+    batch. c: a resolved ModelConfig. act_bytes: the activations' element size (2 in bf16).
+    A pipeline stage: `layers` (its block indices; default all), `first` (it runs the embedding),
+    `last` (the final norm, head and loss)."""
     if tp == 1:
         return {"activations": 0.0, "loss": 0.0, "params": 0.0, "total": 0.0}
     r = _ring(tp)
     tokens = micro_batch * seq_len // cp
     n = tokens * c.d_model * act_bytes
-    kinds = [registry.block_kind(k, c) for k in c.block_types()]
+    letters = c.block_types()
+    letters = [letters[i] for i in (range(len(letters)) if layers is None else layers)]
+    kinds = [registry.block_kind(k, c) for k in letters]
     sublayers = sum(2 if k.has_mlp else 1 for k in kinds)
     # A sublayer: one all-reduce (or all-gather + reduce-scatter) each way. The embedding's output
     # and the head's input: one all-reduce in one direction (TP) or one of each collective (SP).
-    activations = (2 * sublayers + 2) * 2 * r * n
-    loss = 3 * 2 * r * tokens * 4
+    activations = (2 * sublayers + first + last) * 2 * r * n
+    loss = 3 * 2 * r * tokens * 4 if last else 0.0
     params = 0.0
-    for letter, k in zip(c.block_types(), kinds):
+    for letter, k in zip(letters, kinds):
         if letter in "GL":  # the gated norm's mean square over split channels, forward and backward
             activations += 2 * 2 * r * tokens * 4
         if letter == "A" and c.n_kv_heads == 1:
@@ -55,7 +60,7 @@ def tp_bytes_per_micro_batch(c, micro_batch: int, seq_len: int, tp: int, cp: int
             # row-parallel biases: R's linear_out, A's o_proj, and the MLP's down_proj
             biases = (letter in "RA") + (1 if k.has_mlp else 0)
             params += (norms + biases) * 2 * r * c.d_model * param_bytes
-    if sequence_parallel:
+    if sequence_parallel and last:
         params += 2 * r * c.d_model * param_bytes  # the final norm
     return {"activations": activations, "loss": loss, "params": params, "total": activations + loss + params}
 
