@@ -7,6 +7,12 @@ RecurrentLM name, as if one process had written them.
     full = read_full_state(ckpt_dir, tag)        # FullState: weights, Adam moments, counters, client
                                                  # state; ZeRO 0-2 (resharding, megarnn/train/reshard.py)
 
+The files are memory-mapped (torch.load(mmap=True)): opening one reads its pickled structure,
+not its tensors. read_full_state's tensors are read on demand, one at a time: full.model[name]
+merges that parameter's tensor-parallel pieces (under ZeRO 1-2: the parts of the dp x cp ranks'
+flat slices it spans) from the pages that hold them and keeps nothing, so a rank that builds its
+new shard tensor by tensor holds that shard plus one source tensor, never the whole checkpoint.
+
 Both find the files with shard_files, name them with name_map (pipeline names -> RecurrentLM
 names) and merge the tensor-parallel ranks' tensors as megarnn.json's tp_split records.
 
@@ -36,6 +42,7 @@ import json
 import math
 import re
 import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,13 +60,52 @@ DS_KEYS = {"module", "optimizer", "param_shapes", "lr_scheduler", "global_steps"
            "ds_config", "ds_version", "dp_world_size", "mp_world_size", "data_sampler", "random_ltd"}
 
 
+class LazyTensors(Mapping):
+    """{RecurrentLM name: full fp32 tensor}, each read when asked for and not kept: its
+    tensor-parallel pieces (tensors, or functions that read them) merged as tp_split records.
+    default(name): the tensor of a name that has no pieces (in `names` only)."""
+
+    def __init__(self, pieces: dict[str, dict[int, torch.Tensor | Callable]], splits: dict,
+                 names=None, default: Callable[[str], torch.Tensor] | None = None):
+        self._pieces, self._splits, self._default = pieces, splits, default
+        self._names = list(pieces) if names is None else list(names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        by_rank = self._pieces.get(name)
+        if by_rank is None:
+            if self._default is None or name not in self._names:
+                raise KeyError(name)
+            return self._default(name)
+        if name in self._splits:
+            parts = [_value(by_rank[r]) for r in sorted(by_rank)]
+            return merge_shards(parts, *self._splits[name]).float()
+        return _value(by_rank[min(by_rank)]).float()
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name) -> bool:
+        return name in self._pieces or (self._default is not None and name in self._names)
+
+    def __reduce__(self):  # pickled (e.g. to another process) as the plain dict it reads as
+        return dict, (dict(self.items()),)
+
+
+def _value(t):
+    return t() if callable(t) else t
+
+
 @dataclass
 class FullState:
-    """A checkpoint as one process would hold it: tensors by RecurrentLM name, full shapes, fp32."""
+    """A checkpoint as one process would see it: tensors by RecurrentLM name, full shapes, fp32,
+    each read from the memory-mapped files when indexed (see LazyTensors)."""
 
-    model: dict[str, torch.Tensor]
-    exp_avg: dict[str, torch.Tensor]
-    exp_avg_sq: dict[str, torch.Tensor]
+    model: Mapping[str, torch.Tensor]
+    exp_avg: Mapping[str, torch.Tensor]
+    exp_avg_sq: Mapping[str, torch.Tensor]
     optim_step: int  # Adam's step count: applied steps (skipped ones are not counted)
     lr_scheduler: dict | None  # LambdaLR.state_dict()
     global_steps: int  # DeepSpeed's counters
@@ -184,14 +230,14 @@ def read_weights(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     pipeline layer files, or ZeRO-3's partitions, tensor-parallel shards merged."""
     d, meta = Path(ckpt_dir) / tag, read_meta(ckpt_dir, tag)
     if layout_of(meta)["zero_stage"] == 3:
-        return _merge(_zero3_weights(d, layout_of(meta)["tp"]), meta)
-    return _merge(_read_shards(d, meta, optimizer=False)[0]["module"], meta)
+        return dict(_merge(_zero3_weights(d, layout_of(meta)["tp"]), meta).items())
+    return dict(_merge(_read_shards(d, meta, optimizer=False)[0]["module"], meta).items())
 
 
 def read_full_state(ckpt_dir: Path, tag: str) -> FullState:
     """Weights and Adam state of a ZeRO 0-2 checkpoint: ZeRO's dp x cp slices concatenated, the
-    tensor-parallel ranks' tensors merged. The weights are the optimizer's fp32 masters where it
-    keeps them (ZeRO 1-2, bf16), else the model files' weights."""
+    tensor-parallel ranks' tensors merged, each tensor read when indexed. The weights are the
+    optimizer's fp32 masters where it keeps them (ZeRO 1-2, bf16), else the model files' weights."""
     d, meta = Path(ckpt_dir) / tag, read_meta(ckpt_dir, tag)
     if layout_of(meta)["zero_stage"] == 3:
         raise CheckpointError(f"{d}: a ZeRO-3 checkpoint's optimizer state is not read here (it cannot be "
@@ -203,9 +249,9 @@ def read_full_state(ckpt_dir: Path, tag: str) -> FullState:
     for name, by_rank in pieces["module"].items():  # the fp32 masters win over the model files' weights
         pieces["model"][name] = {**by_rank, **pieces["model"].get(name, {})}
     model = _merge(pieces["model"], meta)
-    moments = {k: _merge(pieces[k], meta) for k in MOMENTS}
-    for k in MOMENTS:  # no state: the parameter was never updated
-        moments[k] = {n: moments[k].get(n, torch.zeros_like(t)) for n, t in model.items()}
+    # No state: the parameter was never updated (zeros of its shape).
+    moments = {k: LazyTensors(pieces[k], meta.get("tp_split", {}), names=list(model),
+                              default=lambda n: torch.zeros_like(model[n])) for k in MOMENTS}
     return FullState(model=model, exp_avg=moments["exp_avg"], exp_avg_sq=moments["exp_avg_sq"],
                      optim_step=steps.pop() if steps else 0, lr_scheduler=first.get("lr_scheduler"),
                      global_steps=first["global_steps"], global_samples=first.get("global_samples", 0),
@@ -215,8 +261,9 @@ def read_full_state(ckpt_dir: Path, tag: str) -> FullState:
 
 def _read_shards(d: Path, meta: dict, optimizer: bool) -> tuple[dict, set[int], dict]:
     """Every shard's tensors -> ({"module" | "model" | "exp_avg" | "exp_avg_sq": {RecurrentLM name:
-    {tp rank: tensor}}}, Adam step counts, the first model-states file). "module": the model files'
-    (or pipeline layer files') weights; "model": the optimizer's fp32 masters (optimizer=True)."""
+    {tp rank: tensor, memory-mapped, or a function that reads it}}}, Adam step counts, the first
+    model-states file). "module": the model files' (or pipeline layer files') weights; "model":
+    the optimizer's fp32 masters (optimizer=True)."""
     layout = layout_of(meta)
     to_lm_name = name_map(layout["pp"], meta["model"]["n_layers"])
     pieces: dict[str, dict[str, dict[int, torch.Tensor]]] = {k: {} for k in ("module", "model", *MOMENTS)}
@@ -227,7 +274,7 @@ def _read_shards(d: Path, meta: dict, optimizer: bool) -> tuple[dict, set[int], 
         states = _load(files.model) if optimizer or not files.layers else {}
         first = first or states
         module = _layer_weights(files.layers) if files.layers else states.get("module") or {}
-        tensors = {"module": {n: t.float() for n, t in module.items()}}
+        tensors = {"module": dict(module)}
         if optimizer:
             found, step = _read_zero(states, files.zero) if files.zero else _read_torch_adam(states, files.model)
             tensors.update(found)
@@ -238,22 +285,22 @@ def _read_shards(d: Path, meta: dict, optimizer: bool) -> tuple[dict, set[int], 
     return pieces, steps, first
 
 
-def _merge(by_name: dict[str, dict[int, torch.Tensor]], meta: dict) -> dict[str, torch.Tensor]:
-    """{name: {tp rank: tensor}} -> {name: full fp32 tensor}: cut parameters joined as tp_split
-    records (dim, component sizes); a replicated one is the same on every rank."""
-    splits = meta.get("tp_split", {})
-    out = {}
-    for name, by_rank in by_name.items():
-        if name in splits:
-            out[name] = merge_shards([by_rank[r] for r in sorted(by_rank)], *splits[name]).float()
-        else:
-            out[name] = by_rank[min(by_rank)].float()
-    return out
+def _merge(by_name: dict[str, dict[int, torch.Tensor | Callable]], meta: dict) -> LazyTensors:
+    """{name: {tp rank: tensor or reader}} -> {name: full fp32 tensor}, read when indexed: cut
+    parameters joined as tp_split records (dim, component sizes); a replicated one is the same
+    on every rank."""
+    return LazyTensors(by_name, meta.get("tp_split", {}))
 
 
 def _load(f: Path) -> dict:
-    try:
-        return torch.load(f, map_location="cpu", weights_only=False)  # our own files: they hold DeepSpeed objects
+    """A checkpoint file, its tensors memory-mapped (the zipfile format; older files are read whole)."""
+    try:  # our own files: they hold DeepSpeed objects
+        try:
+            return torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError as e:
+            if "zip" not in str(e).lower():
+                raise
+            return torch.load(f, map_location="cpu", weights_only=False)  # the legacy format cannot be mapped
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
         raise CheckpointError(f"{f}: unreadable ({e}); {EARLIER}") from None
 
@@ -309,39 +356,57 @@ def _read_torch_adam(states: dict, where: Path) -> tuple[dict, int]:
                               "before resharding existed); resume with the layout it was written with")
     out: dict[str, dict[str, torch.Tensor]] = {"model": {}, **{k: {} for k in MOMENTS}}
     for group_masters, group_names in zip(masters or [], names):  # bf16: the fp32 weights, not the rounded ones
-        out["model"].update({name: t.detach().float() for name, t in zip(group_names, group_masters)})
+        out["model"].update({name: t.detach() for name, t in zip(group_names, group_masters)})
     steps = set()
     for group, group_names in zip(opt["param_groups"], names):
         for index, name in zip(group["params"], group_names):
             state = opt["state"].get(index, {})
             for k in MOMENTS:
                 if k in state:
-                    out[k][name] = state[k].float()
+                    out[k][name] = state[k]
             steps.add(int(state.get("step", 0)))
     return out, max(steps, default=0)
 
 
 def _read_zero(states: dict, files: list[Path]) -> tuple[dict, int]:
     """ZeRO 1-2: the fp32 weights and Adam moments of every param group, from the dp x cp ranks'
-    flat slices. -> ({"model" | "exp_avg" | "exp_avg_sq": {name: tensor}}, step)."""
+    flat slices. -> ({"model" | "exp_avg" | "exp_avg_sq": {name: function reading its tensor}},
+    step); each function reads the parameter's range of the flat vector from the slices it spans."""
     parts = [_load(f)["optimizer_state_dict"] for f in files]
-    out: dict[str, dict[str, torch.Tensor]] = {"model": {}, **{k: {} for k in MOMENTS}}
+    out: dict[str, dict[str, Callable]] = {"model": {}, **{k: {} for k in MOMENTS}}
     steps = set()
     for g, shapes in enumerate(states["param_shapes"]):
         flat = {"model": [], **{k: [] for k in MOMENTS}}
         for sd in parts:
-            weights = sd["single_partition_of_fp32_groups"][g].detach().float()  # saved with requires_grad
+            weights = sd["single_partition_of_fp32_groups"][g].detach()  # saved with requires_grad
             state = _group_state(sd, g)
             flat["model"].append(weights)
             for k in MOMENTS:  # the moments keep the tail padding the weights were saved without
-                moment = state[k][:weights.numel()].detach().float() if k in state else torch.zeros_like(weights)
-                flat[k].append(moment)
+                flat[k].append(state[k].detach()[:weights.numel()] if k in state else None)
             steps.add(int(state.get("step", 0)))
         paddings = parts[0].get("param_alignment_paddings")  # zero_optimization.parameter_alignment
         paddings = paddings[g] if paddings else [0] * len(shapes)
         for key, slices in flat.items():
-            out[key].update(_cut(torch.cat(slices), shapes, paddings, files[0], g))
+            out[key].update(_cut(_FlatSlices(slices, flat["model"]), shapes, paddings, files[0], g))
     return out, max(steps, default=0)
+
+
+class _FlatSlices:
+    """A param group's flat vector as the dp x cp ranks' slices of it (memory-mapped); a slice
+    that is None (no Adam state yet) reads as zeros. read(a, b) -> values [a, b), fp32."""
+
+    def __init__(self, slices: list, like: list[torch.Tensor]):
+        self.slices, self.sizes = slices, [w.numel() for w in like]
+        self.numel = sum(self.sizes)
+
+    def read(self, a: int, b: int) -> torch.Tensor:
+        out, start = [], 0
+        for t, n in zip(self.slices, self.sizes):
+            lo, hi = max(a, start), min(b, start + n)
+            if lo < hi:
+                out.append(torch.zeros(hi - lo) if t is None else t[lo - start:hi - start].float())
+            start += n
+        return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def _group_state(sd: dict, g: int) -> dict:
@@ -352,14 +417,15 @@ def _group_state(sd: dict, g: int) -> dict:
     return base["state"].get(base["param_groups"][g]["params"][0], {})
 
 
-def _cut(flat: torch.Tensor, shapes: dict, paddings: list[int], where: Path, g: int) -> dict[str, torch.Tensor]:
-    """A param group's flat vector -> {name: tensor of its shape}, in param_shapes order."""
+def _cut(flat: _FlatSlices, shapes: dict, paddings: list[int], where: Path, g: int) -> dict[str, Callable]:
+    """A param group's flat vector -> {name: function reading its tensor, of its shape}, in
+    param_shapes order."""
     out, offset = {}, 0
     for (name, shape), pad in zip(shapes.items(), paddings):
         n = math.prod(shape)
-        if offset + n > flat.numel():
-            raise CheckpointError(f"{where}: param group {g} holds {flat.numel()} values, fewer than its "
+        if offset + n > flat.numel:
+            raise CheckpointError(f"{where}: param group {g} holds {flat.numel} values, fewer than its "
                                   f"parameters need; the checkpoint is damaged: {EARLIER}")
-        out[name] = flat[offset:offset + n].view(shape).clone()
+        out[name] = lambda a=offset, b=offset + n, shape=tuple(shape): flat.read(a, b).view(shape)
         offset += n + pad
     return out

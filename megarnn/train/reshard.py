@@ -2,13 +2,17 @@
 and ZeRO stage (0, 1, 2) may all change.
 
 DeepSpeed reloads only the layout it wrote (ZeRO 1-2 only on as many dp x cp ranks), so a
-change goes through the full, unsharded state of the checkpoint:
+change goes through the full, unsharded state of the checkpoint, read tensor by tensor:
 
-    full = read_full_state(ckpt_dir, tag)      # every file -> FullState (as if one process wrote it)
+    full = read_full_state(ckpt_dir, tag)      # every file memory-mapped -> FullState (as if one
+                                               # process wrote it; a tensor is read when indexed)
     client = load_full_state(engine, full, mesh)   # this rank's slices -> weights, Adam state,
                                                    # LR schedule, step counters
 
-The files are read by megarnn/train/ds_checkpoint.py (the one reader of DeepSpeed checkpoints).
+A rank reads one full source tensor at a time, keeps its slice of it and drops the rest; under
+ZeRO 1-2 only the parameters that overlap its partition of the flat vector are read at all. Its
+peak is its new shard plus one source tensor. The files are read by
+megarnn/train/ds_checkpoint.py (the one reader of DeepSpeed checkpoints).
 """
 from __future__ import annotations
 
@@ -107,18 +111,24 @@ def _load_bf16_adam(wrapper, full: FullState, local) -> None:
 def _load_zero(zero, full: FullState, local) -> None:
     """ZeRO 1-2: per param group, this rank's slice of the flat fp32 vector (parameters in
     DeepSpeed's flat order and offsets, padding zero) into the fp32 master slice, and the same
-    slices of exp_avg / exp_avg_sq into Adam's state of that slice."""
+    slices of exp_avg / exp_avg_sq into Adam's state of that slice. Only the parameters that
+    overlap the slice are read."""
     for i, params in enumerate(zero.round_robin_bit16_groups):
         offsets = getattr(zero, "round_robin_bit16_offsets", None)  # absent in older DeepSpeed: packed
         offsets = offsets[i] if offsets else [sum(p.numel() for p in params[:j]) for j in range(len(params))]
         rank = dist.get_rank(group=zero.real_dp_process_group[i])
         master = zero.single_partition_of_fp32_groups[i]
+        # DeepSpeed's own cut of the flat vector, taken on a tensor without memory: where ours starts, its size.
+        mine = zero.get_data_parallel_partitions(torch.empty(zero.bit16_groups_flat[i].numel(), device="meta"), i)[rank]
+        start, size = mine.storage_offset(), mine.numel()
 
-        def my_slice(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-            flat = torch.zeros(zero.bit16_groups_flat[i].numel(), dtype=torch.float32)
+        def my_slice(tensors, params=params, offsets=offsets, start=start, size=size) -> torch.Tensor:
+            out = torch.zeros(size, dtype=torch.float32)
             for p, offset in zip(params, offsets):
-                flat[offset:offset + p.numel()] = local(tensors, p).flatten()
-            return zero.get_data_parallel_partitions(flat, i)[rank]  # DeepSpeed's own cut of the flat vector
+                a, b = max(offset, start), min(offset + p.numel(), start + size)
+                if a < b:
+                    out[a - start:b - start] = local(tensors, p).flatten()[a - offset:b - offset]
+            return out
 
         master.data.copy_(my_slice(full.model))
         if full.optim_step > 0:
