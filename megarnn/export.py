@@ -6,8 +6,10 @@
 `safetensors`: config.json ({"megarnn_model": ModelConfig}), model.safetensors with our
 parameter names, tokenizer.model.
 `hf`: Griffin / Hawk as `RecurrentGemmaForCausalLM`, Mamba2 as `Mamba2ForCausalLM`:
-config.json, model.safetensors with transformers' parameter names (mapped one to one),
-and the tokenizer, so `AutoModelForCausalLM.from_pretrained(OUT)` loads it.
+config.json, generation_config.json, model.safetensors with transformers' parameter names
+(mapped one to one), and the tokenizer, so `AutoModelForCausalLM.from_pretrained(OUT)` loads
+it and `generate()` runs with its defaults. Hawk (no attention layer) is written with
+use_cache false: transformers' RecurrentGemma cache needs an attention layer (megarnn/hf.py).
 megarnn.load reads both formats.
 
 The directory is written under a temporary name and renamed when complete.
@@ -19,7 +21,8 @@ from pathlib import Path
 
 from megarnn.files import atomic_path
 from megarnn.hf import (CONFIG_KEY, ExportError, from_hf_state_dict, griffin_config_from_hf,  # noqa: F401 - public
-                        griffin_hf_config, griffin_to_hf_names, hf_config, hf_config_to_model_config, hf_names,
+                        griffin_hf_config, griffin_to_hf_names, hf_config, hf_config_to_model_config,
+                        hf_generation_config, hf_names,
                         mamba2_hf_config, mamba2_to_hf_names, to_hf_state_dict)
 from megarnn.loading import load
 
@@ -39,6 +42,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, fmt: str = "safetensors"
         if fmt == "hf":
             config = hf_config(c, tokenizer)
             save_file(to_hf_state_dict(model, c), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / "generation_config.json").write_text(json.dumps(hf_generation_config(c, tokenizer), indent=2))
             write_hf_tokenizer(tokenizer, tmp)
         else:
             config = {CONFIG_KEY: c.__dict__.copy()}

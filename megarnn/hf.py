@@ -104,8 +104,22 @@ def griffin_hf_config(c: ModelConfig, tokenizer) -> dict:
         "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": c.tie_embeddings,
         "attention_bias": False, "w_init_variance_scale": c.w_init_variance_scale,
         "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.sp.pad_id(),
-        "torch_dtype": "float32",
+        "torch_dtype": "float32", "use_cache": hf_cache_works(c),
     }
+
+
+def hf_cache_works(c: ModelConfig) -> bool:
+    """Whether transformers' default cache runs this model. RecurrentGemma's (transformers 5.x) asks
+    its attention layers for the sequence length (positions, the sliding-window mask) and raises
+    `get_seq_length can only be called on Attention layers` when there are none: all-recurrent
+    Hawk exports say use_cache false, and generate() then reads the whole prefix for every token."""
+    return c.family == "mamba2" or "A" in c.block_types()
+
+
+def hf_generation_config(c: ModelConfig, tokenizer) -> dict:
+    """generation_config.json: the special tokens and whether generate() may use the cache."""
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+            "pad_token_id": tokenizer.sp.pad_id(), "use_cache": hf_cache_works(c)}
 
 
 def to_hf_state_dict(model, c: ModelConfig) -> dict[str, torch.Tensor]:
