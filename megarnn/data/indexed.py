@@ -126,7 +126,12 @@ write_atomic = atomic_write  # megarnn/data/preprocess.py imports it by this nam
 
 
 class IndexedDataset:
-    """One shard, memory-mapped. ds[i] -> document i as a numpy array of token ids."""
+    """One shard, memory-mapped: the tokens and the index arrays (offsets, n_chars, n_bytes are
+    read-only views of the .idx file, so the ranks of a node share one copy in the page cache).
+    ds[i] -> document i as a numpy array of token ids.
+
+    verify: check both checksums now (reads both files whole); False checks sizes only (the
+    caller may check the checksums later, see verify_checksums)."""
 
     def __init__(self, prefix: str | os.PathLike, verify: bool = True):
         self.prefix = Path(prefix)
@@ -134,10 +139,12 @@ class IndexedDataset:
         for p in (idx_path, bin_path):
             if not p.is_file():
                 raise DataError(f"shard file {p} is missing; re-run `megarnn preprocess` for this data")
-        raw = idx_path.read_bytes()
+        with open(idx_path, "rb") as f:
+            raw = f.read(12)
+            hlen = struct.unpack("<I", raw[8:12])[0] if len(raw) == 12 else 0
+            raw += f.read(hlen)
         if raw[:8] != MAGIC or len(raw) < 12:
             raise DataError(f"{idx_path}: not a megarnn index (bad magic); re-run `megarnn preprocess`")
-        (hlen,) = struct.unpack("<I", raw[8:12])
         try:
             self.header = json.loads(raw[12:12 + hlen])
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -152,13 +159,12 @@ class IndexedDataset:
         if missing:
             raise DataError(f"{idx_path}: corrupt header (missing {missing}); re-run `megarnn preprocess`")
         n = h["n_docs"]
-        arrays = raw[12 + hlen:]
-        if len(arrays) != 8 * (3 * n + 1):
-            raise DataError(f"{idx_path}: truncated index ({len(arrays)} bytes of arrays, expected "
+        n_arrays = idx_path.stat().st_size - 12 - hlen
+        if not isinstance(n, int) or n < 0 or n_arrays != 8 * (3 * n + 1):
+            raise DataError(f"{idx_path}: truncated index ({n_arrays} bytes of arrays, expected "
                             f"{8 * (3 * n + 1)}); re-run `megarnn preprocess`")
-        if verify and hashlib.sha256(arrays).hexdigest() != h["index_sha256"]:
-            raise DataError(f"{idx_path}: checksum mismatch (corrupt index); re-run `megarnn preprocess`")
-        a = np.frombuffer(arrays, dtype=np.int64)
+        a = np.memmap(idx_path, dtype="<i8", mode="r", offset=12 + hlen, shape=(3 * n + 1,))
+        self._arrays, self._idx_path, self._bin_path = a, idx_path, bin_path
         self.offsets, self.n_chars, self.n_bytes = a[:n + 1], a[n + 1:2 * n + 1], a[2 * n + 1:]
         if h["dtype"] not in ("uint16", "uint32"):
             raise DataError(f"{idx_path}: corrupt header (token dtype {h['dtype']!r}); re-run `megarnn preprocess`")
@@ -168,8 +174,21 @@ class IndexedDataset:
             raise DataError(f"{bin_path}: {bin_path.stat().st_size} bytes, expected {expected} "
                             "(truncated or from another index); re-run `megarnn preprocess`")
         self.tokens = np.memmap(bin_path, dtype=self.dtype, mode="r") if expected else np.zeros(0, self.dtype)
-        if verify and hashlib.sha256(self.tokens).hexdigest() != h["bin_sha256"]:
-            raise DataError(f"{bin_path}: checksum mismatch (corrupt token data); re-run `megarnn preprocess`")
+        if verify:
+            self.verify_checksums()
+
+    def verify_checksums(self) -> None:
+        """The sha256 of the index arrays and of the token data against the header; DataError
+        naming the file otherwise. Reads both files whole, in blocks."""
+        if _sha256(self._arrays) != self.header["index_sha256"]:
+            raise DataError(f"{self._idx_path}: checksum mismatch (corrupt index); re-run `megarnn preprocess`")
+        if _sha256(self.tokens) != self.header["bin_sha256"]:
+            raise DataError(f"{self._bin_path}: checksum mismatch (corrupt token data); re-run `megarnn preprocess`")
+
+    @property
+    def nbytes(self) -> int:
+        """The size of the shard's two files' contents (index arrays and tokens)."""
+        return int(self._arrays.nbytes + self.tokens.nbytes)
 
     def __len__(self) -> int:
         return self.header["n_docs"]
@@ -188,3 +207,25 @@ class IndexedDataset:
                 f"{tokenizer_sha256[:12]}; re-tokenize with this tokenizer or point data.tokenizer at the original")
         if self.header["vocab_size"] != vocab_size:
             raise DataError(f"{self.prefix}: vocab_size {self.header['vocab_size']} != tokenizer's {vocab_size}")
+
+
+def _sha256(a: np.ndarray, block: int = 1 << 24) -> str:
+    """sha256 of an array's bytes, 16 MiB at a time (a memory map is not read into memory whole)."""
+    h, raw = hashlib.sha256(), a.reshape(-1).view(np.uint8) if a.size else np.zeros(0, np.uint8)
+    for i in range(0, len(raw), block):
+        h.update(raw[i:i + block])
+    return h.hexdigest()
+
+
+def verify_share(datasets: list[IndexedDataset], rank: int, world: int) -> int:
+    """Check the checksums of this rank's share of `datasets` (the largest shard first to the
+    least loaded rank: about 1 / world of the bytes each; every shard checked by exactly one of
+    the `world` ranks). Returns the bytes hashed; DataError at the first bad shard."""
+    load, done = [0] * world, 0
+    for ds in sorted(datasets, key=lambda d: (-d.nbytes, str(d.prefix))):
+        r = min(range(world), key=lambda i: (load[i], i))
+        load[r] += ds.nbytes
+        if r == rank:
+            ds.verify_checksums()
+            done += ds.nbytes
+    return done

@@ -4,7 +4,10 @@ Packing (PackedDataset). Every epoch shuffles one corpus's documents with a gene
 (seed, epoch), lays them end to end and cuts the stream into samples of seq_len + 1 tokens
 (stride seq_len); the samples are shuffled again by the same generator. Sample j of the corpus
 is sample j % n of epoch j // n. Only index arrays are built (O(documents + samples) per epoch);
-the tokens stay memory-mapped in their shards.
+the tokens stay memory-mapped in their shards, and so do the document offsets (the .idx: one
+copy in the page cache for all ranks of a node). What a rank holds per document: the epoch's
+order (uint32 below 2^32 documents), its running token count (int64) and, with held-out
+documents, the ids of the training ones (uint32); per sample, the sample order (uint32).
 
 Blending (Blend). Corpora are mixed by weight with a fixed interleaving: the weights are scaled
 to integers W_k (summing to P, about 65536), and every P consecutive global samples hold
@@ -98,6 +101,11 @@ def _locate_docs(datasets: list[IndexedDataset], doc_ids: np.ndarray) -> tuple[n
     return which, doc_ids - bounds[which]
 
 
+def _compact(a: np.ndarray, n: int) -> np.ndarray:
+    """Indices below n as uint32 when n fits (half an int64 array), else int64."""
+    return np.asarray(a).astype(np.uint32 if n < 2 ** 32 else np.int64, copy=False)
+
+
 class PackedDataset:
     """One corpus (a list of shards) packed into samples of seq_len + 1 tokens, epoch after epoch.
 
@@ -110,27 +118,47 @@ class PackedDataset:
                  doc_ids: np.ndarray | None = None):
         self.datasets, self.seq_len = datasets, seq_len
         self.seed = tuple(seed) if isinstance(seed, (tuple, list)) else (seed,)
-        n = sum(len(ds) for ds in datasets)
-        doc_ids = np.arange(n) if doc_ids is None else np.asarray(doc_ids, np.int64)
-        which, local = _locate_docs(datasets, doc_ids)
-        starts = np.concatenate([ds.offsets[:-1] for ds in datasets]) if n else np.zeros(0, np.int64)
-        lengths = np.concatenate([np.diff(ds.offsets) for ds in datasets]) if n else np.zeros(0, np.int64)
-        self._which = which.astype(np.int32)
-        self._start = starts[doc_ids]
-        self._len = lengths[doc_ids]
-        self.n_docs = len(doc_ids)
-        self.n_tokens = int(self._len.sum())
+        self._bounds = np.cumsum([0] + [len(ds) for ds in datasets]).astype(np.int64)
+        n = int(self._bounds[-1])
+        self._n_all = n
+        self._doc_ids = None if doc_ids is None else _compact(doc_ids, n)  # None: all, in order
+        self.n_docs = n if doc_ids is None else len(self._doc_ids)
+        if doc_ids is None:
+            self.n_tokens = int(sum(int(ds.offsets[-1]) - int(ds.offsets[0]) for ds in datasets))
+        else:
+            self.n_tokens = int(sum(self._spans(self._doc_ids[i:i + (1 << 20)])[2].sum()
+                                    for i in range(0, self.n_docs, 1 << 20)))
         self.samples_per_epoch = max(self.n_tokens - 1, 0) // seq_len
-        self._doc_ids, self._epoch, self._fingerprint = doc_ids, None, None
+        self._epoch, self._fingerprint = None, None
+
+    def _spans(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Global document ids -> (shard, first token in it, length), read from the shards' offsets."""
+        ids = np.asarray(ids, np.int64)
+        which = np.searchsorted(self._bounds, ids, side="right") - 1
+        local = ids - self._bounds[which]
+        start, length = np.empty(len(ids), np.int64), np.empty(len(ids), np.int64)
+        for w, ds in enumerate(self.datasets):
+            m = slice(None) if len(self.datasets) == 1 else which == w
+            lo = local[m]
+            start[m] = ds.offsets[lo]
+            length[m] = ds.offsets[lo + 1] - start[m]
+        return which, start, length
+
+    def _doc(self, k: int) -> int:
+        """The global id of the k-th document used (k < n_docs)."""
+        return k if self._doc_ids is None else int(self._doc_ids[k])
 
     def _load_epoch(self, epoch: int) -> None:
         if self._epoch == epoch:
             return
         rng = np.random.default_rng([*self.seed, epoch])
-        self._order = rng.permutation(self.n_docs)
+        order = rng.permutation(self.n_docs)
+        ids = order if self._doc_ids is None else self._doc_ids[order]
         self._cum = np.zeros(self.n_docs + 1, np.int64)
-        np.cumsum(self._len[self._order], out=self._cum[1:])
-        self._sample_order = rng.permutation(self.samples_per_epoch)
+        np.cumsum(self._spans(ids)[2], out=self._cum[1:])
+        self._order = _compact(order, self.n_docs)
+        del order, ids
+        self._sample_order = _compact(rng.permutation(self.samples_per_epoch), self.samples_per_epoch)
         self._epoch = epoch
 
     def sample(self, j: int) -> tuple[np.ndarray, np.ndarray]:
@@ -146,10 +174,11 @@ class PackedDataset:
         k = int(np.searchsorted(self._cum, begin, side="right")) - 1
         pos = begin
         while pos < end:  # copy from each document the sample overlaps
-            d = self._order[k]
+            d = self._doc(int(self._order[k]))
+            w = int(np.searchsorted(self._bounds, d, side="right")) - 1
             a, b = pos - self._cum[k], min(end, self._cum[k + 1]) - self._cum[k]
-            first = self._start[d]
-            tokens[pos - begin:pos - begin + b - a] = self.datasets[self._which[d]].tokens[first + a:first + b]
+            first = int(self.datasets[w].offsets[d - self._bounds[w]])
+            tokens[pos - begin:pos - begin + b - a] = self.datasets[w].tokens[first + a:first + b]
             starts[pos - begin] |= a == 0
             pos += b - a
             k += 1
@@ -161,7 +190,10 @@ class PackedDataset:
             h = hashlib.sha256(json.dumps([self.seq_len, list(self.seed)]).encode())
             for ds in self.datasets:
                 h.update(f"{ds.header['bin_sha256']}|{ds.header['index_sha256']}\n".encode())
-            h.update(self._doc_ids.tobytes())
+            step = 1 << 20  # the ids as int64, as they were always hashed, a block at a time
+            for i in range(0, self.n_docs, step):
+                ids = np.arange(i, min(i + step, self.n_docs)) if self._doc_ids is None else self._doc_ids[i:i + step]
+                h.update(np.asarray(ids, np.int64).tobytes())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from megarnn.config import DataConfig
 from megarnn.data.corpus import file_source, fingerprint, iter_raw_batches, read_documents, resolve_files
-from megarnn.data.indexed import IndexedDataset, ShardWriter
+from megarnn.data.indexed import IndexedDataset, ShardWriter, verify_share
 from megarnn.data.preprocess import encode_in_order
 from megarnn.data.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
 from megarnn.errors import DataError
@@ -81,11 +81,16 @@ def shard_loader(shard_dirs: list[str], tokenizer: Tokenizer, seq_len: int, micr
     Without weights the directories form one corpus (documents numbered across them in order);
     with weights (one per directory) each is a corpus of the blend. Returns (PackedLoader,
     list of DocumentSubset for evaluate, or None when val_fraction is 0).
+
+    verify: the shards' checksums, split over the ranks of the launch (verify_ranks); each
+    rank hashes about 1 / world of the corpus (see verify_ranks for why, not every rank all).
     """
     from megarnn.data.loader import PackedLoader, validation_split
     from megarnn.data.preprocess import open_shards
 
-    corpora = [open_shards(d, tokenizer, verify) for d in shard_dirs]
+    corpora = [open_shards(d, tokenizer, verify=False) for d in shard_dirs]  # headers, sizes, manifest
+    if verify:
+        verify_share([ds for c in corpora for ds in c], *verify_ranks())
     if weights:
         if len(weights) != len(corpora):
             raise DataError(f"{len(weights)} blend weights for {len(corpora)} shard directories; give one each")
@@ -97,6 +102,23 @@ def shard_loader(shard_dirs: list[str], tokenizer: Tokenizer, seq_len: int, micr
                           weights=list(weights) if weights else None, val_fraction=val_fraction)
     val = [validation_split(g, val_fraction) for g in groups] if val_fraction > 0 else None
     return loader, val
+
+
+def verify_ranks() -> tuple[int, int]:
+    """(rank, world) that split the checksums of data.shards: torch.distributed's when it is
+    initialized (every rank of the launch), else (0, 1).
+
+    Split by shard over the ranks, each hashed by exactly one: a bad shard stops the rank that
+    finds it with a DataError naming the file, and the launcher ends the others. Chosen over
+    per-chunk checksums checked on first read because it needs no new shard format (the shards
+    of `megarnn preprocess` carry whole-file sha256s), costs each rank corpus / world bytes
+    once at the start instead of a hash on every read, and fails before training rather than
+    hours into it; there is no all-reduce, as the ranks open the data at different times (rank
+    0 first, then the others) and one failure ends the run anyway."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def build_run_data(cfg: DataConfig, run_dir: Path, seq_len_batch: tuple[int, int, int], seed: int,
