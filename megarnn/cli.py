@@ -10,7 +10,8 @@
     megarnn plot RUN [RUN ...] [--out FILE.png]
     megarnn plan CONFIG.yaml [key.sub=value ...] --world-size N [--rank R --materialize] [--json]
 
-Errors caused by input (MegarnnError) print one line to stderr and exit with status 2.
+Errors caused by input (MegarnnError, bad arguments, a launcher's variables out of range) print
+one line to stderr and exit with status 2 (tests/e2e/test_bad_input_catalogue.py).
 A training run stopped by SIGUSR1 / SIGTERM / SIGINT (Ctrl-C) finishes its step, saves a
 checkpoint and exits with status 75 (EX_TEMPFAIL: run the same command again to resume); a
 second Ctrl-C exits at once with status 130, as does Ctrl-C in any other command.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,10 +33,47 @@ def at_least(flag: str, value: int, minimum: int) -> None:
         raise ConfigError(f"{flag} {value}: must be >= {minimum}")
 
 
+def _env_int(env, name: str, low: int, high: int | None, fix: str) -> int | None:
+    raw = env.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer; {fix}") from None
+    if value < low or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise ConfigError(f"{name}={value} must be {bounds}; {fix}")
+    return value
+
+
+def check_launch_env(env=os.environ) -> None:
+    """The launcher's variables that the run will read (torchrun's RANK / WORLD_SIZE / LOCAL_RANK /
+    MASTER_PORT, or srun's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID) are integers in range:
+    one line before anything starts, instead of a traceback or a rendezvous that never completes."""
+    fix = ("these come from the launcher: start with launch/torchrun.sh, srun (launch/slurm/train.sbatch) or "
+           "mpirun, or unset RANK and WORLD_SIZE to run one process")
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = _env_int(env, "WORLD_SIZE", 1, None, fix)
+        _env_int(env, "RANK", 0, world - 1, fix)
+        _env_int(env, "LOCAL_RANK", 0, None, fix)
+    elif "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        fix = "srun sets these for each task: run the training under srun (launch/slurm/train.sbatch)"
+        tasks = _env_int(env, "SLURM_NTASKS", 1, None, fix)
+        _env_int(env, "SLURM_PROCID", 0, None if tasks is None else tasks - 1, fix)
+        _env_int(env, "SLURM_LOCALID", 0, None, fix)
+    else:
+        return  # one process: megarnn picks its own address and port
+    _env_int(env, "MASTER_PORT", 1, 65535, "give a free TCP port, or unset MASTER_PORT "
+             "(launch/torchrun.sh picks a free one, the sbatch script derives one from the job id)")
+
+
 def cmd_train(args) -> int:
     from megarnn.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if not args.dry_run:
+        check_launch_env()
     if args.dry_run:
         import dataclasses
 
@@ -69,6 +108,8 @@ def cmd_tokenizer(args) -> int:
 def cmd_preprocess(args) -> int:
     from megarnn.data.preprocess import preprocess
 
+    at_least("--workers", args.workers, 1)
+    at_least("--docs-per-shard", args.docs_per_shard, 1)
     preprocess(args.input, args.tokenizer, args.output, workers=args.workers, text_key=args.text_key,
                docs_per_shard=args.docs_per_shard, log=print)
     return 0
@@ -93,8 +134,11 @@ def cmd_eval(args) -> int:
     from megarnn.errors import DataError
     from megarnn.train.evaluate import evaluate
 
-    model, tokenizer = megarnn.load(args.model_dir)
     data = Path(args.data)
+    if not data.exists() and not data.with_suffix(".idx").is_file():
+        raise DataError(f"--data {data} does not exist; give a directory of token shards (made by `megarnn "
+                        "preprocess`, or a run's data/val) or one shard prefix")
+    model, tokenizer = megarnn.load(args.model_dir)
     if data.is_dir() and ((data / MANIFEST).is_file() or any(data.glob("shard-*.idx"))):
         datasets = open_shards(data, tokenizer)  # a `megarnn preprocess` directory, complete and checked
     else:
@@ -160,7 +204,7 @@ def cmd_bench(args) -> int:
 
     if args.what == "kernels":
         return bench_kernels(args.args)
-    p = argparse.ArgumentParser(prog="megarnn bench step", formatter_class=HelpFormatter,
+    p = Parser(prog="megarnn bench step", formatter_class=HelpFormatter,
                                 description="Time a config's optimizer steps on random tokens.")
     p.add_argument("config", help="A training config (YAML).")
     p.add_argument("overrides", nargs="*", help="Config overrides key.sub=value, e.g. parallel.tp=2.")
@@ -169,6 +213,13 @@ def cmd_bench(args) -> int:
     a, extra = p.parse_known_args(args.args)  # overrides may also follow the flags
     bench_step(a.config, a.overrides + extra, a.steps, a.warmup)
     return 0
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (status 2), pointing at --help instead of printing the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -183,7 +234,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megarnn", description="Pretrain recurrent language models.",
+    p = Parser(prog="megarnn", description="Pretrain recurrent language models.",
                                 formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -296,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     # positional list stops at the first flag, so collect the rest here.
     args, extra = parser.parse_known_args(argv)
     if extra and (args.command != "train" or any("=" not in e or e.startswith("-") for e in extra)):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = args.overrides + extra
     try:

@@ -32,17 +32,38 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Recurren
 def _load_export(d: Path) -> tuple[RecurrentLM, Tokenizer]:
     from safetensors.torch import load_file
 
-    config = json.loads((d / "config.json").read_text())
-    sd = load_file(str(d / "model.safetensors"))
+    again = "export the checkpoint again (megarnn export CHECKPOINT OUT)"
+    try:
+        config = json.loads((d / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{d / 'config.json'}: unreadable ({' '.join(str(e).split())}); {again}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{d / 'config.json'}: expected a JSON object, got {type(config).__name__}; {again}")
+    try:
+        sd = load_file(str(d / "model.safetensors"))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError, or OSError
+        raise CheckpointError(f"{d / 'model.safetensors'}: not a readable safetensors file "
+                              f"({' '.join(str(e).split())}); the file is damaged: {again}") from None
     if CONFIG_KEY in config:
-        mc = ModelConfig(**config[CONFIG_KEY])
+        try:
+            mc = ModelConfig(**config[CONFIG_KEY])
+        except TypeError as e:
+            raise CheckpointError(f"{d / 'config.json'}: {CONFIG_KEY} does not describe a model ({e}); {again}") from None
     elif config.get("model_type") in ("recurrent_gemma", "mamba2"):
-        mc = hf_config_to_model_config(config)
+        try:
+            mc = hf_config_to_model_config(config)
+        except KeyError as e:
+            raise CheckpointError(f"{d / 'config.json'}: the {config['model_type']} config lacks {e}; {again}") from None
         sd = from_hf_state_dict(sd, mc)
     else:
         raise CheckpointError(f"{d / 'config.json'}: neither a megarnn export nor a RecurrentGemma / Mamba2 config")
     model = RecurrentLM(mc)
-    model.load_state_dict(sd)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:  # shapes or names that are not this config's model
+        detail = next((x.strip() for x in str(e).splitlines()[1:] if x.strip()), str(e).splitlines()[0])
+        raise CheckpointError(f"{d}: the weights in model.safetensors do not fit the model in config.json "
+                              f"({detail.rstrip('.')[:300]}); the two files come from different models: {again}") from None
     return model, Tokenizer.load(d)
 
 
