@@ -107,7 +107,7 @@ class Watchdog:
                 f"train.hang_timeout={self.timeout:g}{' x ' + str(SLOW_FACTOR) if allowed > self.timeout else ''}) "
                 f"in {where}; {call}; a rank it waits for may be stopped, dead or hung. Stacks of all threads "
                 f"follow; exiting {self.exit_code} so the launcher stops the job (launch/slurm/train.sbatch "
-                "requeues it and it resumes from the last checkpoint; README: Hangs, requeue and resume)")
+                "requeues it and it resumes from the last checkpoint; README, 'Preemption, hangs and resume')")
 
     def fire(self, idle: float, cause: str | None = None) -> None:
         """Write the report and every thread's stack to stderr and log.txt, then exit at once."""
