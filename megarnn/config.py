@@ -78,6 +78,15 @@ class ModelConfig:
     # also applies its last update, so it lands within ~tol^2 of the exact solution, not only tol.
     newton_max_iters: int = 10
     newton_tol: float = 0.0
+    # Linear-attention blocks, n_heads heads each: "T" gated linear attention (GLA), "D" Gated DeltaNet
+    # (megarnn/models/linear_attention.py). Widths over all heads; 0 takes fla's defaults: GLA keys
+    # d_model / 2, values d_model; Gated DeltaNet keys 3 d_model / 4, values 2 x keys.
+    la_key_dim: int = 0
+    la_value_dim: int = 0
+    la_chunk_size: int = 64  # the chunk length of their chunked (torch) forms
+    gla_gate_rank: int = 16  # GLA: rank of the forget-gate projection (fla's gate_low_rank_dim)
+    gla_gate_normalizer: float = 16.0  # GLA: gk = logsigmoid(gk_proj(x)) / this (fla's gate_logit_normalizer)
+    deltanet_neg_eigval: bool = False  # Gated DeltaNet: beta = 2 sigmoid(.) in [0, 2] (negative eigenvalues)
     # Every op's backend: "" picks the fastest that runs here (triton on CUDA), "torch", "triton",
     # or "reference" (the textbook loops, slow): the RG-LRU and linear scans, SSD and Newton alike.
     scan_backend: str = ""

@@ -11,6 +11,9 @@ the export read it; nothing else names a block kind.
     A       models.blocks.LocalAttentionBlock       q (and k, v when n_kv_heads > 1) column, o row
     M       models.mamba2.Mamba2Mixer               in_proj per component (z, x, B, C, dt), conv, heads; out_proj row
     G / L   models.pararnn.ParaRNNMixer             in_proj per component (u, gate), conv, cell by channel; out_proj row
+    T       models.linear_attention.GLAMixer        q/k/v/g and the gate's second (per-key) linear column, its
+                                                    low-rank first replicated, per-head norm by heads; o row
+    D       models.linear_attention.GatedDeltaNetMixer  q/k/v/g/a/b column, convs, A_log, dt_bias, norm by heads; o row
     X       the user's class named by model.mixer   its own `tp_plan` (README, "Your own cell")
 
 A mixer is built as Class(config) (config resolved) unless the entry has `build`, and is
@@ -169,6 +172,42 @@ def _pararnn_build(cell):
     return build
 
 
+def la_widths(c, kind: str) -> tuple[int, int]:
+    """(key, value) widths over all heads of a linear-attention block ("T" GLA, "D" Gated DeltaNet);
+    the same defaults as megarnn/models/linear_attention.py (gla_dims, deltanet_dims)."""
+    key = c.la_key_dim or (c.d_model // 2 if kind == "T" else 3 * c.d_model // 4)
+    return key, c.la_value_dim or (c.d_model if kind == "T" else 2 * key)
+
+
+def _la_divisible(c) -> dict:
+    return {"model.n_heads (the linear-attention heads)": c.n_heads,
+            "the MLP width (model.mlp_width)": c.mlp_width}
+
+
+def _la_flops(kind: str):
+    """Per head and token of the chunked forms, with Q = min(la_chunk_size, T) and (Q + 1) / 2
+    positions seen inside a chunk (as attention and SSD count them): GLA 2 (K + V) per position
+    seen (scores, their product with v) + 4 K V (the state in and out); the delta rule 2 (4 K + 2 V)
+    per position seen (k.k^T, q.k^T, the UT transform's triangular solve of [beta v | w] and the
+    products with u and w) + 2 K^2 + 4 K V (the chunk's transition, state in and out)."""
+    def flops(c, seq_len):
+        key, value = la_widths(c, kind)
+        K, V, H = key // c.n_heads, value // c.n_heads, c.n_heads
+        seen = (min(c.la_chunk_size, seq_len) + 1) / 2
+        if kind == "T":
+            return H * (2 * (K + V) * seen + 4 * K * V)
+        return H * (2 * (4 * K + 2 * V) * seen + 2 * K * K + 4 * K * V)
+    return flops
+
+
+_GLA_PLAN = {"q_proj": "column", "k_proj": "column", "v_proj": "column", "g_proj": "column",
+             "gk_proj.0": "replicated", "gk_proj.1": "column", "norm.weight": "dim0", "o_proj": "row"}
+
+_DELTANET_PLAN = {"q_proj": "column", "k_proj": "column", "v_proj": "column", "g_proj": "column",
+                  "a_proj": "column", "b_proj": "column", "conv_q": "dim0", "conv_k": "dim0", "conv_v": "dim0",
+                  "A_log": "dim0", "dt_bias": "dim0", "norm.weight": "dim0", "o_proj": "row"}
+
+
 BLOCKS: dict[str, BlockKind] = {k.letter: k for k in [
     BlockKind("R", "RG-LRU recurrent block", "megarnn.models.blocks:RecurrentBlock",
               lambda c: {"linear_x": "column", "linear_y": "column", "linear_out": "row",
@@ -185,6 +224,10 @@ BLOCKS: dict[str, BlockKind] = {k.letter: k for k in [
               _pararnn_localize, families=("pararnn",), build=_pararnn_build("gru")),
     BlockKind("L", "paraLSTM block (Newton)", "megarnn.models.pararnn:ParaRNNMixer", _pararnn_plan(True), _heads,
               _pararnn_localize, families=("pararnn",), build=_pararnn_build("lstm")),
+    BlockKind("T", "gated linear attention block (GLA)", "megarnn.models.linear_attention:GLAMixer",
+              lambda c: dict(_GLA_PLAN), _la_divisible, flops=_la_flops("T"), families=("gla",)),
+    BlockKind("D", "Gated DeltaNet block", "megarnn.models.linear_attention:GatedDeltaNetMixer",
+              lambda c: dict(_DELTANET_PLAN), _la_divisible, flops=_la_flops("D"), families=("deltanet",)),
 ]}
 
 # The gated MLP of every residual block with an MLP.
