@@ -3,7 +3,7 @@
 `rendezvous_env()` fills the variables torch.distributed reads (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from whichever launcher started us, and returns
 its name. We never use DeepSpeed's MPI discovery: it takes MASTER_ADDR from
-`hostname -I`, which may be an address the machines cannot reach (see PLATFORM.md).
+`hostname -I`, which may be an address the machines cannot reach (on some clusters it is not routable).
 """
 from __future__ import annotations
 
