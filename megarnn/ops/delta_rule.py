@@ -82,6 +82,40 @@ def gated_delta_rule(q, k, v, g, beta, initial_state=None, reset=None, scale: fl
     return o.to(v.dtype), state
 
 
+def gated_delta_product(q, k, v, g, beta, num_householder: int, initial_state=None, reset=None,
+                        scale: float | None = None, chunk_size: int = 64, backend: str | None = None, cp=None,
+                        normalize_qk: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated DeltaProduct (Siems et al. 2025): n = num_householder delta-rule steps per token, as
+    fla's naive_recurrent_gated_delta_product: per token t the state decays by exp(g_t), then takes
+    S <- (I - beta_tj k_tj k_tj^T) S + beta_tj k_tj v_tj^T for j = 1..n, then o_t = scale q_t S.
+
+    q: (B, T, H, K); k: (B, T n, H, K); v: (B, T n, H, V); beta: (B, T n, H) (token t's steps at
+    t n .. t n + n - 1); g: (B, T, H) or None (no decay). Runs gated_delta_rule on the T n micro-steps
+    (g on each token's first, q on its last, a reset on its first), so every backend and cp work
+    unchanged: a rank's chunk of tokens is a contiguous chunk of micro-steps.
+    """
+    n = num_householder
+    b, T, H, K = q.shape
+    if n < 1 or k.shape != (b, T * n, H, K) or v.shape[:3] != (b, T * n, H) or beta.shape != (b, T * n, H) or (
+            g is not None and g.shape != (b, T, H)):
+        raise ValueError(f"gated_delta_product: expected num_householder >= 1, q (B,T,H,K), k (B,T*n,H,K), "
+                         f"v (B,T*n,H,V), beta (B,T*n,H), g (B,T,H) or None; got n={n}, q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}, beta {tuple(beta.shape)}, "
+                         f"g {None if g is None else tuple(g.shape)}")
+    scale = K ** -0.5 if scale is None else scale
+
+    def spread(x, where):  # (B, T, ...) -> (B, T n, ...): x on micro-step `where` of each token, 0 elsewhere
+        out = x.new_zeros(b, T, n, *x.shape[2:])
+        out[:, :, where] = x
+        return out.flatten(1, 2)
+
+    g_steps = spread(g, 0) if g is not None else beta.new_zeros(b, T * n, H)
+    o, state = gated_delta_rule(spread(q, n - 1), k, v, g_steps, beta, initial_state,
+                                spread(reset, 0) if reset is not None else None, scale, chunk_size, backend, cp,
+                                normalize_qk)
+    return o[:, n - 1::n], state
+
+
 def _split_delta(q, k, v, g, beta, initial_state, reset, scale, chunk_size, backend, cp):
     acc = context.acc_dtype(v)
     b, T, H, K = q.shape

@@ -127,6 +127,16 @@ def _check_cp():
     ds0 = s0.grad.clone()
     dist.all_reduce(ds0)
     torch.testing.assert_close(ds0, ref[2][5], rtol=0, atol=1e-10)
+    # DeltaProduct (2 steps per token) under the same split: forward and final state.
+    from megarnn.ops.delta_rule import gated_delta_product
+    q, k, v, g, beta, s0, reset = inputs
+    kk, vv, bb = (torch.stack([x, x.flip(1)], 2).flatten(1, 2) for x in (k, v, beta))  # (B, 2T, ...)
+    want, want_s = gated_delta_product(q, kk, vv, g, beta=bb, num_householder=2, initial_state=s0, reset=reset)
+    l2 = slice(2 * rank * Tl, 2 * (rank + 1) * Tl)
+    o, state = gated_delta_product(q[:, sl], kk[:, l2], vv[:, l2], g[:, sl], bb[:, l2], 2, s0, reset[:, sl],
+                                   chunk_size=4, cp=group)
+    torch.testing.assert_close(o, want[:, sl], rtol=0, atol=1e-10)
+    torch.testing.assert_close(state, want_s, rtol=0, atol=1e-10)
 
 
 def _worker(rank, world, port):
@@ -136,3 +146,48 @@ def _worker(rank, world, port):
 def test_context_parallel_on_3_ranks_equals_one_process():
     """3 ranks: the last one folds two earlier ranks' (transition, state) summaries."""
     mp.spawn(_worker, args=(3, free_port()), nprocs=3, join=True)
+
+
+# --- DeltaProduct ----------------------------------------------------------------------------------
+
+def _product_loop(q, k, v, g, beta, n, s0, reset, scale):
+    """Gated DeltaProduct written out: per token decay, n delta steps, read out (float64)."""
+    B, T, H, K = q.shape
+    S, outs = s0.clone(), []
+    for t in range(T):
+        decay = torch.exp(g[:, t]) * ~reset[:, t, None]
+        S = decay[..., None, None] * S
+        for j in range(n):
+            kj, vj, bj = k[:, t * n + j], v[:, t * n + j], beta[:, t * n + j]
+            S = S + bj[..., None, None] * kj[..., :, None] * (vj - torch.einsum("bhk,bhkv->bhv", kj, S))[..., None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
+    return torch.stack(outs, 1), S
+
+
+def test_delta_product_equals_its_loop_with_gradients_and_fla():
+    from megarnn.ops.delta_rule import gated_delta_product
+    n, T = 3, 13
+    q, _, _, g, _, s0, reset = _inputs(T=T)
+    k, _, v, _, beta, _, _ = _inputs(T=T * n, seed=1)
+    reset = reset.clone()
+    reset[0, 5] = True
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, g, beta, s0)]
+    want = _product_loop(*leaves[:5], n, leaves[5], reset, 8 ** -0.5)
+    sum(((x * torch.linspace(-1, 1, x.numel(), dtype=x.dtype).view_as(x)).sum() for x in want)).backward()
+    ref_grads = [t.grad for t in leaves]
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, g, beta, s0)]
+    got = gated_delta_product(*leaves[:5], n, leaves[5], reset, chunk_size=8)
+    sum(((x * torch.linspace(-1, 1, x.numel(), dtype=x.dtype).view_as(x)).sum() for x in got)).backward()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    for name, a, b in zip(NAMES, [t.grad for t in leaves], ref_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=lambda m: f"d{name}: {m}")
+    try:
+        from fla.ops.gated_delta_product.naive import naive_recurrent_gated_delta_product
+    except ImportError:
+        return
+    f = lambda t: t.float()  # noqa: E731
+    o_fla, s_fla = naive_recurrent_gated_delta_product(f(q), f(k), f(v), f(g), f(beta), 8 ** -0.5,
+                                                       initial_state=f(s0), output_final_state=True, num_householder=n)
+    o, s = gated_delta_product(f(q), f(k), f(v), f(g), f(beta), n, f(s0))
+    assert _rel(o, o_fla) <= 1e-5 and _rel(s, s_fla) <= 1e-5
