@@ -9,16 +9,21 @@ train` does and times whole optimizer steps (train.grad_accum micro batches of
 train.micro_batch_size x data.seq_len tokens per data-parallel rank) on random tokens: nothing
 is read or written, so it needs no data and leaves no run directory. It prints one line per
 timed step and a summary: tokens per second (all ranks), MFU (against train.peak_tflops or
-the known peak of the GPU), and the peak memory of rank 0. `kernels` runs
+the known peak of the GPU), and the peak memory of rank 0; then one more, untimed step under a
+counter of host syncs (count_host_syncs: the Tensor methods that read a value on the host), with
+where they come from. `kernels` runs
 tools/bench_kernels.py from the checkout (kernel time against the roofline and peers).
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import resource
 import runpy
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -45,6 +50,41 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: the process's peak RSS
+
+
+# The Tensor methods that hand a value to the host: on a GPU each waits for the device (a sync).
+SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+
+
+@contextlib.contextmanager
+def count_host_syncs():
+    """Inside the block, count the calls of SYNC_METHODS on tensors that are not on the CPU's "meta"
+    device -> a Counter {"method  file:line (function)": calls}, the call site being the first
+    frame outside torch. On a GPU, calls on CUDA tensors are syncs; on CPU the same call sites are
+    counted (those that would be syncs on a GPU, plus reads of CPU-side tensors)."""
+    counts: collections.Counter = collections.Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
+
+    def site() -> str:
+        for frame in reversed(traceback.extract_stack()[:-2]):
+            if "/torch/" not in frame.filename and not frame.filename.endswith("bench.py"):
+                return f"{Path(frame.filename).name}:{frame.lineno} ({frame.name})"
+        return "?"
+
+    def wrap(name, original):
+        def counted(self, *args, **kwargs):
+            if not self.is_meta:
+                counts[f"{name}  {site()}"] += 1
+            return original(self, *args, **kwargs)
+        return counted
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, wrap(name, original))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
 
 
 def bench_step(config: str, overrides: list[str], steps: int, warmup: int) -> dict[str, float]:
@@ -87,6 +127,12 @@ def bench_step(config: str, overrides: list[str], steps: int, warmup: int) -> di
            "peak_memory_gib": peak_memory_gib(device)}
     say(f"median {seconds:.4f} s/step  {tps:,.0f} tokens/s  MFU {out['mfu']:.2%}  "
         f"peak memory (rank 0) {out['peak_memory_gib']:.2f} GiB")
+    with count_host_syncs() as syncs:  # one more step, untimed: where it reads values on the host
+        train_step(engine, batches, warmup + steps, t.grad_accum, mesh, device)
+    out["host_syncs"] = sum(syncs.values())
+    say(f"host syncs in one step (rank 0): {out['host_syncs']}")
+    for where, n in syncs.most_common():
+        say(f"  {n:4d}  {where}")
     if dist.is_initialized():
         dist.barrier()
     return out

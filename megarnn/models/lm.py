@@ -26,7 +26,7 @@ from megarnn.config import ModelConfig
 from megarnn.models.blocks import ResidualBlock, RMSNorm
 from megarnn.models.cells import at_least_float32
 from megarnn.models.mamba2 import Mamba2Block
-from megarnn.ops.context import sequence_start
+from megarnn.ops.scan import sequence_start  # compile-safe (the ContextVar is read outside dynamo)
 
 
 class TokenCrossEntropy(nn.Module):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from megarnn.ops import context
 from megarnn.ops.conv import _check_reset
+from megarnn.ops.scan import resolve_split
 
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
@@ -51,7 +52,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     keys and values arrive from the earlier ranks as the cache (SDPA backend).
     """
     B, T, H, Dh = q.shape
-    split = context.resolve(cp)
+    split = resolve_split(cp)
     if split is not None:
         if cache is not None:
             raise ValueError("sliding_window_attention: a sequence split across ranks starts without a cache")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from megarnn.ops import context
+from megarnn.ops.scan import resolve_split
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -21,7 +22,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """
     B, T, D = x.shape
     W = weight.shape[1]
-    split = context.resolve(cp)
+    split = resolve_split(cp)
     if split is not None:
         if state is not None:
             raise ValueError("causal_conv1d: a sequence split across ranks starts from a zero state; got a state")

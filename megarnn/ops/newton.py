@@ -77,7 +77,7 @@ import torch
 from torch import nn
 
 from megarnn.ops import context
-from megarnn.ops.scan import linear_scan, load_kernels
+from megarnn.ops.scan import linear_scan, load_kernels, resolve_split
 
 BACKENDS = ("reference", "torch", "torch_newton", "torch_sequential", "triton", "triton_sequential", "triton_newton")
 _ALIASES = {"sequential": "reference"}
@@ -733,7 +733,7 @@ def newton_solve(cell: NewtonCell, x: torch.Tensor, h0: torch.Tensor | None = No
         raise ValueError(f"newton_solve: unknown backend {backend!r}; expected one of {BACKENDS}")
     _check_inputs(cell, x, h0, reset)
     h0 = _zeros_state(cell, x) if h0 is None else h0
-    split = context.resolve(cp)
+    split = resolve_split(cp)
     tol = default_tol(x.dtype) if tol is None else tol
     if split is not None:
         if backend == "reference":

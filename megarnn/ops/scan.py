@@ -36,6 +36,30 @@ from megarnn.ops import context
 BACKENDS = ("reference", "torch", "triton")
 
 
+@torch._dynamo.assume_constant_result
+def _ambient_split() -> bool:
+    return context.resolve(None) is not None
+
+
+def resolve_split(cp):
+    """context.resolve(cp) for the ops, traceable by torch.compile, which cannot read the ContextVar
+    behind context_parallel: while compiling, the ambient split is read once, when the graph is
+    traced, and must be none (context parallelism's collectives run eagerly, not compiled)."""
+    if cp is None and torch.compiler.is_compiling():
+        if _ambient_split():
+            raise NotImplementedError("megarnn ops under context_parallel do not compile: run the "
+                                      "context-parallel model eagerly (train.compile=false)")
+        return None
+    return context.resolve(cp)
+
+
+def sequence_start(length: int) -> int:
+    """context.sequence_start, traceable by torch.compile (resolve_split): the position of this
+    call's first token in its sequence, rank x length under the ambient split, else 0."""
+    split = resolve_split(None)
+    return split.rank * length if split is not None else 0
+
+
 def check_backend(backend: str | None, name: str) -> None:
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"{name}: unknown backend {backend!r}; expected one of {BACKENDS} (or None: the fastest "
@@ -58,7 +82,7 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
         raise ValueError(f"linear_scan: h0 must be (B, D) = {(b.shape[0], b.shape[2])}; got {tuple(h0.shape)}")
     check_backend(backend, "linear_scan")
     backend = backend or ("triton" if b.is_cuda else "torch")
-    split = context.resolve(cp)
+    split = resolve_split(cp)
     if split is not None:
         if reverse:
             raise ValueError("linear_scan: a reverse scan is not split across ranks; pass cp=False")
@@ -72,10 +96,10 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
         return linear_scan_reference(a, b, h0)
     if backend == "triton":
         _require_triton(b, "linear_scan")
-        return _TritonLinearScan.apply(a, b, h0)
+        return _scan_triton_op(a, b, h0)
     if h0 is None:
         h0 = b.new_zeros(b.shape[0], b.shape[2])
-    return _LinearScan.apply(a, b, h0)
+    return _scan_torch_op(a, b, h0).to(b.dtype)
 
 
 def linear_scan_reference(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
@@ -145,28 +169,57 @@ def _scan_chunked(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor, Q: int = CH
     return out.reshape(B, nc * Q, D)[:, :T]
 
 
-class _LinearScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, b, h0):
-        acc = torch.float64 if b.dtype == torch.float64 else torch.float32
-        with torch.no_grad():
-            h = _scan(a, b, h0.to(acc))
-        ctx.save_for_backward(a, h, h0)
-        ctx.out_dtypes = (a.dtype, b.dtype, h0.dtype)
-        return h.to(b.dtype)
+# The "torch" and "triton" backends are custom ops with their backward registered (torch.compile
+# sees one opaque node each way; the loops over time never reach dynamo). NO_GRAD marks a gradient
+# a backward op could not produce (an input that was None); the autograd formula returns None for it.
+NO_GRAD = torch.empty(0)
 
-    @staticmethod
-    def backward(ctx, dh):
-        a, h, h0 = ctx.saved_tensors
-        acc = h.dtype
-        # Adjoint: g_t = dh_t + a_{t+1} g_{t+1}, a reverse scan with the decays shifted by one.
-        a_next = torch.cat([a[:, 1:], a.new_zeros(a.shape[0], 1, a.shape[2])], dim=1)
-        g = _scan(a_next.flip(1), dh.flip(1), dh.new_zeros(dh.shape[0], dh.shape[2], dtype=acc)).flip(1)
-        h_prev = torch.cat([h0.to(acc)[:, None], h[:, :-1]], dim=1)
-        da = (g * h_prev).to(ctx.out_dtypes[0])
-        db = g.to(ctx.out_dtypes[1])
-        dh0 = (a[:, 0].to(acc) * g[:, 0]).to(ctx.out_dtypes[2])
-        return da, db, dh0
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("megarnn::scan_torch", mutates_args=())
+def _scan_torch_op(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """The torch backend: h (B, T, D) in the accumulation dtype (the caller casts to b's)."""
+    return _scan(a, b, h0.to(_acc_dtype(b)))
+
+
+@_scan_torch_op.register_fake
+def _(a, b, h0):
+    return b.new_empty(b.shape, dtype=_acc_dtype(b))
+
+
+@torch.library.custom_op("megarnn::scan_torch_bwd", mutates_args=())
+def _scan_torch_bwd_op(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor, dh: torch.Tensor,
+                       b_dtype: torch.dtype) -> list[torch.Tensor]:
+    """[da, db, dh0] of megarnn::scan_torch: the adjoint g_t = dh_t + a_{t+1} g_{t+1}, a reverse
+    scan with the decays shifted by one; db = g, da = g h_{t-1}, dh0 = a_1 g_1."""
+    acc = h.dtype
+    a_next = torch.cat([a[:, 1:], a.new_zeros(a.shape[0], 1, a.shape[2])], dim=1)
+    g = _scan(a_next.flip(1), dh.flip(1), dh.new_zeros(dh.shape[0], dh.shape[2], dtype=acc)).flip(1)
+    h_prev = torch.cat([h0.to(acc)[:, None], h[:, :-1]], dim=1)
+    return [(g * h_prev).to(a.dtype), g.to(b_dtype), (a[:, 0].to(acc) * g[:, 0]).to(h0.dtype)]
+
+
+@_scan_torch_bwd_op.register_fake
+def _(a, h, h0, dh, b_dtype):
+    return [torch.empty_like(a), h.new_empty(h.shape, dtype=b_dtype), torch.empty_like(h0)]
+
+
+def _scan_torch_setup(ctx, inputs, output):
+    a, b, h0 = inputs
+    ctx.save_for_backward(a, output, h0)
+    ctx.b_dtype = b.dtype
+
+
+def _scan_torch_backward(ctx, dh):
+    a, h, h0 = ctx.saved_tensors
+    da, db, dh0 = _scan_torch_bwd_op(a, h, h0, dh, ctx.b_dtype)
+    return da, db, dh0
+
+
+_scan_torch_op.register_autograd(_scan_torch_backward, setup_context=_scan_torch_setup)
 
 
 def load_kernels(t: torch.Tensor, name: str, module: str = "linear_scan"):
@@ -188,20 +241,43 @@ def _require_triton(t: torch.Tensor, name: str):
     return load_kernels(t, name, "linear_scan")
 
 
-class _TritonLinearScan(torch.autograd.Function):
+@torch.library.custom_op("megarnn::scan_triton", mutates_args=())
+def _scan_triton_op(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
     """The "triton" backend: a, b: (B, T, D), h0: (B, D) or None -> h (B, T, D) in b's dtype."""
+    h, _ = _require_triton(b, "linear_scan").scan_fwd(a, b, h0)
+    return h
 
-    @staticmethod
-    def forward(ctx, a, b, h0):
-        kernels = _require_triton(b, "linear_scan")
-        h, _ = kernels.scan_fwd(a, b, h0)
-        ctx.save_for_backward(a, h, h0)  # h0 may be None: saved as None
-        return h
 
-    @staticmethod
-    def backward(ctx, dh):
-        a, h, h0 = ctx.saved_tensors
-        return _require_triton(dh, "linear_scan").scan_bwd(a, h, h0, dh)
+@_scan_triton_op.register_fake
+def _(a, b, h0):
+    return torch.empty_like(b)
+
+
+@torch.library.custom_op("megarnn::scan_triton_bwd", mutates_args=())
+def _scan_triton_bwd_op(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None, dh: torch.Tensor
+                        ) -> list[torch.Tensor]:
+    da, db, dh0 = _require_triton(dh, "linear_scan").scan_bwd(a, h, h0, dh)
+    return [da, db, NO_GRAD.clone() if dh0 is None else dh0]
+
+
+@_scan_triton_bwd_op.register_fake
+def _(a, h, h0, dh):
+    return [torch.empty_like(a), torch.empty_like(h), a.new_empty(0) if h0 is None else torch.empty_like(h0)]
+
+
+def _scan_triton_setup(ctx, inputs, output):
+    a, _, h0 = inputs
+    ctx.save_for_backward(a, output, h0)  # h0 may be None: saved as None
+    ctx.has_h0 = h0 is not None
+
+
+def _scan_triton_backward(ctx, dh):
+    a, h, h0 = ctx.saved_tensors
+    da, db, dh0 = _scan_triton_bwd_op(a, h, h0, dh)
+    return da, db, dh0 if ctx.has_h0 else None
+
+
+_scan_triton_op.register_autograd(_scan_triton_backward, setup_context=_scan_triton_setup)
 
 
 RG_LRU_C = 8.0
@@ -256,7 +332,7 @@ def rglru_scan(x: torch.Tensor, gate_x: torch.Tensor, gate_a: torch.Tensor, recu
         raise ValueError(f"rglru_scan: h0 must be (B, D) = {(x.shape[0], x.shape[2])}; got {tuple(h0.shape)}")
     check_backend(backend, "rglru_scan")
     backend = backend or ("triton" if x.is_cuda else "torch")
-    split = context.resolve(cp)
+    split = resolve_split(cp)
     if split is not None:
         first = h0 if split.rank == 0 or h0 is None else h0 * 0  # a zero gradient off rank 0
         h, _ = rglru_scan(x, gate_x, gate_a, recurrent_param, first, reset, backend, cp=False)
@@ -265,7 +341,7 @@ def rglru_scan(x: torch.Tensor, gate_x: torch.Tensor, gate_a: torch.Tensor, recu
     if backend == "triton":
         _require_triton(x, "rglru_scan")
         # softplus of the (D,) parameter stays in torch: it costs nothing and autograd matches the torch path.
-        return _TritonRGLRU.apply(x, gate_x, gate_a, F.softplus(recurrent_param), h0, reset)
+        return _rglru_triton_op(x, gate_x, gate_a, F.softplus(recurrent_param), h0, reset)
     log_a = -RG_LRU_C * torch.sigmoid(gate_a) * F.softplus(recurrent_param)
     a = torch.exp(log_a)
     multiplier = SqrtBoundDerivative.apply(1 - torch.exp(2 * log_a))
@@ -277,17 +353,46 @@ def rglru_scan(x: torch.Tensor, gate_x: torch.Tensor, gate_a: torch.Tensor, recu
     return h.to(x.dtype), h[:, -1]
 
 
-class _TritonRGLRU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, gate_x, gate_a, sp, h0, reset):
-        kernels = _require_triton(x, "rglru_scan")
-        h, h_last = kernels.rglru_fwd(x, gate_x, gate_a, sp, h0, reset)
-        ctx.save_for_backward(x, gate_x, gate_a, sp, h, h0, reset)
-        return h, h_last
+@torch.library.custom_op("megarnn::rglru_triton", mutates_args=())
+def _rglru_triton_op(x: torch.Tensor, gate_x: torch.Tensor, gate_a: torch.Tensor, sp: torch.Tensor,
+                     h0: torch.Tensor | None, reset: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """rglru_scan's "triton" backend (sp = softplus(Lambda)) -> (h in x's dtype, h_T in acc dtype)."""
+    h, h_last = _require_triton(x, "rglru_scan").rglru_fwd(x, gate_x, gate_a, sp, h0, reset)
+    return h, h_last if h_last._base is None else h_last.clone()  # outputs may not alias each other
 
-    @staticmethod
-    def backward(ctx, dh, dh_last):
-        x, gate_x, gate_a, sp, h, h0, reset = ctx.saved_tensors
-        dx, dgx, dga, dsp, dh0 = _require_triton(x, "rglru_scan").rglru_bwd(
-            x, gate_x, gate_a, sp, h, h0, reset, dh, dh_last)
-        return dx, dgx, dga, dsp.to(sp.dtype), dh0, None
+
+@_rglru_triton_op.register_fake
+def _(x, gate_x, gate_a, sp, h0, reset):
+    return torch.empty_like(x), x.new_empty(x.shape[0], x.shape[2], dtype=_acc_dtype(x))
+
+
+@torch.library.custom_op("megarnn::rglru_triton_bwd", mutates_args=())
+def _rglru_triton_bwd_op(x: torch.Tensor, gate_x: torch.Tensor, gate_a: torch.Tensor, sp: torch.Tensor,
+                         h: torch.Tensor, h0: torch.Tensor | None, reset: torch.Tensor | None, dh: torch.Tensor,
+                         dh_last: torch.Tensor | None) -> list[torch.Tensor]:
+    dx, dgx, dga, dsp, dh0 = _require_triton(x, "rglru_scan").rglru_bwd(
+        x, gate_x, gate_a, sp, h, h0, reset, dh, dh_last)
+    return [dx, dgx, dga, dsp.to(sp.dtype), NO_GRAD.clone() if dh0 is None else dh0]
+
+
+@_rglru_triton_bwd_op.register_fake
+def _(x, gate_x, gate_a, sp, h, h0, reset, dh, dh_last):
+    return [torch.empty_like(x), torch.empty_like(gate_x), torch.empty_like(gate_a), torch.empty_like(sp),
+            x.new_empty(0) if h0 is None else torch.empty_like(h0)]
+
+
+def _rglru_triton_setup(ctx, inputs, output):
+    x, gate_x, gate_a, sp, h0, reset = inputs
+    ctx.save_for_backward(x, gate_x, gate_a, sp, output[0], h0, reset)
+    ctx.has_h0 = h0 is not None
+
+
+def _rglru_triton_backward(ctx, dh, dh_last):
+    x, gate_x, gate_a, sp, h, h0, reset = ctx.saved_tensors
+    if dh is None:
+        dh = torch.zeros_like(h)
+    dx, dgx, dga, dsp, dh0 = _rglru_triton_bwd_op(x, gate_x, gate_a, sp, h, h0, reset, dh, dh_last)
+    return dx, dgx, dga, dsp, dh0 if ctx.has_h0 else None, None
+
+
+_rglru_triton_op.register_autograd(_rglru_triton_backward, setup_context=_rglru_triton_setup)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from megarnn.ops import context
-from megarnn.ops.scan import check_backend, load_kernels
+from megarnn.ops.scan import NO_GRAD, check_backend, linear_scan, load_kernels, resolve_split
 
 
 def ssd_scan(x, dt, A, B, C, D=None, chunk_size: int = 64, initial_state=None, reset=None,
@@ -45,12 +45,12 @@ def ssd_scan(x, dt, A, B, C, D=None, chunk_size: int = 64, initial_state=None, r
                          f"C {tuple(C.shape)}")
     check_backend(backend, "ssd_scan")
     backend = backend or ("triton" if x.is_cuda else "torch")
-    split = context.resolve(cp)
+    split = resolve_split(cp)
     if split is not None:
         return _split_ssd(x, dt, A, B, C, D, chunk_size, initial_state, reset, backend, split)
     if backend == "triton":
         _check_state_and_reset(initial_state, reset, b, T, H, P, N)
-        return _TritonSSD.apply(x, dt, A, B, C, D, initial_state, reset, chunk_size)
+        return _ssd_triton_op(x, dt, A, B, C, D, initial_state, reset, chunk_size)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     s0 = x.new_zeros(b, H, P, N, dtype=acc) if initial_state is None else initial_state.to(acc)
     if backend == "reference" or T == 1:
@@ -106,7 +106,10 @@ def _ssd_chunked(x, dt, A, B, C, state, reset, Q):
     pad = (-T) % Q
     if reset is None:
         reset = torch.zeros(b, T, dtype=torch.bool, device=x.device)
-    if pad:  # dt = 0 on padding: decay 1 and no input, so the final state is unchanged
+    # dt = 0 on padding: decay 1 and no input, so the final state is unchanged. (Compiled, lengths
+    # that are multiples of Q share one graph and the others another: the slice back to T below is
+    # contiguous or not.)
+    if pad:
         x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
         reset = F.pad(reset, (0, pad))
     nc = x.shape[1] // Q
@@ -130,14 +133,14 @@ def _ssd_chunked(x, dt, A, B, C, state, reset, Q):
     to_end = torch.exp(Acs[..., -1:] - Acs) * (seg == seg[..., -1:])  # (b, c, G, r, l)
     chunk_states = (xdt * to_end[..., None]).transpose(-1, -2) @ B.unsqueeze(3)  # (b, c, G, r, P, N)
 
-    # 3. Pass states from chunk to chunk; a chunk with a reset lets nothing through.
+    # 3. Pass states from chunk to chunk; a chunk with a reset lets nothing through. A diagonal
+    # linear scan over the chunks (the torch backend's custom op: no loop for torch.compile to unroll).
     through = torch.exp(Acs[..., -1]) * (seg[..., -1] == 0)  # (b, c, G, r)
-    state = state.reshape(b, G, rep, P, N)
-    starts = []
-    for c in range(nc):
-        starts.append(state)
-        state = through[:, c, :, :, None, None] * state + chunk_states[:, c]
-    starts = torch.stack(starts, 1)  # (b, c, G, r, P, N)
+    E = H * P * N
+    ends = linear_scan(through[..., None, None].expand(b, nc, G, rep, P, N).reshape(b, nc, E),
+                       chunk_states.reshape(b, nc, E), state.reshape(b, E), backend="torch", cp=False)
+    starts = torch.cat([state.reshape(b, 1, E), ends[:, :-1]], dim=1).reshape(b, nc, G, rep, P, N)
+    state = ends[:, -1]
 
     # 4. The incoming state's share of each output, until the chunk's first reset.
     from_start = torch.exp(Acs) * (seg == 0)  # (b, c, G, r, l)
@@ -160,23 +163,50 @@ def _ssd_kernels(t: torch.Tensor):
     return load_kernels(t, "ssd_scan", "ssd")
 
 
-class _TritonSSD(torch.autograd.Function):
+@torch.library.custom_op("megarnn::ssd_triton", mutates_args=())
+def _ssd_triton_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: torch.Tensor | None, initial_state: torch.Tensor | None, reset: torch.Tensor | None,
+                   chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The "triton" backend: ssd_scan's arguments -> (y (B, T, H, P) in x's dtype, final state
     (B, H, P, N) in fp32 / fp64). Saves only the inputs; the backward recomputes the states."""
+    return _ssd_kernels(x).ssd_fwd(x, dt, A, B, C, chunk_size, D, initial_state, reset)
 
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, initial_state, reset, chunk_size):
-        kernels = _ssd_kernels(x)
-        y, state = kernels.ssd_fwd(x, dt, A, B, C, chunk_size, D, initial_state, reset)
-        ctx.save_for_backward(x, dt, A, B, C, D, initial_state, reset)
-        ctx.chunk_size = chunk_size
-        ctx.set_materialize_grads(False)  # an unused final state costs nothing in the backward
-        return y, state
 
-    @staticmethod
-    def backward(ctx, dy, dstate):
-        x, dt, A, B, C, D, initial_state, reset = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros_like(x)
-        grads = _ssd_kernels(x).ssd_bwd(x, dt, A, B, C, ctx.chunk_size, D, initial_state, reset, dy, dstate)
-        return (*grads, None, None)
+@_ssd_triton_op.register_fake
+def _(x, dt, A, B, C, D, initial_state, reset, chunk_size):
+    b, T, H, P = x.shape
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.empty_like(x), x.new_empty(b, H, P, B.shape[3], dtype=acc)
+
+
+@torch.library.custom_op("megarnn::ssd_triton_bwd", mutates_args=())
+def _ssd_triton_bwd_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                       D: torch.Tensor | None, initial_state: torch.Tensor | None, reset: torch.Tensor | None,
+                       chunk_size: int, dy: torch.Tensor, dstate: torch.Tensor | None) -> list[torch.Tensor]:
+    grads = _ssd_kernels(x).ssd_bwd(x, dt, A, B, C, chunk_size, D, initial_state, reset, dy, dstate)
+    return [NO_GRAD.clone() if g is None else g for g in grads]
+
+
+@_ssd_triton_bwd_op.register_fake
+def _(x, dt, A, B, C, D, initial_state, reset, chunk_size, dy, dstate):
+    return [torch.empty_like(t) if t is not None else x.new_empty(0) for t in (x, dt, A, B, C, D, initial_state)]
+
+
+def _ssd_triton_setup(ctx, inputs, output):
+    x, dt, A, B, C, D, initial_state, reset, chunk_size = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, initial_state, reset)
+    ctx.chunk_size = chunk_size
+    ctx.has = (D is not None, initial_state is not None)
+    ctx.set_materialize_grads(False)  # an unused final state costs nothing in the backward
+
+
+def _ssd_triton_backward(ctx, dy, dstate):
+    x, dt, A, B, C, D, initial_state, reset = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(x)
+    dx, ddt, dA, dB, dC, dD, ds0 = _ssd_triton_bwd_op(x, dt, A, B, C, D, initial_state, reset, ctx.chunk_size,
+                                                      dy, dstate)
+    return dx, ddt, dA, dB, dC, dD if ctx.has[0] else None, ds0 if ctx.has[1] else None, None, None
+
+
+_ssd_triton_op.register_autograd(_ssd_triton_backward, setup_context=_ssd_triton_setup)

@@ -321,6 +321,12 @@ def build_model(cfg: Config, mesh: ParallelMesh, device):
     model.checkpoint_every = cfg.parallel.activation_checkpointing
     if mesh.pp == 1:  # under pipeline parallelism DeepSpeed puts this stage's layers on the device
         model.to(device)
+    if cfg.train.compile:  # the whole forward as one graph: every op is a custom op (megarnn/ops)
+        if mesh.pp > 1 or mesh.cp > 1:
+            raise ConfigError("train.compile=true compiles the whole model as one graph; pipeline and context "
+                              "parallelism run eagerly: set train.compile=false, or parallel.pp=1 and parallel.cp=1")
+        # forward only, not Module.__call__: the engine's forward hooks (DeepSpeed's timers) stay eager
+        model.forward = torch.compile(model.forward, fullgraph=True)
     pipe = pipeline_module(model, mesh, cfg.parallel.pp_balance, parts) if mesh.pp > 1 else None
     return model, pipe, build_engine(cfg, pipe or model, mesh), n_params, flops_per_token
 

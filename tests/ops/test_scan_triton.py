@@ -149,7 +149,7 @@ def test_reverse_scan():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU default and the CPU error only")
 def test_cpu_default_is_torch_and_triton_without_interpreter_says_what_to_do(monkeypatch):
     a, b, h0 = _scan_inputs(1, 5, 3)
-    monkeypatch.setattr(scan_ops._TritonLinearScan, "apply", lambda *args: pytest.fail("triton picked on CPU"))
+    monkeypatch.setattr(scan_ops, "_scan_triton_op", lambda *args: pytest.fail("triton picked on CPU"))
     torch.testing.assert_close(linear_scan(a, b, h0), linear_scan(a, b, h0, backend="torch"))
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):

@@ -154,7 +154,7 @@ def test_offsets_past_2_to_the_31_use_64_bits():
 def test_cpu_default_is_torch_and_triton_without_interpreter_says_what_to_do(monkeypatch):
     (x, dt, A, B, C, D, s0), _ = _case(5, 16)
     with monkeypatch.context() as m:
-        m.setattr(ssd_ops._TritonSSD, "apply", lambda *args: pytest.fail("triton picked on CPU"))
+        m.setattr(ssd_ops, "_ssd_triton_op", lambda *args: pytest.fail("triton picked on CPU"))
         torch.testing.assert_close(ssd_scan(x, dt, A, B, C, D), ssd_scan(x, dt, A, B, C, D, backend="torch"))
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):

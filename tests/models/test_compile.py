@@ -1,0 +1,71 @@
+"""torch.compile takes the whole model: every family traces into ONE graph (fullgraph, no graph
+break), with the sequence length dynamic (no recompilation for another length), and the compiled
+loss and gradients equal eager. The ops' loops over time live inside custom ops (megarnn::scan_torch,
+megarnn::newton_torch, ...), so dynamo sees one node per op call.
+
+The backend is "aot_eager": dynamo plus AOTAutograd (fake tensors through the custom ops' fake
+implementations, their registered backward in the joint graph) without Inductor's C++ codegen,
+which would take minutes per family on a CPU; Inductor changes how the graph runs, not what it is.
+"""
+import pytest
+import torch
+
+from megarnn.config import ModelConfig
+from megarnn.models import RecurrentLM
+
+FAMILIES = {
+    "griffin": dict(family="griffin", block_pattern="RRA", d_model=32, n_layers=3, n_heads=2, lru_width=32,
+                    attention_window=16),
+    "mamba2": dict(family="mamba2", block_pattern="M", d_model=32, n_layers=2, d_state=16, ssm_head_dim=16,
+                   n_groups=1, chunk_size=16),
+    "paragru": dict(family="pararnn", block_pattern="G", d_model=32, n_layers=2, n_heads=2, lru_width=32),
+    "paralstm": dict(family="pararnn", block_pattern="L", d_model=32, n_layers=2, n_heads=2, lru_width=32),
+}
+
+
+def _model(family: str) -> RecurrentLM:
+    torch.manual_seed(0)
+    return RecurrentLM(ModelConfig(vocab_size=64, **FAMILIES[family]))
+
+
+def _loss(model, tokens, targets, reset):
+    logits, _ = model(tokens, reset=reset)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def _batch(T: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, 64, (2, T + 1), generator=g)
+    reset = torch.zeros(2, T, dtype=torch.bool)
+    reset[1, T // 3] = True  # a document starts inside the sequence
+    batch = [seq[:, :-1], seq[:, 1:], reset]
+    for t in batch:
+        torch._dynamo.mark_dynamic(t, 1)
+    return batch
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_whole_model_compiles_in_one_graph_for_every_length(family):
+    torch._dynamo.reset()
+    model = _model(family)
+    loss_fn = lambda *batch: _loss(model, *batch)  # noqa: E731
+    explanation = torch._dynamo.explain(loss_fn)(*_batch(48, 0))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        # The second length must reuse the first graph. Both are multiples of Mamba2's chunk of 16 (a
+        # length that is not gets one more graph: the padded chunks are sliced back to T) and span
+        # more than two chunks (sizes 0 and 1 are special to dynamo).
+        for T, seed in ((48, 1), (64, 2)):
+            batch = _batch(T, seed)
+            got = compiled(*batch)
+            got_grads = torch.autograd.grad(got, params)
+            want = _loss(model, *batch)
+            want_grads = torch.autograd.grad(want, params)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            for g, w in zip(got_grads, want_grads):
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
