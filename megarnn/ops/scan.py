@@ -95,7 +95,8 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
     if backend == "reference":
         return linear_scan_reference(a, b, h0)
     if backend == "triton":
-        _require_triton(b, "linear_scan")
+        if not torch.compiler.is_compiling():  # say early why it cannot run (the op checks again)
+            _require_triton(b, "linear_scan")
         return _scan_triton_op(a, b, h0)
     if h0 is None:
         h0 = b.new_zeros(b.shape[0], b.shape[2])
@@ -339,7 +340,8 @@ def rglru_scan(x: torch.Tensor, gate_x: torch.Tensor, gate_a: torch.Tensor, recu
         h = context.diagonal_carry(h, rglru_decay(_at_least_float32(gate_a), recurrent_param, reset), split)
         return h.to(x.dtype), h[:, -1]
     if backend == "triton":
-        _require_triton(x, "rglru_scan")
+        if not torch.compiler.is_compiling():
+            _require_triton(x, "rglru_scan")
         # softplus of the (D,) parameter stays in torch: it costs nothing and autograd matches the torch path.
         return _rglru_triton_op(x, gate_x, gate_a, F.softplus(recurrent_param), h0, reset)
     log_a = -RG_LRU_C * torch.sigmoid(gate_a) * F.softplus(recurrent_param)

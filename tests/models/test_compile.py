@@ -3,7 +3,7 @@ break), with the sequence length dynamic (no recompilation for another length), 
 loss and gradients equal eager. The ops' loops over time live inside custom ops (megarnn::scan_torch,
 megarnn::newton_torch, ...), so dynamo sees one node per op call.
 
-The backend is "aot_eager": dynamo plus AOTAutograd (fake tensors through the custom ops' fake
+The compile backend is "aot_eager": dynamo plus AOTAutograd (fake tensors through the custom ops' fake
 implementations, their registered backward in the joint graph) without Inductor's C++ codegen,
 which would take minutes per family on a CPU; Inductor changes how the graph runs, not what it is.
 """
@@ -23,9 +23,9 @@ FAMILIES = {
 }
 
 
-def _model(family: str) -> RecurrentLM:
+def _model(family: str, backend: str = "torch") -> RecurrentLM:
     torch.manual_seed(0)
-    return RecurrentLM(ModelConfig(vocab_size=64, **FAMILIES[family]))
+    return RecurrentLM(ModelConfig(vocab_size=64, scan_backend=backend, **FAMILIES[family]))
 
 
 def _loss(model, tokens, targets, reset):
@@ -44,10 +44,13 @@ def _batch(T: int, seed: int):
     return batch
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_whole_model_compiles_in_one_graph_for_every_length(family):
+def test_whole_model_compiles_in_one_graph_for_every_length(family, backend):
+    """backend "triton" runs the kernels under Triton's interpreter on CPU (TRITON_INTERPRET=1,
+    tests/conftest.py), on the GPU where there is one."""
     torch._dynamo.reset()
-    model = _model(family)
+    model = _model(family, backend)
     loss_fn = lambda *batch: _loss(model, *batch)  # noqa: E731
     explanation = torch._dynamo.explain(loss_fn)(*_batch(48, 0))
     assert explanation.graph_break_count == 0, explanation.break_reasons
