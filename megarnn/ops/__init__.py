@@ -5,7 +5,7 @@ textbook recurrence every other backend is tested against.
 """
 from megarnn.ops.attention import sliding_window_attention
 from megarnn.ops.conv import causal_conv1d
-from megarnn.ops.delta_rule import gated_delta_rule
+from megarnn.ops.delta_rule import gated_delta_product, gated_delta_rule
 from megarnn.ops.gla import gla
 from megarnn.ops.newton import NewtonCell, newton_solve
 from megarnn.ops.scan import linear_scan, linear_scan_reference
