@@ -72,6 +72,7 @@ import functools
 import logging
 import math
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -420,7 +421,9 @@ class _NewtonSolve(torch.autograd.Function):
 # The custom ops: the whole solve as one opaque node for torch.compile
 # ---------------------------------------------------------------------------------------------
 
-_CELLS: dict[int, nn.Module] = {}  # id(cell) -> cell, for the custom ops (they take tensors and scalars)
+# id(cell) -> cell, for the custom ops (they take tensors and scalars). Weak: a model's cells (and
+# their input projections) are freed with the model.
+_CELLS: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
 _LAST_STATS: dict[int, dict] = {}  # id(cell) -> the python stats of its last eager solve
 
 
