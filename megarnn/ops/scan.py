@@ -22,6 +22,11 @@ round-trip through memory.
 Context parallelism: with `cp` (or inside megarnn.ops.context.context_parallel) both ops
 run their chunk with the same backend from zero and add the carry from earlier ranks
 (megarnn/ops/context.py).
+
+torch.compile: the "torch" and "triton" backends are custom ops (megarnn::scan_torch,
+megarnn::scan_triton, megarnn::rglru_triton, each with a registered backward op), so a compiled
+model sees one node per call and no loop over time; resolve_split / sequence_start read the
+ambient context-parallel split outside dynamo.
 """
 from __future__ import annotations
 
