@@ -78,7 +78,7 @@ import torch
 from torch import nn
 
 from megarnn.ops import context
-from megarnn.ops.scan import linear_scan, load_kernels, resolve_split
+from megarnn.ops.scan import assume_constant_result, linear_scan, load_kernels, resolve_split
 
 BACKENDS = ("reference", "torch", "torch_newton", "torch_sequential", "triton", "triton_sequential", "triton_newton")
 _ALIASES = {"sequential": "reference"}
@@ -436,7 +436,7 @@ def _autograd_inside_op():
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), _TOP_LEVEL_EXCLUDE)
 
 
-@torch._dynamo.assume_constant_result
+@assume_constant_result
 def _cell_key(cell: nn.Module) -> int:
     """The key the custom ops find `cell` by. Run (not traced) when torch.compile traces a call, so
     the compiled graph holds the key as a constant and the cell stays registered while it lives

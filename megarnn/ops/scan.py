@@ -41,7 +41,16 @@ from megarnn.ops import context
 BACKENDS = ("reference", "torch", "triton")
 
 
-@torch._dynamo.assume_constant_result
+def assume_constant_result(fn):
+    """torch._dynamo.assume_constant_result without importing torch._dynamo when megarnn.ops is
+    imported (1-2 s): that decorator only sets this mark. Dynamo then runs fn when it traces a call
+    (not traced) and bakes its result into the graph. tests/models/test_compile.py notices if a
+    torch release changes the mark (graph breaks)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@assume_constant_result
 def _ambient_split() -> bool:
     return context.resolve(None) is not None
 
