@@ -138,8 +138,9 @@ def _gla_chunked(q, k, v, gk, state, reset, Q):
 
     # 2. Pairs inside one sub-chunk: the exact product with decays exp(sum of gk over (j, i]) <= 1.
     tri = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
-    later = torch.ones(s, s, dtype=torch.bool, device=q.device).tril(-1)  # (l, j): l > j
-    rel = torch.cumsum(gs[..., :, None, :] * later[..., None], dim=4)  # (..., i, j, K): over j < l <= i
+    i = torch.arange(s, device=q.device)
+    spans = (i[None, :, None] < i[None, None, :]) & (i[None, None, :] <= i[:, None, None])  # (i, j, l): j < l <= i
+    rel = (spans.to(gk.dtype).reshape(s * s, s) @ gs).unflatten(-2, (s, s))  # (..., i, j, K), one matmul
     rel = rel.masked_fill(~tri[..., None], float("-inf"))
     diag = torch.einsum("bhcnik,bhcnjk,bhcnijk->bhcnij", qs, ks, torch.exp(rel))
     A = A + _blocks(diag, n, s)
