@@ -417,7 +417,7 @@ def load(engine, cfg: Config, path: str | Path, replicas: int) -> dict:
     else:
         client = reshard.load_full_state(engine, reshard.read_full_state(ckpt_dir, tag), engine.megarnn_mesh)
     set_rng_state(client["rng"])
-    return client
+    return {**client, "loaded_from": str(ckpt_dir / tag)}
 
 
 def read_share(engine, meta: dict, same_layout: bool) -> list[str] | None:

@@ -387,6 +387,7 @@ def _train(cfg: Config, preemption: PreemptionWatch) -> dict[str, float]:
         log.text(f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs "
                  f"per token; {world} process(es) on {device.type}")
     else:
+        resume_from = Path(client.get("loaded_from", resume_from))  # after a walk-back past a bad one
         log.text(f"resumed from {resume_from} at step {step}")
     data_line, epochs = describe_data(loader, cfg.data.seq_len, t.max_steps)
     log.text(data_line)
