@@ -132,9 +132,12 @@ def _gla_chunked(q, k, v, gk, state, reset, Q):
 
     # 1. Pairs in different sub-chunks (j in m' < m, the row's sub-chunk): through the step r just
     # before sub-chunk m, (q_i exp(g_i - g_r)) . (k_j exp(g_r - g_j)), both exponents <= 0.
-    cross = (after[:, :, :, None] + between[..., None, :]).masked_fill(
-        ~(m[None, :] < m[:, None])[:, :, None, None], float("-inf")).reshape(b, H, nc, n, Q, K)
-    A = ((qs * torch.exp(inside)) @ (k[:, :, :, None] * torch.exp(cross)).transpose(-1, -2)).reshape(b, H, nc, Q, Q)
+    # (None with one sub-chunk per chunk.)
+    A = None
+    if n > 1:
+        cross = (after[:, :, :, None] + between[..., None, :]).masked_fill(
+            ~(m[None, :] < m[:, None])[:, :, None, None], float("-inf")).reshape(b, H, nc, n, Q, K)
+        A = ((qs * torch.exp(inside)) @ (k[:, :, :, None] * torch.exp(cross)).transpose(-1, -2)).reshape(b, H, nc, Q, Q)
 
     # 2. Pairs inside one sub-chunk: the exact product with decays exp(sum of gk over (j, i]) <= 1.
     tri = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
@@ -143,7 +146,7 @@ def _gla_chunked(q, k, v, gk, state, reset, Q):
     rel = (spans.to(gk.dtype).reshape(s * s, s) @ gs).unflatten(-2, (s, s))  # (..., i, j, K), one matmul
     rel = rel.masked_fill(~tri[..., None], float("-inf"))
     diag = torch.einsum("bhcnik,bhcnjk,bhcnijk->bhcnij", qs, ks, torch.exp(rel))
-    A = A + _blocks(diag, n, s)
+    A = _blocks(diag, n, s) if A is None else A + _blocks(diag, n, s)
     o = (A * same) @ v  # (b, H, c, l, V)
 
     # 3. What each chunk adds to the state by its end (inputs after the chunk's last reset).
