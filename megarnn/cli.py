@@ -19,6 +19,7 @@ second Ctrl-C exits at once with status 130, as does Ctrl-C in any other command
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -351,11 +352,36 @@ def main(argv: list[str] | None = None) -> int:
         subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = args.overrides + extra
+    with _ctrl_c_exits(args.command):
+        try:
+            return args.func(args)
+        except MegarnnError as e:
+            print(f"megarnn {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves and exits 75 instead)
+            print(f"megarnn {args.command}: interrupted", file=sys.stderr)
+            return 130
+
+
+@contextlib.contextmanager
+def _ctrl_c_exits(command: str):
+    """While a command runs, Ctrl-C prints one line and exits 130 at once, wherever it lands: a
+    KeyboardInterrupt raised inside a library's import (torch's, while a command starts) can turn
+    into another error or be swallowed. The trainer installs its own handler for the training run
+    (checkpoint, then exit 75) and puts this one back afterwards."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupted(signum, frame):
+        os.write(2, f"megarnn {command}: interrupted\n".encode())
+        os._exit(130)
+
+    old = signal.signal(signal.SIGINT, interrupted)
     try:
-        return args.func(args)
-    except MegarnnError as e:
-        print(f"megarnn {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves and exits 75 instead)
-        print(f"megarnn {args.command}: interrupted", file=sys.stderr)
-        return 130
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
