@@ -31,6 +31,7 @@ from megarnn import registry
 from megarnn.config import ModelConfig
 from megarnn.errors import ConfigError
 from megarnn.models.cells import at_least_float32
+from megarnn.models import blocks
 from megarnn.ops import causal_conv1d, gated_delta_rule, gla
 
 
@@ -58,11 +59,8 @@ def _backend(c: ModelConfig) -> str | None:
 
 
 def _linear(d_in: int, d_out: int, std: float, bias: bool = False) -> nn.Linear:
-    lin = nn.Linear(d_in, d_out, bias=bias)
-    nn.init.normal_(lin.weight, std=std)
-    if bias:
-        nn.init.zeros_(lin.bias)
-    return lin
+    """blocks._linear (normal weights, zero bias), without a bias unless asked for (fla's layers)."""
+    return blocks._linear(d_in, d_out, std, bias)
 
 
 class HeadRMSNormGated(nn.Module):
