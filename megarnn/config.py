@@ -267,6 +267,10 @@ class TrainConfig:
     eval_tokens: int = 0  # tokens per periodic eval; 0 = the whole validation set
     save_interval: int = 500
     resume: str = "auto"  # auto | never | a checkpoint path
+    # On resume, the LR schedule (max_steps, warmup_steps, lr, min_lr_ratio) must be the
+    # checkpoint's ("same": a change is an error naming the keys) unless this is "new": the run
+    # continues on the config's schedule from the saved step, and the log says what changed.
+    resume_schedule: str = "same"
     keep_checkpoints: int = 0  # keep the newest K complete checkpoints; 0 keeps all
     max_bad_steps: int = 5  # consecutive non-finite steps before stopping
     peak_tflops: float = 0.0  # for MFU; 0: a table for known GPUs, 1.0 on CPU
@@ -290,6 +294,9 @@ class TrainConfig:
             raise ConfigError(f"train.lr={self.lr} must be positive")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision={self.precision!r}; expected auto, fp32 or bf16")
+        if self.resume_schedule not in ("same", "new"):
+            raise ConfigError(f"train.resume_schedule={self.resume_schedule!r}; expected same (a resumed run keeps "
+                              "the checkpoint's LR schedule) or new (it continues on this config's)")
         if self.progress not in ("auto", "on", "off"):
             raise ConfigError(f"train.progress={self.progress!r}; expected auto, on or off")
         if not self.hang_timeout >= 0:

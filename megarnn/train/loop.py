@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from megarnn.config import Config
 from megarnn.data.prepare import build_run_data, split_files
@@ -28,7 +29,7 @@ from megarnn.parallel.mesh import ParallelMesh
 from megarnn.parallel.pipeline import full_model, pipeline_module
 from megarnn.parallel.construct import build_local
 from megarnn.parallel.plan import sequence_count, whole_sequences
-from megarnn.train.engine import SkipNonFiniteAdamW, build_engine, setup_distributed
+from megarnn.train.engine import SkipNonFiniteAdamW, build_engine, lr_lambda, setup_distributed
 from megarnn.train.evaluate import evaluate, text_size
 from megarnn.train.metrics import MetricsLogger, peak_flops
 
@@ -109,6 +110,45 @@ def draw_curves(run_dir: Path, log) -> None:
         log.text(f"curves: {path}")
 
 
+SCHEDULE_KEYS = ("max_steps", "warmup_steps", "lr", "min_lr_ratio")
+
+
+def schedule_changes(saved: dict, t) -> dict:
+    """{key: (checkpoint's, config's)} of the LR schedule keys that differ; saved: the
+    checkpoint's train config (a dict; keys it lacks count as unchanged)."""
+    return {k: (saved[k], getattr(t, k)) for k in SCHEDULE_KEYS if k in saved and saved[k] != getattr(t, k)}
+
+
+def describe_changes(changes: dict) -> str:
+    return ", ".join(f"train.{k}: checkpoint {a} vs config {b}" for k, (a, b) in changes.items())
+
+
+def check_schedule_on_resume(ckpt: Path, t) -> None:
+    """A resumed run keeps the checkpoint's LR schedule unless train.resume_schedule=new: raising
+    max_steps would otherwise silently re-stretch the cosine from the saved step on."""
+    saved = ckpt / "config.yaml"
+    if t.resume_schedule == "new" or not saved.is_file():
+        return
+    changes = schedule_changes((yaml.safe_load(saved.read_text()) or {}).get("train", {}), t)
+    if changes:
+        same = " ".join(f"train.{k}={a}" for k, (a, _) in changes.items())
+        raise ConfigError(f"resuming from {ckpt} with another LR schedule ({describe_changes(changes)}); "
+                          f"keep the checkpoint's ({same}), or set train.resume_schedule=new to continue on "
+                          "this config's schedule from the saved step (logged), or start afresh with "
+                          "train.resume=never or a new train.out_dir")
+
+
+def restart_schedule(engine, cfg: Config) -> None:
+    """train.resume_schedule=new: the loaded LR scheduler continues on this config's schedule (its
+    lambda is already the config's; the peak lr it scales comes from the checkpoint)."""
+    scheduler = engine.lr_scheduler
+    scheduler.base_lrs = [cfg.train.lr] * len(scheduler.base_lrs)
+    factor = lr_lambda(cfg)(scheduler.last_epoch)
+    for group in scheduler.optimizer.param_groups:
+        group["lr"] = cfg.train.lr * factor
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+
+
 def find_resume(cfg: Config) -> Path | None:
     """The checkpoint to resume from, checked against the config, or None to start fresh."""
     r = cfg.train.resume
@@ -123,6 +163,7 @@ def find_resume(cfg: Config) -> Path | None:
     if cfg.model.vocab_size == 0:  # filled from the tokenizer later; compare the rest now
         check_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=meta["model"]["vocab_size"]))
     checkpoint.check_compatible(meta, check_cfg, ckpt_dir / tag)
+    check_schedule_on_resume(ckpt_dir / tag, cfg.train)
     return ckpt_dir / tag
 
 
@@ -377,6 +418,9 @@ def _train(cfg: Config, preemption: PreemptionWatch) -> dict[str, float]:
     if resume_from is not None:
         client = checkpoint.load(engine, cfg, resume_from, mesh.dp * mesh.cp)
         step, skipped = client["step"], client.get("skipped", 0)
+        changes = schedule_changes(client.get("config", {}).get("train", {}), t)
+        if changes:  # allowed by check_schedule_on_resume: train.resume_schedule=new
+            restart_schedule(engine, cfg)
         if "data" in client:  # the data position: exact also after a change of dp ranks or batch size
             loader.load_state_dict(client["data"])
     log = MetricsLogger(run_dir, rank == 0, t.max_steps, step, t.progress)
@@ -389,6 +433,9 @@ def _train(cfg: Config, preemption: PreemptionWatch) -> dict[str, float]:
     else:
         resume_from = Path(client.get("loaded_from", resume_from))  # after a walk-back past a bad one
         log.text(f"resumed from {resume_from} at step {step}")
+        if changes:
+            log.text(f"LR schedule changed on resume (train.resume_schedule=new): {describe_changes(changes)}; "
+                     f"the lr at step {step} is now {engine.lr_scheduler.get_last_lr()[0]:.3g}")
     data_line, epochs = describe_data(loader, cfg.data.seq_len, t.max_steps)
     log.text(data_line)
     if epochs > 1:

@@ -27,8 +27,9 @@ def test_train_on_blended_shards_then_on_a_stream(tmp_path):
             f"train.out_dir={stream}")
     losses = read_metrics(stream, "train/loss")
     assert losses[6] < losses[1] and 6 in read_metrics(stream, "val/loss")
-    # The stream resumes from its saved position: continuing to step 8 logs steps 7 and 8 only.
+    # The stream resumes from its saved position: continuing to step 8 (a longer schedule, so
+    # train.resume_schedule=new) logs steps 7 and 8 only.
     run_cli("train", "configs/quickstart.yaml", *COMMON, f"data.stream=[hf:json:{KJV}]", f"data.tokenizer={tok}",
             "data.val_fraction=0.01", "data.val_docs=50", "train.max_steps=8", "data.shuffle_block=64",
-            f"train.out_dir={stream}")
+            f"train.out_dir={stream}", "train.resume_schedule=new")
     assert sorted(read_metrics(stream, "train/loss")) == list(range(1, 9))
