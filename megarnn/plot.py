@@ -4,7 +4,9 @@
 
 One panel per quantity, against optimizer steps: loss (train solid, validation dashed), val/bpc,
 the learning rate, tokens/s, and Newton iterations (ParaRNN: the mean over layers), each where
-some run logged it. Several runs are overlaid, one color each, with a legend. matplotlib is an
+some run logged it; and the loss against training tokens (runs with another batch size or
+sequence length line up there), from the `train/tokens` the trainer logs. A Newton panel whose
+values are all 0 (every solve sequential, as the torch backend picks on CPU) is left out. Several runs are overlaid, one color each, with a legend. matplotlib is an
 optional dependency (`pip install 'megarnn[plot]'`).
 """
 from __future__ import annotations
@@ -18,9 +20,13 @@ from megarnn.errors import ConfigError, DataError
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 NEWTON_ITERS = "newton/iters/"
-# (title, y label, [(tag, line style)]); a panel is drawn when some run has one of its tags.
+TOKENS = "train/tokens"
+LOSS_TOKENS = "loss against tokens"
+# (title, y label, [(tag, line style)]); a panel is drawn when some run has one of its tags
+# (the tokens panel: where some run logged train/tokens).
 PANELS = [
     ("loss", "nats per token", [("train/loss", "-"), ("val/loss", "--")]),
+    (LOSS_TOKENS, "nats per token", [("train/loss", "-"), ("val/loss", "--")]),
     ("validation bits per character", "bits per character", [("val/bpc", "--")]),
     ("learning rate", "lr", [("train/lr", "-")]),
     ("throughput", "tokens/s", [("train/tokens_per_sec", "-")]),
@@ -64,6 +70,29 @@ def read_metrics(run: str | Path) -> dict[str, dict[int, float]]:
     return out
 
 
+def _tokens_per_step(d: dict) -> float:
+    """Tokens per optimizer step of a run (its last logged train/tokens over that step); 0 if none."""
+    tokens = d.get(TOKENS)
+    if not tokens:
+        return 0.0
+    last = max(tokens)
+    return tokens[last] / last if last else 0.0
+
+
+def choose_panels(data: list[dict]) -> list[tuple]:
+    """The PANELS some run has data for: a tag of the panel logged, train/tokens for the tokens
+    panel, and a nonzero value for Newton iterations."""
+    def shown(title, tags):
+        if not any(tag in d for d in data for tag, _ in tags):
+            return False
+        if title == LOSS_TOKENS:
+            return any(_tokens_per_step(d) for d in data)
+        if tags[0][0] == NEWTON_ITERS:
+            return any(v for d in data for v in d.get(NEWTON_ITERS, {}).values())
+        return True
+    return [p for p in PANELS if shown(p[0], p[2])]
+
+
 def _names(runs: list[str | Path]) -> list[str]:
     """Legend names: each run's directory name, or its whole path where two names are equal."""
     paths = [Path(r) for r in runs]
@@ -88,7 +117,8 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
     Figure = _import_matplotlib()
     data = [read_metrics(r) for r in runs]
     names = _names(runs)
-    panels = [p for p in PANELS if any(tag in d for d in data for tag, _ in p[2])]
+    per_step = [_tokens_per_step(d) for d in data]
+    panels = choose_panels(data)
     if not panels:
         raise DataError(f"{', '.join(map(str, runs))}: no train/loss, val/loss, val/bpc, train/lr, "
                         "train/tokens_per_sec or Newton iterations logged yet")
@@ -98,16 +128,19 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     colors = [f"C{i % 10}" for i in range(len(runs))]
     for ax, (title, ylabel, tags) in zip(axes, panels):
-        for d, name, color in zip(data, names, colors):
+        for d, name, color, tps in zip(data, names, colors, per_step):
+            if title == LOSS_TOKENS and not tps:
+                continue
+            scale = tps if title == LOSS_TOKENS else 1
             for tag, style in tags:
                 if tag not in d:
                     continue
                 steps = sorted(d[tag])
                 label = name if len(tags) == 1 else f"{name} ({tag.split('/')[0]})"
-                ax.plot(steps, [d[tag][s] for s in steps], style, color=color, label=label,
+                ax.plot([s * scale for s in steps], [d[tag][s] for s in steps], style, color=color, label=label,
                         marker="o" if len(steps) < 30 and style == "--" else None, markersize=3)
         ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set_xlabel("training tokens" if title == LOSS_TOKENS else "step")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         if title == "learning rate":

@@ -460,6 +460,7 @@ def _train(cfg: Config, preemption: PreemptionWatch) -> dict[str, float]:
             log.advance(step, loss_val)
             if step % t.log_interval == 0 or step == end:
                 log.scalars(step, {**meter.flush(), "train/lr": engine.get_lr()[0],
+                                   "train/tokens": step * meter.tokens_per_step,
                                    "train/grad_norm": grad_norm, "train/skipped_steps": progress.skipped,
                                    **model.solver_stats()})
             if val_ds is not None and (step % t.eval_interval == 0 or step == end):

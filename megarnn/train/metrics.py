@@ -1,7 +1,7 @@
 """Where numbers go: TensorBoard scalars, `log.txt` in the run directory, and a progress bar.
 
-Tags: train/loss, train/lr, train/grad_norm, train/tokens_per_sec, train/mfu, val/loss,
-val/bpc (and anything else logged). `metrics.jsonl` keeps every scalar at full precision
+Tags: train/loss, train/lr, train/grad_norm, train/tokens_per_sec, train/mfu, train/tokens
+(step x tokens per step at the run's batch size), val/loss, val/bpc (and anything else logged). `metrics.jsonl` keeps every scalar at full precision
 (one JSON object per line: {"step", "tag", "value"}) for scripts and exact comparisons.
 Only rank 0 writes.
 """

@@ -85,3 +85,13 @@ def test_training_draws_its_curves_at_the_end(tmp_path):
     assert (run / "curves.png").read_bytes()[:8] == PNG
     assert f"curves: {run / 'curves.png'}" in proc.stdout
     assert proc.stdout.strip().splitlines()[-1].startswith("held-out bits per character: ")
+
+
+def test_panels_loss_against_tokens_where_logged_and_no_all_zero_newton_panel():
+    from megarnn.plot import LOSS_TOKENS, choose_panels
+    base = {"train/loss": {1: 7.0, 2: 6.0}}
+    titles = lambda data: [p[0] for p in choose_panels(data)]
+    assert titles([base]) == ["loss"]
+    assert titles([base, {**base, "train/tokens": {2: 8192.0}}]) == ["loss", LOSS_TOKENS]
+    assert "Newton iterations (mean over layers)" not in titles([{**base, "newton/iters/": {1: 0.0, 2: 0.0}}])
+    assert "Newton iterations (mean over layers)" in titles([{**base, "newton/iters/": {1: 0.0, 2: 3.0}}])
