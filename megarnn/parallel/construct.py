@@ -60,12 +60,14 @@ def _meta_model(c: ModelConfig, seed: int) -> RecurrentLM:
         return RecurrentLM(c, seed=seed)
 
 
-def build_local(c: ModelConfig, mesh, seed: int, parallel, real: bool = True
+def build_local(c: ModelConfig, mesh, seed: int, parallel, real: bool = True, partition=None
                 ) -> tuple[RecurrentLM, set[str], list[int] | None]:
     """This rank's model with the layout's passes applied -> (model, the pieces it holds for real,
     the pipeline's stage bounds or None). parallel: the ParallelConfig (sequence_parallel,
     pp_balance); mesh: the ParallelMesh (its tp / cp / pp groups). real=False leaves every piece
-    on the meta device (shapes only: megarnn plan)."""
+    on the meta device (shapes only: megarnn plan). partition: called with each real piece once
+    it is this rank's tensor-parallel shard and in place (ZeRO-3 partitions it over the data
+    parallel ranks then, so the setup peak is one piece, not the rank's whole shard)."""
     tp_group = mesh.group("tp") if mesh.tp > 1 else None
     parts = None
     model = _meta_model(c, seed)
@@ -81,11 +83,16 @@ def build_local(c: ModelConfig, mesh, seed: int, parallel, real: bool = True
     def make(name: str) -> nn.Module:
         return model.make_piece(name) if real and name in owned else model.get_submodule(name)
 
+    def placed(name: str, piece: nn.Module) -> None:
+        if partition is not None and real and name in owned:
+            partition(piece)
+
     if tp_group is not None:
-        apply_tensor_parallel(model, tp_group, make=make)
+        apply_tensor_parallel(model, tp_group, make=make, placed=placed)
     elif real:
         for name in sorted(owned, key=names.index):
             set_piece(model, name, make(name))
+            placed(name, model.get_submodule(name))
     if mesh.cp > 1:
         apply_context_parallel(model, mesh.group("cp"))
     if parallel.sequence_parallel:

@@ -60,15 +60,19 @@ def check_tensor_parallel(c: ModelConfig, tp: int) -> None:
     c.check_tensor_parallel(tp)
 
 
-def apply_tensor_parallel(model: nn.Module, group, make=None) -> nn.Module:
+def apply_tensor_parallel(model: nn.Module, group, make=None, placed=None) -> nn.Module:
     """Replace every piece of `model` (a full RecurrentLM) by this rank's shard, in place.
 
     make: name -> a full piece to shard in place of the model's own (local construction builds
-    this rank's pieces for real one at a time and leaves the others on the meta device)."""
+    this rank's pieces for real one at a time and leaves the others on the meta device).
+    placed: called with (name, shard) once each shard is in place (ZeRO-3 partitions it then)."""
     c = model.c
     check_tensor_parallel(c, dist.get_world_size(group))
     for name in model.piece_names():
-        set_piece(model, name, shard_piece(c, name, make(name) if make else model.get_submodule(name), group))
+        shard = shard_piece(c, name, make(name) if make else model.get_submodule(name), group)
+        set_piece(model, name, shard)
+        if placed is not None:
+            placed(name, shard)
     lay = layout(model)
     for layer in model.layers:  # one copy (gather under SP) of each sublayer's input
         has_mlp = registry.block_kind(layer.kind, c).has_mlp

@@ -143,13 +143,34 @@ def lr_lambda(cfg: Config):
     return f
 
 
+def _dim(p) -> int:
+    """A parameter's number of dimensions, also when ZeRO-3 has partitioned it (its data is then
+    an empty placeholder and ds_shape the real shape)."""
+    return len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()
+
+
+def zero3_partitioner(cfg: Config, mesh: ParallelMesh):
+    """ZeRO-3 at construction: a function that partitions one freshly built piece of the model
+    over the data x context parallel ranks (deepspeed.zero.Init on an existing module), so no
+    rank ever holds more than one whole piece. DeepSpeed's engine then finds the parameters
+    partitioned already. (mem_efficient_linear off: it would patch torch's linear globally.)"""
+    import deepspeed
+
+    config = deepspeed_config(cfg, mesh.dp * mesh.cp)
+
+    def partition(piece: torch.nn.Module) -> None:
+        deepspeed.zero.Init(module=piece, data_parallel_group=mesh.group("dp_cp"), config_dict_or_path=config,
+                            mpu=DeepSpeedMPU(mesh), mem_efficient_linear=False)
+    return partition
+
+
 def build_engine(cfg: Config, model: torch.nn.Module, mesh: ParallelMesh):
     """model: a RecurrentLM, or its PipelineModule when mesh.pp > 1 (then a PipelineEngine)."""
     import deepspeed
 
     t = cfg.train
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed" in n]
+    decay = [p for n, p in model.named_parameters() if _dim(p) >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if _dim(p) < 2 or "embed" in n]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kwargs = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
     if cfg.parallel.zero_stage == 0:

@@ -29,7 +29,7 @@ from megarnn.parallel.mesh import ParallelMesh
 from megarnn.parallel.pipeline import full_model, pipeline_module
 from megarnn.parallel.construct import build_local
 from megarnn.parallel.plan import sequence_count, whole_sequences
-from megarnn.train.engine import SkipNonFiniteAdamW, build_engine, lr_lambda, setup_distributed
+from megarnn.train.engine import SkipNonFiniteAdamW, build_engine, lr_lambda, setup_distributed, zero3_partitioner
 from megarnn.train.evaluate import evaluate, text_size
 from megarnn.train.metrics import MetricsLogger, peak_flops
 
@@ -358,7 +358,9 @@ def build_model(cfg: Config, mesh: ParallelMesh, device):
     # Each rank builds for real only its pipeline stage's pieces, each from its own seed and cut to
     # its tensor-parallel shard (megarnn/parallel/construct.py): every layout starts from the
     # weights one process would, and no rank holds the whole model.
-    model, _, parts = build_local(cfg.model, mesh, cfg.train.seed, cfg.parallel)
+    # ZeRO-3 partitions each piece over the data parallel ranks as soon as it is built.
+    partition = zero3_partitioner(cfg, mesh) if cfg.parallel.zero_stage == 3 else None
+    model, _, parts = build_local(cfg.model, mesh, cfg.train.seed, cfg.parallel, partition=partition)
     model.checkpoint_every = cfg.parallel.activation_checkpointing
     if mesh.pp == 1:  # under pipeline parallelism DeepSpeed puts this stage's layers on the device
         model.to(device)
