@@ -17,7 +17,12 @@ Backends:
                UT transform), so every step's update is a matmul; from chunk to chunk the state moves
                as S <- M_c S + B_c with M_c (K, K). Pairwise decays are direct sums of g over the
                steps spanned (no difference of long cumulative sums), masked by the resets.
-  "triton"     not written yet for this op: a ValueError says so (backend=None picks "torch").
+  "triton"     kernels/delta_rule.py (megarnn_kernels.delta_rule): the same chunked WY form as Triton
+               kernels (the UT transform per chunk, the states passed chunk to chunk, the output).
+               Forward only so far: the backward recomputes the chunked torch form under autograd
+               from the saved inputs (megarnn::delta_triton_bwd). CUDA tensors, or CPU under
+               Triton's interpreter (TRITON_INTERPRET=1) for tests. backend=None still picks "torch"
+               (the kernels have not been run on a GPU yet).
 
 Context parallelism: the outputs and the final state of a chunk are linear in the state entering it,
 o = o_0 + E S_in, S_out = M S_in + S_0 (o_0, S_0: the chunk run from zero; E (T_local, K) and M (K, K):
@@ -31,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from megarnn.ops import context
-from megarnn.ops.scan import check_backend
+from megarnn.ops.gla import autograd_inside_op
+from megarnn.ops.scan import NO_GRAD, check_backend, load_kernels, resolve_split
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -62,17 +68,18 @@ def gated_delta_rule(q, k, v, g, beta, initial_state=None, reset=None, scale: fl
     if reset is not None and reset.shape != (b, T):
         raise ValueError(f"gated_delta_rule: reset must be (B, T) = {(b, T)} bool; got {tuple(reset.shape)}")
     check_backend(backend, "gated_delta_rule")
-    if backend == "triton":
-        raise ValueError("gated_delta_rule: there is no Triton kernel for the delta rule yet; use backend='torch' "
-                         "(the chunked WY form, also what backend=None picks) or 'reference'")
     backend = backend or "torch"
     scale = K ** -0.5 if scale is None else scale
     acc = context.acc_dtype(v)
     if normalize_qk:
         q, k = l2_normalize(q.to(acc)), l2_normalize(k.to(acc))
-    split = context.resolve(cp)
+    split = resolve_split(cp)
     if split is not None:
         return _split_delta(q, k, v, g, beta, initial_state, reset, scale, chunk_size, backend, split)
+    if backend == "triton":
+        if not torch.compiler.is_compiling():  # say early why it cannot run (the op checks again)
+            _delta_kernels(v)
+        return _delta_triton_op(q, k, v, g, beta, initial_state, reset, float(scale), chunk_size)
     q, k, v, g, beta = (t.to(acc) for t in (q, k, v, g, beta))
     s0 = v.new_zeros(b, H, K, V) if initial_state is None else initial_state.to(acc)
     if backend == "reference" or T == 1:
@@ -210,3 +217,75 @@ def _suffix(x):
     """sum of x over the positions after each one along the last dim (0 at the last), summed directly."""
     shifted = torch.cat([x[..., 1:], torch.zeros_like(x[..., :1])], -1)
     return shifted.flip(-1).cumsum(-1).flip(-1)
+
+
+# --- the "triton" backend: a custom op (one opaque node for torch.compile) ---------------------
+
+def _delta_kernels(t: torch.Tensor):
+    """megarnn_kernels.delta_rule, or a ValueError saying why backend="triton" cannot run on t's device."""
+    return load_kernels(t, "gated_delta_rule", "delta_rule")
+
+
+@torch.library.custom_op("megarnn::delta_triton", mutates_args=())
+def _delta_triton_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                     initial_state: torch.Tensor | None, reset: torch.Tensor | None, scale: float,
+                     chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """gated_delta_rule's "triton" backend -> (o (B, T, H, V) in v's dtype, final state (B, H, K, V)
+    in fp32 / fp64)."""
+    return _delta_kernels(v).delta_fwd(q, k, v, g, beta, scale, chunk_size, initial_state, reset)
+
+
+@_delta_triton_op.register_fake
+def _(q, k, v, g, beta, initial_state, reset, scale, chunk_size):
+    b, T, H, K = q.shape
+    return torch.empty_like(v), v.new_empty(b, H, K, v.shape[-1], dtype=context.acc_dtype(v))
+
+
+@torch.library.custom_op("megarnn::delta_triton_bwd", mutates_args=())
+def _delta_triton_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                         initial_state: torch.Tensor | None, reset: torch.Tensor | None, scale: float,
+                         chunk_size: int, do: torch.Tensor, dfinal: torch.Tensor | None) -> list[torch.Tensor]:
+    """[dq, dk, dv, dg, dbeta, d initial_state] of megarnn::delta_triton: the chunked torch form
+    recomputed under autograd (no Triton backward yet)."""
+    acc = context.acc_dtype(v)
+    b, T, H, K = q.shape
+    with autograd_inside_op(), torch.enable_grad():  # below autograd otherwise
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, g, beta)]
+        s0 = None if initial_state is None else initial_state.detach().requires_grad_()
+        qa, ka, va, ga, ba = (t.to(acc) for t in leaves)
+        start = qa.new_zeros(b, H, K, v.shape[-1]) if s0 is None else s0.to(acc)
+        o, state = _delta_chunked(qa * scale, ka, va, ga, ba, start, reset, chunk_size)
+        outs, grads_in = [o], [do.to(acc)]
+        if dfinal is not None:
+            outs.append(state)
+            grads_in.append(dfinal.to(acc))
+        inputs = leaves + ([s0] if s0 is not None else [])
+        grads = torch.autograd.grad(outs, inputs, grads_in, allow_unused=True)
+    grads = [torch.zeros_like(t) if gr is None else gr.to(t.dtype) for gr, t in zip(grads, inputs)]
+    return grads if s0 is not None else grads + [NO_GRAD.clone()]
+
+
+@_delta_triton_bwd_op.register_fake
+def _(q, k, v, g, beta, initial_state, reset, scale, chunk_size, do, dfinal):
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
+            torch.empty_like(beta), q.new_empty(0) if initial_state is None else torch.empty_like(initial_state)]
+
+
+def _delta_triton_setup(ctx, inputs, output):
+    q, k, v, g, beta, initial_state, reset, scale, chunk_size = inputs
+    ctx.save_for_backward(q, k, v, g, beta, initial_state, reset)
+    ctx.scale, ctx.chunk_size = scale, chunk_size
+    ctx.has_s0 = initial_state is not None
+    ctx.set_materialize_grads(False)  # an unused final state costs nothing in the backward
+
+
+def _delta_triton_backward(ctx, do, dfinal):
+    q, k, v, g, beta, initial_state, reset = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(v)
+    dq, dk, dv, dg, dbeta, ds0 = _delta_triton_bwd_op(q, k, v, g, beta, initial_state, reset, ctx.scale,
+                                                      ctx.chunk_size, do, dfinal)
+    return dq, dk, dv, dg, dbeta, ds0 if ctx.has_s0 else None, None, None, None
+
+
+_delta_triton_op.register_autograd(_delta_triton_backward, setup_context=_delta_triton_setup)

@@ -18,7 +18,12 @@ Backends:
                row sub-chunk's first position r, (q_i exp(b_i - r)) . (k_j exp(r - b_j)), both
                factors <= 1; pairs inside one sub-chunk take the exact (s, s, K) product. Resets
                enter as masks on which pairs may see each other, never as -inf logs.
-  "triton"     not written yet for this op: a ValueError says so (backend=None picks "torch").
+  "triton"     kernels/gla.py (megarnn_kernels.gla): the same chunked algorithm as Triton kernels
+               (chunk states passed chunk to chunk, the sub-chunked intra-chunk scores, the output).
+               Forward only so far: the backward recomputes the chunked torch form under autograd
+               from the saved inputs (megarnn::gla_triton_bwd). CUDA tensors, or CPU under Triton's
+               interpreter (TRITON_INTERPRET=1) for tests. backend=None still picks "torch" (the
+               kernels have not been run on a GPU yet).
 
 Context parallelism (megarnn/ops/context.py): each rank runs its chunk from zero (rank 0 from
 initial_state), gathers (decay through the chunk (B, H, K, 1), last state (B, H, K, V)) with
@@ -31,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from megarnn.ops import context
-from megarnn.ops.scan import check_backend
+from megarnn.ops.scan import NO_GRAD, check_backend, load_kernels, resolve_split
 
 SUBCHUNK = 16
 
@@ -56,14 +61,15 @@ def gla(q, k, v, gk, initial_state=None, reset=None, scale: float | None = None,
     if reset is not None and reset.shape != (b, T):
         raise ValueError(f"gla: reset must be (B, T) = {(b, T)} bool; got {tuple(reset.shape)}")
     check_backend(backend, "gla")
-    if backend == "triton":
-        raise ValueError("gla: there is no Triton kernel for gated linear attention yet; use backend='torch' "
-                         "(the chunked form, also what backend=None picks) or 'reference'")
     backend = backend or "torch"
     scale = K ** -0.5 if scale is None else scale
-    split = context.resolve(cp)
+    split = resolve_split(cp)
     if split is not None:
         return _split_gla(q, k, v, gk, initial_state, reset, scale, chunk_size, backend, split)
+    if backend == "triton":
+        if not torch.compiler.is_compiling():  # say early why it cannot run (the op checks again)
+            _gla_kernels(v)
+        return _gla_triton_op(q, k, v, gk, initial_state, reset, float(scale), chunk_size)
     acc = context.acc_dtype(v)
     q, k, v, gk = (t.to(acc) for t in (q, k, v, gk))
     s0 = v.new_zeros(b, H, K, V) if initial_state is None else initial_state.to(acc)
@@ -180,3 +186,83 @@ def _blocks(diag, n, s):
     eye = torch.eye(n, dtype=diag.dtype, device=diag.device)  # (m, m')
     full = diag[..., :, :, None, :] * eye[:, None, :, None]  # (..., m, i, m', j)
     return full.reshape(*lead, n * s, n * s)
+
+
+# --- the "triton" backend: a custom op (one opaque node for torch.compile) ---------------------
+
+# The dispatch keys excluded outside any op. A custom op's implementation runs below autograd; the
+# backward ops (torch recompute) need autograd, so they restore this set (as megarnn/ops/newton.py).
+_TOP_LEVEL_EXCLUDE = torch._C._dispatch_tls_local_exclude_set()
+
+
+def autograd_inside_op():
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), _TOP_LEVEL_EXCLUDE)
+
+
+def _gla_kernels(t: torch.Tensor):
+    """megarnn_kernels.gla, or a ValueError saying why backend="triton" cannot run on t's device."""
+    return load_kernels(t, "gla", "gla")
+
+
+@torch.library.custom_op("megarnn::gla_triton", mutates_args=())
+def _gla_triton_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor,
+                   initial_state: torch.Tensor | None, reset: torch.Tensor | None, scale: float,
+                   chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """gla's "triton" backend -> (o (B, T, H, V) in v's dtype, final state (B, H, K, V) in fp32 / fp64)."""
+    return _gla_kernels(v).gla_fwd(q, k, v, gk, scale, chunk_size, initial_state, reset)
+
+
+@_gla_triton_op.register_fake
+def _(q, k, v, gk, initial_state, reset, scale, chunk_size):
+    b, T, H, K = q.shape
+    return torch.empty_like(v), v.new_empty(b, H, K, v.shape[-1], dtype=context.acc_dtype(v))
+
+
+@torch.library.custom_op("megarnn::gla_triton_bwd", mutates_args=())
+def _gla_triton_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor,
+                       initial_state: torch.Tensor | None, reset: torch.Tensor | None, scale: float,
+                       chunk_size: int, do: torch.Tensor, dfinal: torch.Tensor | None) -> list[torch.Tensor]:
+    """[dq, dk, dv, dgk, d initial_state] of megarnn::gla_triton: the chunked torch form recomputed
+    under autograd (no Triton backward yet)."""
+    acc = context.acc_dtype(v)
+    b, T, H, K = q.shape
+    with autograd_inside_op(), torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, gk)]
+        s0 = None if initial_state is None else initial_state.detach().requires_grad_()
+        qa, ka, va, ga = (t.to(acc) for t in leaves)
+        start = qa.new_zeros(b, H, K, v.shape[-1]) if s0 is None else s0.to(acc)
+        o, state = _gla_chunked(qa * scale, ka, va, ga, start, reset, chunk_size)
+        outs, grads_in = [o], [do.to(acc)]
+        if dfinal is not None:
+            outs.append(state)
+            grads_in.append(dfinal.to(acc))
+        inputs = leaves + ([s0] if s0 is not None else [])
+        grads = torch.autograd.grad(outs, inputs, grads_in, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)]
+    return grads if s0 is not None else grads + [NO_GRAD.clone()]
+
+
+@_gla_triton_bwd_op.register_fake
+def _(q, k, v, gk, initial_state, reset, scale, chunk_size, do, dfinal):
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(gk),
+            q.new_empty(0) if initial_state is None else torch.empty_like(initial_state)]
+
+
+def _gla_triton_setup(ctx, inputs, output):
+    q, k, v, gk, initial_state, reset, scale, chunk_size = inputs
+    ctx.save_for_backward(q, k, v, gk, initial_state, reset)
+    ctx.scale, ctx.chunk_size = scale, chunk_size
+    ctx.has_s0 = initial_state is not None
+    ctx.set_materialize_grads(False)  # an unused final state costs nothing in the backward
+
+
+def _gla_triton_backward(ctx, do, dfinal):
+    q, k, v, gk, initial_state, reset = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(v)
+    dq, dk, dv, dgk, ds0 = _gla_triton_bwd_op(q, k, v, gk, initial_state, reset, ctx.scale, ctx.chunk_size,
+                                              do, dfinal)
+    return dq, dk, dv, dgk, ds0 if ctx.has_s0 else None, None, None, None
+
+
+_gla_triton_op.register_autograd(_gla_triton_backward, setup_context=_gla_triton_setup)

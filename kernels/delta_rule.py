@@ -1,0 +1,311 @@
+"""The gated delta rule (Yang, Kautz & Hatamizadeh 2024, "Gated Delta Networks"), the chunked WY
+forward in Triton.
+
+Per head, a matrix state S (K, V), a scalar decay exp(g_t) and a write strength beta_t (fla's
+chunk_gated_delta_rule conventions):
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T      g_t <= 0
+    o_t = scale q_t S_t
+A document reset at t drops S_{t-1}. The judge is megarnn/ops/delta_rule.py (`_delta_reference`,
+and `_delta_chunked`, whose WY / UT decomposition and reset masks this file follows).
+
+Algorithm (time cut into chunks of Q steps, Q a power of two in 16..64; i, j positions in a chunk;
+seg_i = resets at positions <= i; L_ij = exp(sum of g over (j, i]) for j <= i in one segment, else 0)
+--------------------------------------------------------------------------------------------
+  (1) _delta_wy_kernel, grid (B H NC): the UT transform
+        A  = strictly_lower(beta_i k_i . k_j L_ij)               (Q x Q), tl.dot over K tiles
+        Tm = (I + A)^-1                                          forward substitution, row by row
+        u  = Tm (beta v),  w = Tm (beta k from_start)            from_start_i = [seg_i = 0] exp(g over [0, i])
+      U (B, H, NC Q, V), W (B, H, NC Q, K) in fp32 (fp64).
+  (2) _delta_fwd_h_kernel, grid (B H, V / BV), sequential over the chunks (all of K per program,
+      in tiles of BK, the state kept in STATES and re-read: S is K x BV):
+        v_new = u - w S_in                                        (the chunk's "pseudo-values")
+        S_out = through S_in + (k to_end)^T v_new                 to_end_j = [seg_j = seg_last] exp(g over (j, last])
+      STATES (B, H, NC + 1, K, V): the state entering each chunk, the final state last; VNEW
+      (B, H, NC Q, V). The program re-reads what it wrote one step before: tl.debug_barrier
+      between the phases.
+  (3) _delta_fwd_o_kernel, grid (B H NC, V / BV):
+        o = scale ((q from_start) S_in + ((q k^T) * L) v_new)     (L with its diagonal)
+Every log decay is a direct sum of g over the steps it spans (a cumsum), never a difference of
+two cumulative sums; resets are masks (tl.where), never -inf logs; every exp argument is <= 0.
+Positions past T read as zeros (g = 0, beta = 0, k = 0: the state passes unchanged).
+
+Backward: not in Triton yet. megarnn/ops/delta_rule.py's "triton" backend differentiates by
+recomputing the chunked torch form under autograd (megarnn::delta_triton_bwd).
+
+Cost per token and head (forward; multiply-add = 2): FLOPs K Q (A) + ~Q^2 / 2 (the substitution,
+scalar) + Q (V + K) (u, w) + 4 K V (w S, the state update) + K Q + Q V / 2 + 2 K V (output);
+bytes (2 K + 2 V) s + 4 (K + V) (U, W in fp32) + 8 V (VNEW) + 8 K V / Q. At deltanet-1b's shape
+in bf16 (K = 256, V = 512, Q = 64) ~1.2 MFLOP and ~30 KB per token and head.
+
+Dtypes: q, k, v fp32, bf16, fp16 or fp64 (one dtype, the matmul operands), g and beta any float
+dtype read as fp32 (fp64 for fp64 v); accumulation, U, W, VNEW and the states in fp32 (fp64).
+fp32 matmuls use input_precision="ieee"; bf16 / fp16 round their operands to their dtype.
+
+Host function (torch tensors in and out; no autograd: megarnn/ops/delta_rule.py wraps it):
+    delta_fwd(q, k, v, g, beta, scale, chunk_size, initial_state=None, reset=None) -> (o, final_state)
+Shapes: q, k (B, T, H, K); v (B, T, H, V); g, beta (B, T, H); initial / final state (B, H, K, V);
+reset (B, T) bool.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from megarnn_kernels.gla import _TL, chunk_for, segments
+
+# True when the kernels were decorated under Triton's interpreter (TRITON_INTERPRET=1).
+INTERPRETED = triton.knobs.runtime.interpret
+
+
+@triton.jit
+def _load_seg(SEG, base, pos, mask, HAS_RESET: tl.constexpr):
+    if HAS_RESET:
+        return tl.load(SEG + base + pos, mask=mask, other=0)
+    else:
+        return tl.zeros_like(pos)
+
+
+@triton.jit
+def _seg_last(SEG, base, Q, HAS_RESET: tl.constexpr):
+    if HAS_RESET:
+        return tl.load(SEG + base + Q - 1)
+    else:
+        return 0
+
+
+@triton.jit
+def _decays(G, SEG, b, h, c, T, H, NC, Q: tl.constexpr, HAS_RESET: tl.constexpr, ACC: tl.constexpr):
+    """For chunk c: L (Q x Q) = exp(g over (j, i]) for j <= i in one segment (else 0), from_start (Q,)
+    and the segment ids (Q,)."""
+    i = tl.arange(0, Q)
+    t = c * Q + i
+    g = tl.load(G + (b * T + t) * H + h, mask=t < T, other=0.0).to(ACC)
+    seg = _load_seg(SEG, (b * NC + c) * Q, i, i < Q, HAS_RESET)
+    span = tl.cumsum(tl.where(i[:, None] > i[None, :], g[:, None], 0.0), axis=0)  # rows i, columns j
+    keep = (i[None, :] <= i[:, None]) & (seg[:, None] == seg[None, :])
+    L = tl.where(keep, tl.exp(tl.where(keep, span, 0.0)), 0.0)
+    first = seg == 0
+    from_start = tl.where(first, tl.exp(tl.where(first, tl.cumsum(g, axis=0), 0.0)), 0.0)
+    return L, from_start, seg
+
+
+@triton.jit
+def _delta_wy_kernel(Kp, Vp, G, BETA, SEG, U, W, T, H, K, V, NC,
+                     Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, HAS_RESET: tl.constexpr,
+                     ACC: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """(1) U: (B, H, NC Q, V), W: (B, H, NC Q, K). Grid (B * H * NC,)."""
+    pid = tl.program_id(0)
+    c = pid % NC
+    b, h = (pid // NC // H).to(tl.int64), (pid // NC) % H
+    i = tl.arange(0, Q)
+    t = c * Q + i
+    t_ok = t < T
+    row = (b * T + t) * H + h
+    L, from_start, seg = _decays(G, SEG, b, h, c, T, H, NC, Q, HAS_RESET, ACC)
+    beta = tl.load(BETA + row, mask=t_ok, other=0.0).to(ACC)
+    kk_acc = tl.zeros([Q, Q], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k = tl.load(Kp + row[:, None] * K + kk[None, :], mask=t_ok[:, None] & (kk < K)[None, :], other=0.0)
+        kk_acc = tl.dot(k.to(DOT_T), tl.trans(k.to(DOT_T)), kk_acc, input_precision=PREC, out_dtype=ACC)
+    a = tl.where(i[:, None] > i[None, :], kk_acc * L * beta[:, None], 0.0)
+    # (I + a)^-1 by forward substitution: row r = e_r - sum_{j < r} a_rj row_j.
+    inv = tl.where(i[:, None] == i[None, :], 1.0, 0.0).to(ACC)
+    for r in range(1, Q):
+        a_r = tl.sum(tl.where((i == r)[:, None], a, 0.0), axis=0)  # row r of a, indexed by j
+        new = tl.sum(a_r[:, None] * inv, axis=0)
+        inv = tl.where((i == r)[:, None], inv - new[None, :], inv)
+    inv_d = inv.to(DOT_T)
+    out_base = (b * H + h) * NC * Q + c * Q + i  # (b, h, chunk position)
+    for v0 in range(0, V, BLOCK_V):
+        vv = v0 + tl.arange(0, BLOCK_V)
+        v = tl.load(Vp + row[:, None] * V + vv[None, :], mask=t_ok[:, None] & (vv < V)[None, :], other=0.0)
+        u = tl.dot(inv_d, (v.to(ACC) * beta[:, None]).to(DOT_T), input_precision=PREC, out_dtype=ACC)
+        tl.store(U + out_base[:, None] * V + vv[None, :], u, mask=(vv < V)[None, :])
+    coef = beta * from_start
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k = tl.load(Kp + row[:, None] * K + kk[None, :], mask=t_ok[:, None] & (kk < K)[None, :], other=0.0)
+        w = tl.dot(inv_d, (k.to(ACC) * coef[:, None]).to(DOT_T), input_precision=PREC, out_dtype=ACC)
+        tl.store(W + out_base[:, None] * K + kk[None, :], w, mask=(kk < K)[None, :])
+
+
+@triton.jit
+def _delta_fwd_h_kernel(Kp, G, SEG, U, W, S0, STATES, VNEW, T, H, K, V, NC,
+                        Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, HAS_S0: tl.constexpr,
+                        HAS_RESET: tl.constexpr, ACC: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """(2) STATES: (B, H, NC + 1, K, V); VNEW: (B, H, NC Q, V). Grid (B * H, cdiv(V, BLOCK_V))."""
+    pid, pid_v = tl.program_id(0), tl.program_id(1)
+    b, h = (pid // H).to(tl.int64), pid % H
+    vv = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mv = vv < V
+    i = tl.arange(0, Q)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        m = (kk < K)[:, None] & mv[None, :]
+        if HAS_S0:
+            s = tl.load(S0 + (b * H + h) * K * V + kk[:, None] * V + vv[None, :], mask=m, other=0.0).to(ACC)
+        else:
+            s = tl.zeros([BLOCK_K, BLOCK_V], ACC)
+        tl.store(STATES + (b * H + h) * (NC + 1) * K * V + kk[:, None] * V + vv[None, :], s, mask=m)
+    for c in range(0, NC):
+        tl.debug_barrier()  # STATES[c] was written by other threads of this program
+        t = c * Q + i
+        t_ok = t < T
+        row = (b * T + t) * H + h
+        pos = (b * H + h) * NC * Q + c * Q + i
+        st_in = ((b * H + h) * (NC + 1) + c) * K * V
+        vn = tl.load(U + pos[:, None] * V + vv[None, :], mask=mv[None, :], other=0.0)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            mk = kk < K
+            s = tl.load(STATES + st_in + kk[:, None] * V + vv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+            w = tl.load(W + pos[:, None] * K + kk[None, :], mask=mk[None, :], other=0.0)
+            vn -= tl.dot(w.to(DOT_T), s.to(DOT_T), input_precision=PREC, out_dtype=ACC)
+        tl.store(VNEW + pos[:, None] * V + vv[None, :], vn, mask=mv[None, :])
+        g = tl.load(G + row, mask=t_ok, other=0.0).to(ACC)
+        g_next = tl.load(G + row + H, mask=(i + 1 < Q) & (t + 1 < T), other=0.0).to(ACC)
+        after = tl.cumsum(g_next, axis=0, reverse=True)  # g over (j, last]
+        seg_base = (b * NC + c) * Q
+        seg = _load_seg(SEG, seg_base, i, i < Q, HAS_RESET)
+        seg_last = _seg_last(SEG, seg_base, Q, HAS_RESET)
+        keep = seg == seg_last
+        to_end = tl.where(keep, tl.exp(tl.where(keep, after, 0.0)), 0.0)
+        through = tl.where(seg_last == 0, tl.exp(tl.sum(g, axis=0)), 0.0)
+        vn_d = vn.to(DOT_T)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            mk = kk < K
+            m = mk[:, None] & mv[None, :]
+            s = tl.load(STATES + st_in + kk[:, None] * V + vv[None, :], mask=m, other=0.0)
+            k = tl.load(Kp + row[:, None] * K + kk[None, :], mask=t_ok[:, None] & mk[None, :], other=0.0)
+            kd = tl.trans((k.to(ACC) * to_end[:, None]).to(DOT_T))
+            s = s * through + tl.dot(kd, vn_d, input_precision=PREC, out_dtype=ACC)
+            tl.store(STATES + st_in + K * V + kk[:, None] * V + vv[None, :], s, mask=m)
+
+
+@triton.jit
+def _delta_fwd_o_kernel(Qp, Kp, G, SEG, STATES, VNEW, O, scale, T, H, K, V, NC,
+                        Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, HAS_RESET: tl.constexpr,
+                        ACC: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """(3) O: (B, T, H, V). Grid (B * H * NC, cdiv(V, BLOCK_V))."""
+    pid, pid_v = tl.program_id(0), tl.program_id(1)
+    c = pid % NC
+    b, h = (pid // NC // H).to(tl.int64), (pid // NC) % H
+    i = tl.arange(0, Q)
+    vv = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mv = vv < V
+    t = c * Q + i
+    t_ok = t < T
+    row = (b * T + t) * H + h
+    st_in = ((b * H + h) * (NC + 1) + c) * K * V
+    qk = tl.zeros([Q, Q], ACC)
+    qs = tl.zeros([Q, BLOCK_V], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        mk = kk < K
+        m = t_ok[:, None] & mk[None, :]
+        q = tl.load(Qp + row[:, None] * K + kk[None, :], mask=m, other=0.0).to(DOT_T)
+        k = tl.load(Kp + row[:, None] * K + kk[None, :], mask=m, other=0.0).to(DOT_T)
+        s = tl.load(STATES + st_in + kk[:, None] * V + vv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(k), qk, input_precision=PREC, out_dtype=ACC)
+        qs = tl.dot(q, s.to(DOT_T), qs, input_precision=PREC, out_dtype=ACC)
+    L, from_start, seg = _decays(G, SEG, b, h, c, T, H, NC, Q, HAS_RESET, ACC)
+    vn = tl.load(VNEW + ((b * H + h) * NC * Q + c * Q + i)[:, None] * V + vv[None, :], mask=mv[None, :], other=0.0)
+    o = qs * from_start[:, None] + tl.dot((qk * L).to(DOT_T), vn.to(DOT_T), input_precision=PREC, out_dtype=ACC)
+    tl.store(O + row[:, None] * V + vv[None, :], (o * scale).to(O.dtype.element_ty), mask=t_ok[:, None] & mv[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """The one allocator for kernel outputs; tests replace it with a NaN-filled one so that an
+    element a kernel forgets to write fails loudly."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Sizes and tiles of one call (as kernels/gla.py's)."""
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    Q: int
+    nc: int
+    dtype: torch.dtype
+    acc: torch.dtype
+
+    @property
+    def BK(self):
+        return min(64, max(16, triton.next_power_of_2(self.K)))
+
+    @property
+    def BV(self):
+        return min(64, max(16, triton.next_power_of_2(self.V)))
+
+    def meta(self) -> dict:
+        return dict(ACC=_TL[self.acc], DOT_T=_TL[self.dtype],
+                    PREC="ieee" if self.dtype in (torch.float32, torch.float64) else "tf32")
+
+
+def _plan(q, k, v, g, beta, chunk_size) -> _Plan:
+    b, T, H, K = q.shape
+    V = v.shape[-1]
+    if k.shape != q.shape or v.shape[:3] != (b, T, H) or g.shape != (b, T, H) or beta.shape != (b, T, H):
+        raise ValueError(f"delta_rule kernels: expected q = k (B,T,H,K), v (B,T,H,V), g = beta (B,T,H); got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}, "
+                         f"beta {tuple(beta.shape)}")
+    if q.numel() == 0 or v.numel() == 0:
+        raise ValueError(f"delta_rule kernels: empty input q {tuple(q.shape)}, v {tuple(v.shape)}")
+    if v.dtype not in _TL:
+        raise ValueError(f"delta_rule kernels: v must be fp32, bf16, fp16 or fp64; got {v.dtype}")
+    if chunk_size < 1:
+        raise ValueError(f"delta_rule kernels: chunk_size must be >= 1; got {chunk_size}")
+    Q = chunk_for(T, chunk_size)
+    if Q * H * max(K, V) >= 2**31:
+        raise ValueError("delta_rule kernels: chunk * H * max(K, V) must be < 2^31 (int32 offsets in a chunk)")
+    acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+    return _Plan(b, T, H, K, V, Q, triton.cdiv(T, Q), v.dtype, acc)
+
+
+def delta_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, scale: float,
+              chunk_size: int, initial_state: torch.Tensor | None = None, reset: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """o (B, T, H, V) in v's dtype and the final state (B, H, K, V) in fp32 (fp64 for fp64 v)."""
+    pl = _plan(q, k, v, g, beta, chunk_size)
+    q, k = q.to(v.dtype).contiguous(), k.to(v.dtype).contiguous()
+    v, g, beta = v.contiguous(), g.contiguous(), beta.contiguous()
+    dev = v.device
+    if initial_state is not None:
+        if initial_state.shape != (pl.B, pl.H, pl.K, pl.V):
+            raise ValueError(f"delta_rule kernels: initial_state must be (B, H, K, V) = "
+                             f"{(pl.B, pl.H, pl.K, pl.V)}; got {tuple(initial_state.shape)}")
+        initial_state = initial_state.contiguous()
+    if pl.acc == torch.float64:  # a float argument reaches the kernel as fp32: scale in fp64 here
+        q, scale = q * scale, 1.0
+    seg, has_reset = segments(reset, pl.B, pl.T, pl.Q, pl.nc, dev)
+    m = pl.meta()
+    tp = pl.nc * pl.Q
+    u = _empty((pl.B, pl.H, tp, pl.V), pl.acc, dev)
+    w = _empty((pl.B, pl.H, tp, pl.K), pl.acc, dev)
+    _delta_wy_kernel[(pl.B * pl.H * pl.nc,)](
+        k, v, g, beta, seg, u, w, pl.T, pl.H, pl.K, pl.V, pl.nc, Q=pl.Q, BLOCK_K=pl.BK, BLOCK_V=pl.BV,
+        HAS_RESET=has_reset, **m, num_warps=4)
+    states = _empty((pl.B, pl.H, pl.nc + 1, pl.K, pl.V), pl.acc, dev)
+    vnew = _empty((pl.B, pl.H, tp, pl.V), pl.acc, dev)
+    _delta_fwd_h_kernel[(pl.B * pl.H, triton.cdiv(pl.V, pl.BV))](
+        k, g, seg, u, w, initial_state if initial_state is not None else states, states, vnew, pl.T, pl.H, pl.K,
+        pl.V, pl.nc, Q=pl.Q, BLOCK_K=pl.BK, BLOCK_V=pl.BV, HAS_S0=initial_state is not None, HAS_RESET=has_reset,
+        **m, num_warps=4)
+    o = _empty(v.shape, v.dtype, dev)
+    _delta_fwd_o_kernel[(pl.B * pl.H * pl.nc, triton.cdiv(pl.V, pl.BV))](
+        q, k, g, seg, states, vnew, o, float(scale), pl.T, pl.H, pl.K, pl.V, pl.nc, Q=pl.Q, BLOCK_K=pl.BK,
+        BLOCK_V=pl.BV, HAS_RESET=has_reset, **m, num_warps=4)
+    return o, states[:, :, pl.nc].contiguous()

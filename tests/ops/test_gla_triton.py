@@ -1,0 +1,92 @@
+"""GLA's "triton" backend (kernels/gla.py; its backward is the chunked torch form recomputed) equals
+the reference loop: float64 within 1e-10, float32 within 1e-5 relative, the output, the final
+state and the gradients of q, k, v, gk and the initial state, with document resets (inside chunks,
+at a chunk's first and last step), lengths that are not a multiple of the chunk, key / value
+widths that are neither powers of two nor one tile; strong gates stay finite; torch.compile
+(fullgraph) takes the op as one node. (Context parallelism and the model's training step with the
+kernels: tests/ops/test_gla_delta_triton_e2e.py.)
+
+On CPU the kernels run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
+so shapes are small. Every kernel output is allocated NaN-filled, so an element a kernel never
+writes fails. (bf16 tl.dot is wrong under the interpreter: bf16 is checked on a GPU only.)
+"""
+import importlib
+
+import pytest
+import torch
+
+from megarnn.ops import gla
+from tests.ops.kernel_checks import fill_outputs_with_nan
+from tests.ops.test_gla import _inputs, _rel, _run
+
+ops_gla = importlib.import_module("megarnn.ops.gla")  # the module (megarnn.ops.gla is the function)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+kernels = ops_gla._gla_kernels(torch.zeros(1, device=DEVICE))  # megarnn_kernels.gla
+NAMES = ["q", "k", "v", "gk", "initial_state"]
+
+
+@pytest.fixture(autouse=True)
+def _nan_outputs(monkeypatch):
+    fill_outputs_with_nan(monkeypatch, kernels)
+
+
+def _on(inputs, dtype):
+    return [t.to(DEVICE, dtype) if t.is_floating_point() else t.to(DEVICE) for t in inputs]
+
+
+def _check(inputs, chunk, dtype, tol, grads=True):
+    ref = _run(inputs, "reference", grads=grads)
+    got = _run(_on(inputs, dtype), "triton", chunk, grads=grads)
+    assert got[0].dtype == dtype and got[1].dtype == dtype
+    errs = {"o": _rel(got[0].cpu().double(), ref[0]), "state": _rel(got[1].cpu().double(), ref[1])}
+    if grads:
+        errs.update({f"d{n}": _rel(g.cpu().double(), r) for n, g, r in zip(NAMES, got[2], ref[2])})
+    bad = {n: e for n, e in errs.items() if not e <= tol}
+    assert not bad, f"relative errors over {tol:.0e}: {bad}"
+
+
+@pytest.mark.parametrize("T,chunk", [(45, 16), (70, 64)])
+def test_triton_equals_reference_in_float64(T, chunk):
+    """Resets inside chunks and at their edges, an initial state; T = 45 with chunks of 16 (the
+    last one short), T = 70 with chunks of 64 (four sub-chunks, the factorised pairs across them)."""
+    _check(_inputs(T=T), chunk, torch.float64, 1e-10)
+
+
+def test_triton_equals_reference_in_float32():
+    _check(_inputs(T=37), 32, torch.float32, 1e-5)
+
+
+def test_several_tiles_ragged_widths_no_state_no_reset():
+    """K = 80, V = 70: two key and two value tiles, both masked; no initial state, no reset."""
+    q, k, v, gk, _, _ = _inputs(B=2, T=40, H=1, K=80, V=70)
+    ref = gla(q, k, v, gk, backend="reference")
+    got = gla(q, k, v, gk, chunk_size=64, backend="triton")
+    assert _rel(got[0], ref[0]) <= 1e-10 and _rel(got[1], ref[1]) <= 1e-10
+
+
+def test_strong_gates_stay_finite_and_accurate_in_float32():
+    """Cumulative log gates far below -88 within a chunk: no exp of a large positive number."""
+    inputs = _inputs(T=30, dtype=torch.float64, gate=200.0)
+    ref = _run(inputs, "reference", grads=False)
+    got = _run(_on(inputs, torch.float32), "triton", 64, grads=False)
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
+    assert _rel(got[0].cpu().double(), ref[0]) <= 1e-5
+
+
+def test_compiles_in_one_graph_and_matches_eager():
+    q, k, v, gk, s0, reset = _on(_inputs(B=2, T=20, H=1, K=8, V=8), torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, gk, s0)]
+
+    def f(q, k, v, gk, s0):
+        o, s = gla(q, k, v, gk, s0, reset, chunk_size=16, backend="triton")
+        return o.square().sum() + s.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = compiled(*leaves)
+    got_grads = torch.autograd.grad(got, leaves)
+    want = f(*leaves)
+    want_grads = torch.autograd.grad(want, leaves)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
