@@ -74,7 +74,7 @@ TARGETS = {
     "sm_90": Target("sm_90", 90, 227 * KIB, 228 * KIB),
     "sm_100": Target("sm_100", 100, 227 * KIB, 228 * KIB),
 }
-MODULES = ("linear_scan", "ssd", "newton")
+MODULES = ("linear_scan", "ssd", "newton", "gla", "delta_rule")
 TORCH_DTYPE_NAMES = ("float32", "bfloat16", "float64")
 
 
@@ -102,6 +102,12 @@ def _model_shapes(names: set[str] | None = None) -> dict[str, list[tuple[str, di
             cells = {"G": "gru", "L": "lstm"}
             for cell in sorted({cells[b] for b in c.block_pattern if b in cells}):
                 out["newton"].setdefault((("W", c.lru_width or c.d_model), ("cell", cell)), name)
+        elif c.family in ("gla", "deltanet"):
+            from megarnn.models import linear_attention as la
+            key, value = (la.gla_dims if c.family == "gla" else la.deltanet_dims)(c)
+            H = c.n_heads
+            module = "gla" if c.family == "gla" else "delta_rule"
+            out[module].setdefault((("H", H), ("K", key // H), ("V", value // H), ("Q", c.la_chunk_size)), name)
     return {m: [(name, dict(key)) for key, name in shapes.items()] for m, shapes in out.items()}
 
 
@@ -110,6 +116,8 @@ RAGGED = {
     "linear_scan": [("ragged", dict(D=40))],
     "ssd": [("ragged", dict(H=4, P=8, G=2, N=16, Q=16))],
     "newton": [("ragged", dict(W=40, cell="gru")), ("ragged", dict(W=40, cell="lstm"))],
+    "gla": [("ragged", dict(H=3, K=40, V=24, Q=64))],
+    "delta_rule": [("ragged", dict(H=3, K=40, V=24, Q=64))],
 }
 T_MODEL, T_RAGGED = 512, 37
 
@@ -219,7 +227,32 @@ def _drive_newton(K, dtype, shape, ragged):
                     K.block_scan(a, v, s0, reverse)
 
 
-DRIVERS = {"linear_scan": _drive_linear_scan, "ssd": _drive_ssd, "newton": _drive_newton}
+def _drive_gla(K, dtype, shape, ragged):
+    import torch
+    H, Kd, V, Q = (shape[k] for k in "HKVQ")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for b, T in ((1, T_RAGGED), (2, 5)) if ragged else ((1, T_MODEL),):
+        q, v = torch.randn(b, T, H, Kd, dtype=dtype), torch.randn(b, T, H, V, dtype=dtype)
+        gk = -torch.rand(b, T, H, Kd, dtype=acc)  # the model's log gate is fp32 (fp64)
+        for s0 in (None, torch.zeros(b, H, Kd, V, dtype=acc)):
+            for reset in (None, torch.zeros(b, T, dtype=torch.bool)):
+                K.gla_fwd(q, q, v, gk, Kd ** -0.5, Q, s0, reset)
+
+
+def _drive_delta_rule(K, dtype, shape, ragged):
+    import torch
+    H, Kd, V, Q = (shape[k] for k in "HKVQ")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for b, T in ((1, T_RAGGED), (2, 5)) if ragged else ((1, T_MODEL),):
+        q, v = torch.randn(b, T, H, Kd, dtype=dtype), torch.randn(b, T, H, V, dtype=dtype)
+        g, beta = -torch.rand(b, T, H, dtype=acc), torch.rand(b, T, H, dtype=acc)  # fp32 (fp64) in the model
+        for s0 in (None, torch.zeros(b, H, Kd, V, dtype=acc)):
+            for reset in (None, torch.zeros(b, T, dtype=torch.bool)):
+                K.delta_fwd(q, q, v, g, beta, Kd ** -0.5, Q, s0, reset)
+
+
+DRIVERS = {"linear_scan": _drive_linear_scan, "ssd": _drive_ssd, "newton": _drive_newton, "gla": _drive_gla,
+           "delta_rule": _drive_delta_rule}
 
 
 def capture(modules, dtypes, shapes_arg: str = "all") -> list[Launch]:

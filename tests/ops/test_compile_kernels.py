@@ -61,7 +61,7 @@ def test_every_kernel_is_enumerated_for_every_target():
     assert proc.returncode == 0, proc.stderr[-3000:]
     ids = [line.split("  ")[0] for line in proc.stdout.splitlines()[1:] if line.strip()]
     declared = set()
-    for module in ("linear_scan", "ssd", "newton"):
+    for module in ("linear_scan", "ssd", "newton", "gla", "delta_rule"):
         src = (ROOT / "kernels" / f"{module}.py").read_text()
         declared |= {f"{module}.{name}" for name in re.findall(r"@triton\.jit\s*\ndef (\w+_kernel)\(", src)}
     assert declared
