@@ -37,12 +37,14 @@ class ModelConfig:
 
     block_pattern repeats over the layers: "R" = recurrent (RG-LRU) block, "A" = local
     multi-query attention block, "M" = Mamba2 block, "G" / "L" = paraGRU / paraLSTM block
-    (Newton-solved), "X" = your own mixer class named by `mixer` ("package.module:Class",
+    (Newton-solved), "T" / "D" = GLA / Gated DeltaNet block, "U" = LRU block, "N" / "O" = minGRU /
+    minLSTM block, "X" = your own mixer class named by `mixer` ("package.module:Class",
     README "Your own cell"; megarnn/registry.py lists every kind). Families: "hawk" ("R"), "griffin" (e.g. "RRA", RecurrentGemma),
     "mamba2" ("M": no embedding scale, no logit cap, plain RMSNorm, as transformers'
     Mamba2ForCausalLM), "pararnn" ("G" or "L": Griffin's residual block around the
-    ParaRNN mixer, no embedding scale or logit cap). lru_width is the recurrent width of
-    both RG-LRU and ParaRNN cells.
+    ParaRNN mixer, no embedding scale or logit cap), "lru" ("U"), "mingru" ("N"), "minlstm" ("O")
+    (Griffin's residual block, no embedding scale or logit cap). lru_width is the recurrent width
+    of RG-LRU, ParaRNN, minGRU and minLSTM cells, and the LRU's number of complex state channels.
     """
 
     family: str = "griffin"
@@ -87,6 +89,11 @@ class ModelConfig:
     gla_gate_rank: int = 16  # GLA: rank of the forget-gate projection (fla's gate_low_rank_dim)
     gla_gate_normalizer: float = 16.0  # GLA: gk = logsigmoid(gk_proj(x)) / this (fla's gate_logit_normalizer)
     deltanet_neg_eigval: bool = False  # Gated DeltaNet: beta = 2 sigmoid(.) in [0, 2] (negative eigenvalues)
+    # LRU blocks ("U", megarnn/models/lru.py; lru_width complex state channels): the ring of the
+    # initial |lambda| (uniform by area between r_min and r_max) and its phases, uniform in [0, max_phase]
+    lru_r_min: float = 0.9
+    lru_r_max: float = 0.999
+    lru_max_phase: float = 6.283185307179586  # 2 pi, the paper's default
     # Every op's backend: "" picks the fastest that runs here (triton on CUDA), "torch", "triton",
     # or "reference" (the textbook loops, slow): the RG-LRU and linear scans, SSD and Newton alike.
     scan_backend: str = ""
@@ -139,8 +146,8 @@ class ModelConfig:
             raise ConfigError(
                 f"model.block_pattern={self.block_pattern!r} does not fit model.family={self.family!r}: use a "
                 f"non-empty string of {' / '.join(repr(a) for a in allowed)} (R = RG-LRU block, A = local "
-                "attention block, M = Mamba2 block, G / L = paraGRU / paraLSTM block, X = your own mixer: "
-                "model.mixer)")
+                "attention block, M = Mamba2 block, G / L = paraGRU / paraLSTM block, T / D = GLA / Gated "
+                "DeltaNet block, U = LRU block, N / O = minGRU / minLSTM block, X = your own mixer: model.mixer)")
         if registry.PLUGIN_LETTER in self.block_pattern:
             registry.block_kind(registry.PLUGIN_LETTER, self)  # the class imports, or one line says why
         if self.family == "mamba2":

@@ -14,6 +14,9 @@ the export read it; nothing else names a block kind.
     T       models.linear_attention.GLAMixer        q/k/v/g and the gate's second (per-key) linear column, its
                                                     low-rank first replicated, per-head norm by heads; o row
     D       models.linear_attention.GatedDeltaNetMixer  q/k/v/g/a/b column, convs, A_log, dt_bias, norm by heads; o row
+    U       models.lru.LRUMixer                     in_proj (B, (re, im) per state channel) column, nu_log / theta_log /
+                                                    gamma_log by channel, out_proj (C) row; D whole on every rank
+    N / O   models.minrnn.MinGRUMixer / MinLSTMMixer  in_proj per component (gates, candidate) column; out_proj row
     X       the user's class named by model.mixer   its own `tp_plan` (README, "Your own cell")
 
 A mixer is built as Class(config) (config resolved) unless the entry has `build`, and is
@@ -208,6 +211,17 @@ _DELTANET_PLAN = {"q_proj": "column", "k_proj": "column", "v_proj": "column", "g
                   "A_log": "dim0", "dt_bias": "dim0", "norm.weight": "dim0", "o_proj": "row"}
 
 
+def _lru_divisible(c) -> dict:
+    return {"model.lru_width (the recurrent channels)": c.lru_width, "the MLP width (model.mlp_width)": c.mlp_width}
+
+
+_LRU_PLAN = {"in_proj": "column", "out_proj": "row", "nu_log": "dim0", "theta_log": "dim0", "gamma_log": "dim0"}
+
+
+def _minrnn_plan(parts: int):
+    return lambda c: {"in_proj": Split("column", lambda m: [m.width] * parts), "out_proj": "row"}
+
+
 BLOCKS: dict[str, BlockKind] = {k.letter: k for k in [
     BlockKind("R", "RG-LRU recurrent block", "megarnn.models.blocks:RecurrentBlock",
               lambda c: {"linear_x": "column", "linear_y": "column", "linear_out": "row",
@@ -228,6 +242,14 @@ BLOCKS: dict[str, BlockKind] = {k.letter: k for k in [
               lambda c: dict(_GLA_PLAN), _la_divisible, flops=_la_flops("T"), families=("gla",)),
     BlockKind("D", "Gated DeltaNet block", "megarnn.models.linear_attention:GatedDeltaNetMixer",
               lambda c: dict(_DELTANET_PLAN), _la_divisible, flops=_la_flops("D"), families=("deltanet",)),
+    # The recurrences below are elementwise (a diagonal complex scan, a log-space scan): no FLOPs
+    # beyond their projections, as every family's gates and scans are left out.
+    BlockKind("U", "LRU block (complex diagonal recurrence)", "megarnn.models.lru:LRUMixer",
+              lambda c: dict(_LRU_PLAN), _lru_divisible, families=("lru",)),
+    BlockKind("N", "minGRU block (log-space scan)", "megarnn.models.minrnn:MinGRUMixer", _minrnn_plan(2),
+              _lru_divisible, families=("mingru",)),
+    BlockKind("O", "minLSTM block (log-space scan)", "megarnn.models.minrnn:MinLSTMMixer", _minrnn_plan(3),
+              _lru_divisible, families=("minlstm",)),
 ]}
 
 # The gated MLP of every residual block with an MLP.

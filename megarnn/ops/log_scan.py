@@ -131,7 +131,10 @@ def _pieces(log_a, log_b, reset, Q):
     pos = torch.arange(T, device=log_b.device)
     starts = (reset | (pos % Q == 0)).flatten()  # (B T,)
     piece = torch.cumsum(starts.to(torch.int64), 0) - 1
-    first = starts.nonzero().squeeze(1)  # flat position of each piece's first step
+    if log_b.is_meta:  # shapes only (megarnn plan): as many pieces as chunks, i.e. no reset inside one
+        first = torch.empty(B * T // Q, dtype=torch.int64, device=log_b.device)
+    else:
+        first = starts.nonzero().squeeze(1)  # flat position of each piece's first step (a host sync)
     col = torch.arange(B * T, device=log_b.device) - first[piece]
     n = first.shape[0]
     # A piece's first step scans from zero, so its own decay never matters: 0 keeps a* finite.
