@@ -213,7 +213,10 @@ class DataConfig:
     val_fraction: float = 0.0  # shards / stream: share of documents held out (fixed hash of the index)
     val_docs: int = 1000  # stream: validation documents read into memory
     shuffle_block: int = 1024  # stream: documents shuffled within blocks of this many
-    tokenizer_threads: int = 1  # stream: SentencePiece threads per rank
+    tokenizer_threads: int = 1  # stream: SentencePiece threads per rank (per worker)
+    # stream: processes per rank that read and tokenize ahead of the step (DataLoader workers; the
+    # batches are the same for any number); 0 reads in the training process
+    stream_workers: int = 1
     verify_shards: bool = True  # sha256 of every shard when a run opens data.shards
     val_files: list[str] = field(default_factory=list)
     holdout: list[str] = field(default_factory=list)  # train file names moved to validation
@@ -241,6 +244,9 @@ class DataConfig:
             raise ConfigError("data.holdout names train_files; with shards or stream use data.val_fraction")
         if self.shuffle_block < 1:
             raise ConfigError(f"data.shuffle_block={self.shuffle_block} must be >= 1")
+        if self.stream_workers < 0:
+            raise ConfigError(f"data.stream_workers={self.stream_workers} must be >= 0 (0 reads the stream in the "
+                              "training process)")
         if self.tokenizer_type not in ("bpe", "unigram"):
             raise ConfigError(f"data.tokenizer_type={self.tokenizer_type!r}; expected 'bpe' or 'unigram'")
         if self.seq_len < 2:

@@ -283,11 +283,13 @@ def open_hf(s: Source):
 
 
 def _hf_batches(s: Source, text_key: str, skip: int, batch_docs: int):
+    # Dataset.iter, not iter(dataset): inside a DataLoader worker process the latter reads only
+    # the worker's share of the files, and every worker of a StreamingLoader reads them all.
     items, locs, n = [], [], 0
-    it = iter(open_hf(s))
+    it = open_hf(s).iter(batch_size=batch_docs)
     while True:
         try:
-            ex = next(it)
+            batch = next(it)
         except StopIteration:
             break
         except DataError:
@@ -295,19 +297,22 @@ def _hf_batches(s: Source, text_key: str, skip: int, batch_docs: int):
         except Exception as e:  # a bad file inside the dataset: name the source and where it stopped
             raise DataError(f"{s.name}: reading failed after example {n} ({type(e).__name__}: {e}); "
                             "fix or remove the bad file") from None
-        n += 1
-        if skip > 0:
-            skip -= 1
-            continue
-        text = ex.get(text_key)
-        if not isinstance(text, str):
-            raise DataError(f"{s.name}: example {n}: no string under key {text_key!r}; set the text key "
-                            f"to the field that holds the text (fields here: {list(ex)[:8]})")
-        items.append(text)
-        locs.append(n)
-        if len(items) >= batch_docs:
-            yield RawBatch(s.name, "text", items, locs)
-            items, locs = [], []
+        texts = batch.get(text_key)
+        size = len(next(iter(batch.values()))) if batch else 0
+        for i in range(size):
+            n += 1
+            if skip > 0:
+                skip -= 1
+                continue
+            text = texts[i] if texts is not None else None
+            if not isinstance(text, str):
+                raise DataError(f"{s.name}: example {n}: no string under key {text_key!r}; set the text key "
+                                f"to the field that holds the text (fields here: {list(batch)[:8]})")
+            items.append(text)
+            locs.append(n)
+            if len(items) >= batch_docs:
+                yield RawBatch(s.name, "text", items, locs)
+                items, locs = [], []
     if n == 0:
         raise DataError(f"{s.name}: the dataset holds no examples; check the files and the split")
     if items:

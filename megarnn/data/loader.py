@@ -357,9 +357,47 @@ def read_validation(inputs: list[str], tokenizer: Tokenizer, text_key: str = "te
 @dataclass
 class _Block:
     epoch: int
-    index: int
+    index: int  # -1: the end of epoch `epoch` (a marker, no tokens)
     tokens: np.ndarray  # (n,) int32, documents back to back
     starts: np.ndarray  # (n,) bool, True at each document's first token
+
+
+@dataclass
+class _Failure:
+    message: str  # a DataError in a worker process, raised again by the training process
+
+
+_NO_TOKENS = np.zeros(0, np.int32)
+
+
+def _identity(x):
+    return x
+
+
+class _BlockStream(torch.utils.data.IterableDataset):
+    """The stream's blocks from (epoch, block) on, in order, forever: epoch after epoch, each
+    ending with a marker. Worker w of n (DataLoader workers; none: n = 1) reads past every block
+    but tokenizes only blocks w, w + n, w + 2n, ... of the sequence, which the DataLoader
+    interleaves back into order, so the blocks are the same for any number of workers."""
+
+    def __init__(self, loader: "StreamingLoader", epoch: int, block: int):
+        self.loader, self.epoch, self.block = loader, epoch, block
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        k, epoch, first = 0, self.epoch, self.block
+        try:
+            while True:
+                for index, docs in self.loader._epoch_blocks(epoch, first):
+                    if k % workers == worker:
+                        yield self.loader._make_block(epoch, index, docs)
+                    k += 1
+                if k % workers == worker:
+                    yield _Block(epoch, -1, _NO_TOKENS, np.zeros(0, bool))
+                k, epoch, first = k + 1, epoch + 1, 0
+        except DataError as e:  # one line for the user, not a worker's traceback
+            yield _Failure(str(e))
 
 
 class StreamingLoader:
@@ -371,9 +409,12 @@ class StreamingLoader:
     held-out documents (val_fraction, see heldout_mask) are left out. Global sample g is
     stream tokens [g * T, g * T + T + 1), the global batch of step s samples [s * G, (s + 1) * G).
 
+    Reading and tokenizing run ahead of the step in `workers` processes (torch DataLoader
+    workers; 0: in the training process): worker w tokenizes blocks w, w + n, ... and the
+    blocks come back in order, so batches are the same for any number of workers.
     Every rank reads the whole stream and keeps its rows, so the batches and the position do
     not depend on the number of ranks; the price is that each rank tokenizes every document
-    (SentencePiece does a few MB of text per second per thread: use num_threads).
+    (SentencePiece does a few MB of text per second per thread: use num_threads and workers).
     Position (state_dict): the block holding the next sample's first token (epoch, block) and
     the offset in it. Restoring skips the documents before that block without tokenizing them.
     Batches must be asked for in order (as the trainer does); going back re-reads from the
@@ -383,18 +424,19 @@ class StreamingLoader:
     def __init__(self, inputs: list[str], tokenizer: Tokenizer, seq_len: int, micro_batch_size: int,
                  grad_accum: int = 1, seed: int = 1234, dp_rank: int = 0, dp_size: int = 1,
                  text_key: str = "text", shuffle_block: int = 1024, val_fraction: float = 0.0,
-                 num_threads: int = 1):
+                 num_threads: int = 1, workers: int = 0, prefetch: int = 2):
         if shuffle_block < 1:
             raise DataError(f"shuffle_block={shuffle_block}: documents per block must be >= 1 (1: no shuffle)")
         self.inputs, self.sources, self.tokenizer = list(inputs), resolve_sources(inputs), tokenizer
         self.seq_len, self.mb, self.ga = seq_len, micro_batch_size, grad_accum
         self.seed, self.dp_rank, self.dp_size = seed, dp_rank, dp_size
         self.text_key, self.block_docs, self.val_fraction = text_key, shuffle_block, val_fraction
-        self.num_threads = num_threads
+        self.num_threads, self.workers, self.prefetch = num_threads, workers, prefetch
         self.global_batch_size = micro_batch_size * grad_accum * dp_size
         self._base = {"step": 0, "consumed_samples": 0, "epoch": 0, "block": 0, "offset": 0}
         self._restored = False
         self._next_sample = None  # nothing read yet
+        self._source = None
 
     def first_sample(self, step: int) -> int:
         return self._base["consumed_samples"] + (step - self._base["step"]) * self.global_batch_size
@@ -431,13 +473,24 @@ class StreamingLoader:
                 self.val_fraction]
         return hashlib.sha256(json.dumps(what).encode()).hexdigest()
 
+    def __getstate__(self):  # what a DataLoader worker gets (it never holds the stream's position)
+        return {**self.__dict__, "_source": None, "_blocks": []}
+
     # -- the token stream -------------------------------------------------------------
 
     def _restart(self) -> None:
         """Position the stream at the base (a restored state, or the very beginning)."""
         b = self._base
+        self._source = None  # stops the workers of a previous position
+        blocks = _BlockStream(self, b["epoch"], b["block"])
+        if self.workers > 0:
+            self._source = iter(torch.utils.data.DataLoader(
+                blocks, batch_size=None, collate_fn=_identity, num_workers=self.workers,
+                prefetch_factor=self.prefetch))
+        else:
+            self._source = iter(blocks)
         self._read_epoch, self._epoch_has_tokens = b["epoch"], False
-        self._reader = self._epoch_blocks(b["epoch"], b["block"])
+        self._reader_from_start = b["block"] == 0
         head = self._next_block()
         restored = self._restored  # a saved position names a block with tokens; the start may not
         if restored and ((head.epoch, head.index) != (b["epoch"], b["block"]) or b["offset"] >= len(head.tokens)):
@@ -478,24 +531,21 @@ class StreamingLoader:
     def _next_block(self) -> _Block:
         """The next block with tokens, moving to the next epoch at the end of the input."""
         while True:
-            try:
-                index, docs = next(self._reader)
-            except StopIteration:
+            block = next(self._source)
+            if isinstance(block, _Failure):
+                raise DataError(block.message)
+            if block.index < 0:  # the end of an epoch
                 if not self._epoch_has_tokens and self._reader_from_start:
                     raise DataError(f"inputs {self.inputs}: no training documents (empty, or all held out by "
-                                    f"val_fraction={self.val_fraction})") from None
-                self._read_epoch += 1
-                self._epoch_has_tokens = False
-                self._reader = self._epoch_blocks(self._read_epoch, 0)
+                                    f"val_fraction={self.val_fraction})")
+                self._read_epoch, self._epoch_has_tokens, self._reader_from_start = block.epoch + 1, False, True
                 continue
-            block = self._make_block(self._read_epoch, index, docs)
             if len(block.tokens):
                 self._epoch_has_tokens = True
                 return block
 
     def _epoch_blocks(self, epoch: int, first_block: int):
         """Yield (block index, [(document index, text)]) for one pass over the inputs from first_block."""
-        self._reader_from_start = first_block == 0
         index, block, docs = first_block * self.block_docs, first_block, []
         batches = iter_raw_batches(self.sources, self.text_key, skip_docs=index, batch_docs=self.block_docs)
         for batch in batches:

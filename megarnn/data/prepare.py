@@ -137,7 +137,7 @@ def build_run_data(cfg: DataConfig, run_dir: Path, seq_len_batch: tuple[int, int
         return tok, loader, val
     tok = Tokenizer.load(cfg.tokenizer)
     loader = StreamingLoader(cfg.stream, tok, T, mb, ga, seed, dp_rank, dp_size, cfg.text_key, cfg.shuffle_block,
-                             cfg.val_fraction, cfg.tokenizer_threads)
+                             cfg.val_fraction, cfg.tokenizer_threads, cfg.stream_workers)
     val_inputs = cfg.val_files or cfg.stream
     val = read_validation(val_inputs, tok, cfg.text_key, 0.0 if cfg.val_files else cfg.val_fraction, cfg.val_docs) \
         if cfg.val_files or cfg.val_fraction > 0 else None

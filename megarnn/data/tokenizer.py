@@ -64,6 +64,9 @@ class Tokenizer:
         self.model_bytes = model_bytes
         self.sha256 = hashlib.sha256(model_bytes).hexdigest()
 
+    def __reduce__(self):  # to a loader's worker processes: the model bytes, loaded again there
+        return (Tokenizer, (self.model_bytes,))
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
         """path: a directory holding tokenizer.model, or a .model file."""

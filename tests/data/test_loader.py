@@ -181,3 +181,35 @@ def test_streaming_hf_global_batch_and_resume_do_not_depend_on_rank_count(data, 
     assert late._read_epoch >= 1  # steps 0-9 (80 samples) ran into the second pass
     with pytest.raises(DataError, match="streaming|stream|kind"):
         PackedLoader(data["shards"][1], T, 4).load_state_dict(states[0])
+
+
+def test_streaming_in_worker_processes_gives_the_same_batches_resume_and_errors(data, tmp_path):
+    """Reading and tokenizing in 1 or 2 DataLoader worker processes that run ahead: the batches
+    equal the in-process stream's over two passes, also after a restore; a DataError in a worker
+    reaches the training process as the same one line."""
+    tok = data["tok"]
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(json.dumps({"text": t}) + "\n" for t in data["texts"][1][:20]))
+
+    def make(workers, state=None):
+        loader = StreamingLoader([f"hf:json:{short}"], tok, T, 4, grad_accum=2, seed=2, shuffle_block=4,
+                                 val_fraction=0.1, workers=workers)
+        if state is not None:
+            loader.load_state_dict(state)
+        return loader
+    inline = make(0)
+    straight = batches(inline, range(10))
+    assert inline._read_epoch >= 1
+    state = json.loads(json.dumps(inline.state_dict(6)))
+    for workers in (1, 2):
+        assert_same(batches(make(workers), range(10)), straight)
+        assert_same(batches(make(workers, state), range(6, 10)), straight[12:])
+    held = tmp_path / "held.jsonl"  # its 3 documents are all held out at val_fraction 0.999
+    held.write_text("".join(json.dumps({"text": t}) + "\n" for t in data["texts"][1][:3]))
+    with pytest.raises(DataError, match=r"^inputs .*: no training documents"):
+        StreamingLoader([str(held)], tok, T, 4, val_fraction=0.999, workers=2).micro_batch(0, 0)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"other": 1}\n')
+    with pytest.raises(DataError) as err:
+        StreamingLoader([str(bad)], tok, T, 4, workers=2).micro_batch(0, 0)
+    assert "\n" not in str(err.value) and "Traceback" not in str(err.value), str(err.value)
