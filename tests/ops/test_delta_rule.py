@@ -104,7 +104,7 @@ def test_reference_equals_fla_naive_recurrent_gated_delta_rule():
 
 # --- context parallelism -------------------------------------------------------------------------
 
-def _check_cp():
+def _check_cp(backend=None):
     group = dist.group.WORLD
     rank, world = dist.get_rank(), dist.get_world_size()
     T = 24
@@ -116,7 +116,8 @@ def _check_cp():
     sl = slice(rank * Tl, (rank + 1) * Tl)
     leaves = [t.detach()[:, sl].clone().requires_grad_() for t in inputs[:5]]
     s0 = inputs[5].detach().clone().requires_grad_()
-    o, state = gated_delta_rule(*leaves, initial_state=s0, reset=inputs[6][:, sl], chunk_size=4, cp=group)
+    o, state = gated_delta_rule(*leaves, initial_state=s0, reset=inputs[6][:, sl], chunk_size=4, cp=group,
+                                backend=backend)
     w = torch.randn(ref[0].shape, generator=torch.Generator().manual_seed(1), dtype=o.dtype)[:, sl]
     ws = torch.randn(state.shape, generator=torch.Generator().manual_seed(2), dtype=state.dtype)
     ((o * w).sum() + (state * ws).sum() / world).backward()  # the final state: each rank a share
@@ -134,7 +135,7 @@ def _check_cp():
     want, want_s = gated_delta_product(q, kk, vv, g, beta=bb, num_householder=2, initial_state=s0, reset=reset)
     l2 = slice(2 * rank * Tl, 2 * (rank + 1) * Tl)
     o, state = gated_delta_product(q[:, sl], kk[:, l2], vv[:, l2], g[:, sl], bb[:, l2], 2, s0, reset[:, sl],
-                                   chunk_size=4, cp=group)
+                                   chunk_size=4, cp=group, backend=backend)
     torch.testing.assert_close(o, want[:, sl], rtol=0, atol=1e-10)
     torch.testing.assert_close(state, want_s, rtol=0, atol=1e-10)
 

@@ -109,7 +109,7 @@ def test_reference_equals_fla_naive_recurrent_gla():
 
 # --- context parallelism -------------------------------------------------------------------------
 
-def _check_cp():
+def _check_cp(backend=None):
     group = dist.group.WORLD
     rank, world = dist.get_rank(), dist.get_world_size()
     inputs = _inputs(T=24)
@@ -119,7 +119,7 @@ def _check_cp():
     sl = slice(rank * Tl, (rank + 1) * Tl)
     leaves = [t.detach()[:, sl].clone().requires_grad_() for t in inputs[:4]]
     s0 = inputs[4].detach().clone().requires_grad_()
-    o, state = gla(*leaves, initial_state=s0, reset=inputs[5][:, sl], chunk_size=8, cp=group)
+    o, state = gla(*leaves, initial_state=s0, reset=inputs[5][:, sl], chunk_size=8, cp=group, backend=backend)
     w = torch.randn(ref[0].shape, generator=torch.Generator().manual_seed(1), dtype=o.dtype)[:, sl]
     ws = torch.randn(state.shape, generator=torch.Generator().manual_seed(2), dtype=state.dtype)
     ((o * w).sum() + (state * ws).sum() / world).backward()  # the final state: each rank a share
