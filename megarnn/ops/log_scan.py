@@ -78,7 +78,7 @@ def log_linear_scan(log_a: torch.Tensor, log_b: torch.Tensor, h0: torch.Tensor |
     acc = context.acc_dtype(log_b)
     log_a, log_b = log_a.to(acc), log_b.to(acc)
     h0 = None if h0 is None else h0.to(acc)
-    if backend == "reference":
+    if backend == "reference" or T == 1:  # one step (decoding): the recurrence itself
         h = _reference(log_a, log_b, h0, reset)
     else:
         h = _chunked(log_a, log_b, h0, reset, chunk_size)
