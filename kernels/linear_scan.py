@@ -237,12 +237,14 @@ def _rglru_fwd_kernel(X, GX, GA, SP, RESET, H0, H, STATE, PROD, T, D, CHUNK,
     mask_d = offs_d < D
     rows = tl.arange(0, BLOCK_T)
     seq = pid_b.to(tl.int64) * T * D
-    chunk_offs = (pid_b * tl.num_programs(2) + pid_c).to(tl.int64) * D + offs_d
     t_start = pid_c * CHUNK
     t_end = tl.minimum(t_start + CHUNK, T)
     sp = tl.load(SP + offs_d, mask=mask_d, other=0.0).to(ACC)
     if HAS_H0:
-        carry = tl.load(H0 + chunk_offs, mask=mask_d, other=0.0).to(ACC)
+        # Addressed apart from the stores after the loop: a shared 64-bit offset would stay live
+        # across the loop, and ptxas spilled it (4 bytes, bf16 16 x 64 tile on sm_90).
+        carry = tl.load(H0 + pid_b.to(tl.int64) * tl.num_programs(2) * D + (pid_c * D + offs_d),
+                        mask=mask_d, other=0.0).to(ACC)
     else:
         carry = tl.zeros([BLOCK_D], ACC)
     prod = tl.full([BLOCK_D], 1.0, ACC)
@@ -265,6 +267,7 @@ def _rglru_fwd_kernel(X, GX, GA, SP, RESET, H0, H, STATE, PROD, T, D, CHUNK,
             tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
         if WRITE_PROD:
             prod = prod * _last_row(a_cum, BLOCK_T)
+    chunk_offs = (pid_b * tl.num_programs(2) + pid_c).to(tl.int64) * D + offs_d
     tl.store(STATE + chunk_offs, carry, mask=mask_d)
     if WRITE_PROD:
         tl.store(PROD + chunk_offs, prod, mask=mask_d)
