@@ -61,6 +61,16 @@ residual of the returned iterate; its update is dropped). Flops per element: ~30
 the vector-Jacobian product. All far below a GPU's ridge point: the kernels are bound by memory
 (Newton, adjoint) or by the step latency (sequential).
 
+Block scans (`block_scan`, `block_scan_bwd`): h_t = a_t h_{t-1} + b_t with one dense N x N matrix
+per block, N in 2..16 (tiles padded to a power of 2 and masked): the paraLSTM's 2x2 Newton solves
+across context-parallel ranks and the block-diagonal GRU cells' Newton updates and adjoints
+(megarnn/models/pararnn.py BlockGRUCell). Grid (groups of BLOCK_D blocks, batch); a program walks
+t with its blocks' states in registers, one batched mat-vec per step. The backward is the
+transposed scan run the other way, fused with the gradients of a (lambda_t h_prev^T), b (lambda)
+and h0. Per step and block: N^2 + 2N loads and N stores forward; N^2 + 3N loads and N^2 + N
+stores backward. Sequential over T (no time chunks yet): latency-bound, fast when B x blocks
+fill the GPU.
+
 Dtypes: float32 (state and gates in fp32 registers) or float64. Under Triton's interpreter the
 loops here are per step, not `tl.associative_scan`s: the interpreter runs a custom combine as a
 Python loop per element (~30x slower than a step loop), and a GPU hides the per-step chain of
@@ -74,6 +84,8 @@ h0: (B, S) or None (zeros); reset: (B, T) bool or None.
     newton_guess(cell, x, params, h0=None, reset=None, chunk_size=None) -> h
     newton_iteration(cell, x, params, h, h0=None, reset=None, chunk_size=None) -> (h + delta, max |r|)
     adjoint(cell, x, params, h, h0, reset, g, chunk_size=None) -> (dx, dparams, dh0 or None)
+    block_scan(a (B, T, D, N, N), b (B, T, D, N), h0=None, reverse=False) -> h (B, T, D, N)
+    block_scan_bwd(a, h, h0, g, reverse=False) -> (da, db, dh0 or None)
 """
 from __future__ import annotations
 
@@ -521,35 +533,80 @@ def _adjoint_kernel(X, P, H0, RESET, H, G, CIN, COUT, PROD, DX, DP, T, W, CHUNK,
 
 
 @triton.jit
-def _block2_scan_kernel(A, BV, H0, H, T, D, HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
-                        BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """h_t = a_t @ h_{t-1} + b_t with one 2x2 matrix per channel (the LSTM's Newton updates and
-    adjoints solved across context-parallel ranks). Grid (channel blocks, batch); a program walks
-    t with its channels' two states in registers. a: (B, T, D, 2, 2), b, h: (B, T, D, 2), h0: (B, D, 2)."""
-    offs = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = offs < D
+def _block_tiles(offs_d, D, N: tl.constexpr, NP: tl.constexpr):
+    """Offsets and masks of BLOCK_D blocks of N x N matrices / N-vectors (N padded to NP, a power
+    of 2): vector offsets [BLOCK_D, NP] and matrix offsets [BLOCK_D, NP, NP] from a block's start."""
+    i = tl.arange(0, NP)
+    vmask = (offs_d[:, None] < D) & (i[None, :] < N)
+    voffs = offs_d[:, None] * N + i[None, :]
+    mmask = vmask[:, :, None] & (i[None, None, :] < N)
+    moffs = offs_d[:, None, None] * (N * N) + i[None, :, None] * N + i[None, None, :]
+    return voffs, vmask, moffs, mmask
+
+
+@triton.jit
+def _block_scan_kernel(A, BV, H0, H, T, D, N: tl.constexpr, NP: tl.constexpr, HAS_H0: tl.constexpr,
+                       REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """h_t = a_t @ h_{t-1} + b_t with one N x N matrix per block (N in 2..16): the LSTM's 2x2
+    Newton solves across context-parallel ranks, and the block-diagonal cells' Newton updates and
+    adjoints. Grid (block groups, batch); a program walks t with its blocks' states in registers
+    ([BLOCK_D, N]); a step is a batched mat-vec (a row-times-state product summed over columns).
+    a: (B, T, D, N, N) row-major (row = output); b, h: (B, T, D, N); h0: (B, D, N)."""
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    voffs, vmask, moffs, mmask = _block_tiles(offs_d, D, N, NP)
     b = tl.program_id(1).to(tl.int64)
     if HAS_H0:
-        s0 = tl.load(H0 + (b * D + offs) * 2, mask=mask, other=0.0).to(ACC)
-        s1 = tl.load(H0 + (b * D + offs) * 2 + 1, mask=mask, other=0.0).to(ACC)
+        s = tl.load(H0 + b * D * N + voffs, mask=vmask, other=0.0).to(ACC)
     else:
-        s0 = tl.zeros([BLOCK_D], ACC)
-        s1 = tl.zeros([BLOCK_D], ACC)
+        s = tl.zeros([BLOCK_D, NP], ACC)
     for i in range(T):
         if REVERSE:
             t = T - 1 - i
         else:
             t = i
-        row = (b * T + t) * D + offs
-        a00 = tl.load(A + row * 4, mask=mask, other=0.0).to(ACC)
-        a01 = tl.load(A + row * 4 + 1, mask=mask, other=0.0).to(ACC)
-        a10 = tl.load(A + row * 4 + 2, mask=mask, other=0.0).to(ACC)
-        a11 = tl.load(A + row * 4 + 3, mask=mask, other=0.0).to(ACC)
-        n0 = a00 * s0 + a01 * s1 + tl.load(BV + row * 2, mask=mask, other=0.0).to(ACC)
-        n1 = a10 * s0 + a11 * s1 + tl.load(BV + row * 2 + 1, mask=mask, other=0.0).to(ACC)
-        tl.store(H + row * 2, n0.to(H.dtype.element_ty), mask=mask)
-        tl.store(H + row * 2 + 1, n1.to(H.dtype.element_ty), mask=mask)
-        s0, s1 = n0, n1
+        row = (b * T + t) * D
+        a = tl.load(A + row * (N * N) + moffs, mask=mmask, other=0.0).to(ACC)
+        s = tl.sum(a * s[:, None, :], axis=2) + tl.load(BV + row * N + voffs, mask=vmask, other=0.0).to(ACC)
+        tl.store(H + row * N + voffs, s.to(H.dtype.element_ty), mask=vmask)
+
+
+@triton.jit
+def _block_scan_bwd_kernel(A, G, H, H0, DA, DB, DH0, T, D, N: tl.constexpr, NP: tl.constexpr,
+                           HAS_H0: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """The backward of _block_scan_kernel (same REVERSE): the transposed scan run the other way.
+    With g = dL/dh: lambda_t = g_t + a_next^T lambda_next (a_next, lambda_next: the step after t in
+    scan order; none after the last), dL/db_t = lambda_t, dL/da_t = lambda_t h_prev^T (h_prev: the
+    state before t in scan order, h0 or 0 at the first step), dL/dh0 = a_first^T lambda_first.
+    The carry c = a_t^T lambda_t is one transposed batched mat-vec (a column-times-lambda sum
+    over rows). h: the forward's output. Grid and layouts as _block_scan_kernel."""
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    voffs, vmask, moffs, mmask = _block_tiles(offs_d, D, N, NP)
+    b = tl.program_id(1).to(tl.int64)
+    if HAS_H0:
+        s0 = tl.load(H0 + b * D * N + voffs, mask=vmask, other=0.0).to(ACC)
+    else:
+        s0 = tl.zeros([BLOCK_D, NP], ACC)
+    c = tl.zeros([BLOCK_D, NP], ACC)
+    for i in range(T):
+        if REVERSE:  # the forward ran t = T-1 .. 0, so h_prev is h_{t+1}
+            t = i
+            tp = t + 1
+            inside = (voffs * 0 + tp) < T  # vector masks: the interpreter rejects vector & scalar
+        else:
+            t = T - 1 - i
+            tp = t - 1
+            inside = (voffs * 0 + tp) >= 0
+        row = (b * T + t) * D
+        lam = tl.load(G + row * N + voffs, mask=vmask, other=0.0).to(ACC) + c
+        tl.store(DB + row * N + voffs, lam.to(DB.dtype.element_ty), mask=vmask)
+        prev = tl.load(H + (b * T + tp) * D * N + voffs, mask=vmask & inside, other=0.0).to(ACC)
+        prev = tl.where(inside, prev, s0)
+        tl.store(DA + row * (N * N) + moffs, (lam[:, :, None] * prev[:, None, :]).to(DA.dtype.element_ty),
+                 mask=mmask)
+        a = tl.load(A + row * (N * N) + moffs, mask=mmask, other=0.0).to(ACC)
+        c = tl.sum(a * lam[:, :, None], axis=1)
+    if HAS_H0:
+        tl.store(DH0 + b * D * N + voffs, c.to(DH0.dtype.element_ty), mask=vmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -727,22 +784,55 @@ def adjoint(cell: str, x: torch.Tensor, params: torch.Tensor, h: torch.Tensor, h
     return dx, dparams, dh0
 
 
+BLOCK_SCAN_SIZES = range(2, 17)  # the block sizes N the block-scan kernels take
+BLOCK_SCAN_TILE = 256  # matrix elements per program: 4 per thread with 2 warps (many programs: the scan is latency-bound)
+
+
+def _block_scan_launch(name, a, b, h0):
+    """Validated, contiguous inputs of a block-scan call and its launch parameters."""
+    if a.dim() != 5 or a.shape[-1] != a.shape[-2] or b.shape != a.shape[:-1]:
+        raise ValueError(f"{name}: a must be (B, T, D, N, N) and b (B, T, D, N); got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    B, T, D, N = b.shape
+    if N not in BLOCK_SCAN_SIZES:
+        raise ValueError(f"{name}: block size N = {N} must be in 2..16")
+    if h0 is not None and h0.shape != (B, D, N):
+        raise ValueError(f"{name}: h0 must be (B, D, N) = {(B, D, N)}; got {tuple(h0.shape)}")
+    acc = torch.float64 if b.dtype == torch.float64 else torch.float32
+    np_ = triton.next_power_of_2(N)
+    tile = BLOCK_SCAN_TILE // (2 if acc == torch.float64 else 1)  # fp64: the same registers per thread
+    block = max(1, min(tile // (np_ * np_), triton.next_power_of_2(D)))
+    meta = dict(N=N, NP=np_, BLOCK_D=block, ACC=_tl_dtype(acc), num_warps=2 if block * np_ * np_ >= tile else 1)
+    h0 = h0.to(acc).contiguous() if h0 is not None else None
+    return a.contiguous(), b.contiguous(), h0, (triton.cdiv(D, block), B), meta
+
+
 def block_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None,
                reverse: bool = False) -> torch.Tensor:
-    """h_t = a_t @ h_{t-1} + b_t per channel, one fused kernel (the contract of
-    megarnn.ops.newton.block2_scan, forward only: Newton's solves run without autograd).
-    a: (B, T, D, 2, 2); b: (B, T, D, 2); h0: (B, D, 2) or None -> (B, T, D, 2) in b's dtype,
+    """h_t = a_t @ h_{t-1} + b_t per block of N (2..16), one fused kernel (the contract of
+    megarnn.ops.newton.block_scan_reference; no autograd: block_scan_bwd is its backward).
+    a: (B, T, D, N, N); b: (B, T, D, N); h0: (B, D, N) or None -> (B, T, D, N) in b's dtype,
     accumulated in fp32 (fp64 for fp64 b). reverse: from t = T-1 down (h_t = a_t @ h_{t+1} + b_t)."""
-    if a.dim() != 5 or a.shape[-2:] != (2, 2) or b.shape != a.shape[:-1]:
-        raise ValueError(f"block_scan: a must be (B, T, D, 2, 2) and b (B, T, D, 2); got {tuple(a.shape)} and "
-                         f"{tuple(b.shape)}")
-    B, T, D, _ = b.shape
-    acc = torch.float64 if b.dtype == torch.float64 else torch.float32
-    a, b = a.contiguous(), b.contiguous()
+    a, b, h0, grid, meta = _block_scan_launch("block_scan", a, b, h0)
     h = _empty(b.shape, b.dtype, b.device)
-    h0 = h0.to(acc).contiguous() if h0 is not None else None
-    block = min(128, triton.next_power_of_2(D))
-    _block2_scan_kernel[(triton.cdiv(D, block), B)](a, b, h0 if h0 is not None else h, h, T, D,
-                                                     HAS_H0=h0 is not None, REVERSE=reverse, BLOCK_D=block,
-                                                     ACC=_tl_dtype(acc))
+    T, D = b.shape[1], b.shape[2]
+    _block_scan_kernel[grid](a, b, h0 if h0 is not None else h, h, T, D, HAS_H0=h0 is not None,
+                             REVERSE=reverse, **meta)
     return h
+
+
+def block_scan_bwd(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None, g: torch.Tensor,
+                   reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The backward of block_scan(a, b, h0, reverse) whose output was h, for g = dL/dh (B, T, D, N):
+    the transposed scan run the other way, one fused kernel. Returns (da (B, T, D, N, N),
+    db (B, T, D, N), dh0 (B, D, N) or None without h0), in g's dtype."""
+    a, g, h0, grid, meta = _block_scan_launch("block_scan_bwd", a, g, h0)
+    if h.shape != g.shape:
+        raise ValueError(f"block_scan_bwd: h must be (B, T, D, N) = {tuple(g.shape)}; got {tuple(h.shape)}")
+    h = h.to(g.dtype).contiguous()
+    da, db = _empty(a.shape, g.dtype, g.device), _empty(g.shape, g.dtype, g.device)
+    dh0 = _empty(h0.shape, g.dtype, g.device) if h0 is not None else None
+    T, D = g.shape[1], g.shape[2]
+    _block_scan_bwd_kernel[grid](a, g, h, h0 if h0 is not None else h, da, db, dh0 if dh0 is not None else db,
+                                 T, D, HAS_H0=h0 is not None, REVERSE=reverse, **meta)
+    return da, db, dh0

@@ -220,11 +220,18 @@ def _drive_newton(K, dtype, shape, ragged):
                     K.newton_guess(cell, x, params, h0, reset, chunk_size=cs)
                     K.newton_iteration(cell, x, params, h, h0, reset, chunk_size=cs)
                     K.adjoint(cell, x, params, h, h0, reset, h, chunk_size=cs)
-        if cell == "lstm":  # the 2x2-block scan of the LSTM's Newton solves across cp ranks
-            a, v = torch.randn(B, T, W, 2, 2, dtype=dtype), torch.randn(B, T, W, 2, dtype=dtype)
-            for s0 in (None, torch.zeros(B, W, 2, dtype=dtype)):
+        # The block scans: n = 2 for the LSTM's Newton solves across cp ranks; for the GRU's width the
+        # block-diagonal GRU cells' (megarnn/models/pararnn.py, block letter B) n in 2, 4, 8, 16, plus
+        # one n that is not a power of 2 (padded tiles) in the ragged case; forward and backward.
+        sizes = (2,) if cell == "lstm" else (2, 3, 4, 8, 16) if ragged else (2, 4, 8, 16)
+        for n in sizes:
+            D = max(1, W // n)
+            a, v = torch.randn(B, T, D, n, n, dtype=dtype), torch.randn(B, T, D, n, dtype=dtype)
+            for s0 in (None, torch.zeros(B, D, n, dtype=dtype)):
                 for reverse in (False, True):
                     K.block_scan(a, v, s0, reverse)
+                    if cell == "gru":  # the backward only where a block cell trains through it
+                        K.block_scan_bwd(a, v, s0, v, reverse)
 
 
 def _drive_gla(K, dtype, shape, ragged):

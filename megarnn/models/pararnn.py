@@ -22,6 +22,15 @@ ParaLSTM (eq. 3.1b): coupled input-forget gate (i = 1 - f) and peepholes p_f, p_
     h_t = o_t tanh(c_t)
 The Newton state is [c | h] (S = 2 * hidden); the layer reads out h.
 
+Block-diagonal ParaGRU (BlockGRUCell, block letter "B"): the same equations with the diagonal
+a_* replaced by dense n x n blocks A_* (n = model.newton_block_size, 2..16; each head's channels
+are whole blocks), so within a block channels mix:
+    z = sigmoid(A_z h + B_z x + b_z),  r = sigmoid(A_r h + ...),  c = tanh(A_c (r h) + ...)
+and dh_t/dh_{t-1} is block-diagonal, n x n per block:
+    J = diag(1 - z) + diag((c - h) z') A_z + diag(z c') A_c (diag(r) + diag(h r') A_r)
+(z', c', r' the activations' slopes). Newton's update is then a block-diagonal linear scan
+(megarnn.ops.newton.block_scan).
+
 ParaRNNMixer (the paper's RNN block, Fig. 9 / Mamba2-like): in_proj -> (u, gate);
 u -> causal depthwise conv -> SiLU -> cell (Newton) -> RMSNorm(h) * SiLU(gate) -> out_proj.
 The residual connection and the pre-norm belong to the enclosing block.
@@ -149,7 +158,68 @@ class ParaLSTMCell(NewtonCell):
         return state[..., self.width:]
 
 
-CELLS = {"gru": ParaGRUCell, "lstm": ParaLSTMCell}
+def _block_recurrent_init(n_mats: int, width: int, block: int) -> nn.Parameter:
+    """n_mats block-diagonal recurrent matrices as (n_mats, width / block, block, block): truncated
+    normal with std 1 / sqrt(block * width) in +-0.9 / sqrt(block), which is _recurrent_init for
+    block = 1; a block's norm stays well below 1 (Newton well conditioned, as the diagonal cells)."""
+    w = torch.empty(n_mats, width // block, block, block)
+    bound = 0.9 / math.sqrt(block)
+    nn.init.trunc_normal_(w, std=1 / math.sqrt(block * width), a=-bound, b=bound)
+    return nn.Parameter(w)
+
+
+class BlockGRUCell(NewtonCell):
+    """Block-diagonal ParaGRU (module docstring): recurrent (3, W / n, n, n) = (A_z, A_r, A_c), one
+    dense n x n block per n consecutive channels. project: (B, T, W) -> (B, T, 3, W); state (B, W).
+    Tensor parallelism splits the blocks (dim 1) with the heads: a block never straddles ranks."""
+
+    jacobian_structure = "block"
+    triton_kind = None  # the fused GRU kernels are diagonal; Newton runs with the Triton block scan
+
+    def __init__(self, width: int, n_heads: int, block_size: int = 4):
+        super().__init__()
+        if not 2 <= block_size <= 16:
+            raise ValueError(f"BlockGRUCell: block_size {block_size} must be in 2..16")
+        if width % n_heads or (width // n_heads) % block_size:
+            raise ValueError(f"BlockGRUCell: the head width {width} / {n_heads} must be a multiple of the block "
+                             f"size {block_size}")
+        self.state_size, self.block_size = width, block_size
+        self.project = _MultiHeadInput(3, width, n_heads)
+        self.recurrent = _block_recurrent_init(3, width, block_size)  # A_z, A_r, A_c
+
+    def _mv(self, m: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """m (W / n, n, n) times h (..., W) per block -> (..., W)."""
+        hb = h.unflatten(-1, (-1, self.block_size))
+        return (m @ hb.unsqueeze(-1)).squeeze(-1).flatten(-2)
+
+    def _gates(self, h, x):
+        xz, xr, xc = x.unbind(-2)
+        a_z, a_r, a_c = self.recurrent
+        z = torch.sigmoid(xz + self._mv(a_z, h))
+        r = torch.sigmoid(xr + self._mv(a_r, h))
+        c = torch.tanh(xc + self._mv(a_c, r * h))
+        return z, r, c
+
+    def step(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """h: (..., W); x: (..., 3, W) -> (..., W)."""
+        z, _, c = self._gates(h, x)
+        return (1 - z) * h + z * c
+
+    def linearize(self, h_prev, x):
+        """f and its block Jacobian (..., W / n, n, n) (module docstring)."""
+        z, r, c = self._gates(h_prev, x)
+        a_z, a_r, a_c = self.recurrent
+        n = self.block_size
+        blocks = lambda v: v.unflatten(-1, (-1, n))  # noqa: E731
+        u = blocks((c - h_prev) * z * (1 - z))  # row scale of A_z
+        v = blocks(z * (1 - c * c))  # row scale of A_c (...)
+        w = blocks(h_prev * r * (1 - r))  # row scale of A_r inside
+        inner = a_c * blocks(r).unsqueeze(-2) + (a_c * w.unsqueeze(-2)) @ a_r  # A_c (diag(r) + diag(w) A_r)
+        jac = torch.diag_embed(blocks(1 - z)) + u.unsqueeze(-1) * a_z + v.unsqueeze(-1) * inner
+        return (1 - z) * h_prev + z * c, jac
+
+
+CELLS = {"gru": ParaGRUCell, "lstm": ParaLSTMCell, "block_gru": BlockGRUCell}
 
 
 class GatedRMSNorm(nn.Module):
@@ -180,7 +250,7 @@ class ParaRNNMixer(nn.Module):
 
     def __init__(self, d_model: int, hidden: int, n_heads: int, conv_width: int = 4, cell: str = "gru",
                  max_iters: int = DEFAULT_MAX_ITERS, tol: float | None = None, strict: bool = True,
-                 backend: str | None = None):
+                 backend: str | None = None, block_size: int = 4):
         super().__init__()
         if cell not in CELLS:
             raise ValueError(f"ParaRNNMixer: unknown cell {cell!r}; expected one of {sorted(CELLS)}")
@@ -188,7 +258,7 @@ class ParaRNNMixer(nn.Module):
         nn.init.normal_(self.in_proj.weight, std=1 / math.sqrt(d_model))
         self.conv_weight = nn.Parameter(torch.empty(hidden, conv_width).uniform_(-1, 1) / math.sqrt(conv_width))
         self.conv_bias = nn.Parameter(torch.zeros(hidden))
-        self.cell = CELLS[cell](hidden, n_heads)
+        self.cell = CELLS[cell](hidden, n_heads, block_size) if cell == "block_gru" else CELLS[cell](hidden, n_heads)
         self.norm = GatedRMSNorm(hidden)
         self.out_proj = nn.Linear(hidden, d_model, bias=False)
         nn.init.normal_(self.out_proj.weight, std=1 / math.sqrt(hidden))
