@@ -29,6 +29,9 @@ FAMILIES = {
     "paralstm": dict(family="pararnn", block_pattern="L", n_heads=2),
     "gla": dict(family="gla", block_pattern="T", n_heads=2, la_chunk_size=4, gla_gate_rank=4),
     "deltanet": dict(family="deltanet", block_pattern="D", n_heads=2, la_chunk_size=4, deltanet_neg_eigval=True),
+    "lru": dict(family="lru", block_pattern="U", n_heads=2),
+    "mingru": dict(family="mingru", block_pattern="N", n_heads=2),
+    "minlstm": dict(family="minlstm", block_pattern="O", n_heads=2),
 }
 
 
