@@ -37,7 +37,7 @@ class ModelConfig:
 
     block_pattern repeats over the layers: "R" = recurrent (RG-LRU) block, "A" = local
     multi-query attention block, "M" = Mamba2 block, "G" / "L" = paraGRU / paraLSTM block
-    (Newton-solved), "T" / "D" = GLA / Gated DeltaNet block, "U" = LRU block, "N" / "O" = minGRU /
+    (Newton-solved), "B" = block-diagonal paraGRU (newton_block_size), "T" / "D" = GLA / Gated DeltaNet block, "U" = LRU block, "N" / "O" = minGRU /
     minLSTM block, "X" = your own mixer class named by `mixer` ("package.module:Class",
     README "Your own cell"; megarnn/registry.py lists every kind). Families: "hawk" ("R"), "griffin" (e.g. "RRA", RecurrentGemma),
     "mamba2" ("M": no embedding scale, no logit cap, plain RMSNorm, as transformers'
@@ -80,6 +80,9 @@ class ModelConfig:
     # also applies its last update, so it lands within ~tol^2 of the exact solution, not only tol.
     newton_max_iters: int = 10
     newton_tol: float = 0.0
+    # "B" blocks (block-diagonal paraGRU): the size n of the dense recurrent blocks, 2..16, dividing the
+    # head width lru_width / n_heads (megarnn/models/pararnn.py BlockGRUCell)
+    newton_block_size: int = 4
     # Linear-attention blocks, n_heads heads each: "T" gated linear attention (GLA), "D" Gated DeltaNet
     # (megarnn/models/linear_attention.py). Widths over all heads; 0 takes fla's defaults: GLA keys
     # d_model / 2, values d_model; Gated DeltaNet keys 3 d_model / 4, values 2 x keys.
@@ -161,6 +164,11 @@ class ModelConfig:
         _divides(self.n_heads, self.n_kv_heads, "model.n_heads", "model.n_kv_heads")
         if not 0.0 <= self.rope_fraction <= 1.0:
             raise ConfigError(f"model.rope_fraction={self.rope_fraction} must be within [0, 1]")
+        if "B" in self.block_pattern:
+            if not 2 <= self.newton_block_size <= 16:
+                raise ConfigError(f"model.newton_block_size={self.newton_block_size} must be within 2..16")
+            _divides((self.lru_width or self.d_model) // self.n_heads, self.newton_block_size,
+                     "the ParaRNN head width (model.lru_width / model.n_heads)", "model.newton_block_size")
         if self.scan_backend not in ("", "torch", "triton", "reference"):
             raise ConfigError(
                 f"model.scan_backend={self.scan_backend!r}; expected '' (auto), 'torch', 'triton' or 'reference'")

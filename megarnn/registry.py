@@ -11,6 +11,7 @@ the export read it; nothing else names a block kind.
     A       models.blocks.LocalAttentionBlock       q (and k, v when n_kv_heads > 1) column, o row
     M       models.mamba2.Mamba2Mixer               in_proj per component (z, x, B, C, dt), conv, heads; out_proj row
     G / L   models.pararnn.ParaRNNMixer             in_proj per component (u, gate), conv, cell by channel; out_proj row
+    B       models.pararnn.ParaRNNMixer             as G; the block-diagonal paraGRU's n x n recurrent blocks by block
     T       models.linear_attention.GLAMixer        q/k/v/g and the gate's second (per-key) linear column, its
                                                     low-rank first replicated, per-head norm by heads; o row
     D       models.linear_attention.GatedDeltaNetMixer  q/k/v/g/a/b column, convs, A_log, dt_bias, norm by heads; o row
@@ -171,8 +172,15 @@ def _pararnn_build(cell):
     def build(c):
         from megarnn.models.pararnn import ParaRNNMixer
         return ParaRNNMixer(c.d_model, c.lru_width, c.n_heads, c.conv_width, cell, c.newton_max_iters,
-                            c.newton_tol or None, backend=c.scan_backend or None)
+                            c.newton_tol or None, backend=c.scan_backend or None, block_size=c.newton_block_size)
     return build
+
+
+def _block_gru_flops(c, seq_len):
+    """The block-diagonal paraGRU's three n x n block mat-vecs per step (A_z h, A_r h, A_c (r h)):
+    2 n multiply-adds each per channel, 6 n lru_width per token (one evaluation of the cell, as the
+    diagonal cells' elementwise recurrences count 0; Newton's extra iterations are not model FLOPs)."""
+    return 6 * c.newton_block_size * (c.lru_width or c.d_model)
 
 
 def la_widths(c, kind: str) -> tuple[int, int]:
@@ -238,6 +246,11 @@ BLOCKS: dict[str, BlockKind] = {k.letter: k for k in [
               _pararnn_localize, families=("pararnn",), build=_pararnn_build("gru")),
     BlockKind("L", "paraLSTM block (Newton)", "megarnn.models.pararnn:ParaRNNMixer", _pararnn_plan(True), _heads,
               _pararnn_localize, families=("pararnn",), build=_pararnn_build("lstm")),
+    # The recurrent blocks (3, W / n, n, n) split along dim 1 with the channels: n divides the head width
+    # (ModelConfig.validate), so tp dividing n_heads keeps every block on one rank.
+    BlockKind("B", "block-diagonal paraGRU block (Newton, n x n recurrent blocks)",
+              "megarnn.models.pararnn:ParaRNNMixer", _pararnn_plan(False), _heads, _pararnn_localize,
+              flops=_block_gru_flops, families=("pararnn",), build=_pararnn_build("block_gru")),
     BlockKind("T", "gated linear attention block (GLA)", "megarnn.models.linear_attention:GLAMixer",
               lambda c: dict(_GLA_PLAN), _la_divisible, flops=_la_flops("T"), families=("gla",)),
     BlockKind("D", "Gated DeltaNet block", "megarnn.models.linear_attention:GatedDeltaNetMixer",
