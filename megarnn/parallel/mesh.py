@@ -4,8 +4,10 @@ Rank layout (tp varies fastest, so a tensor-parallel group sits on one node; pp 
 order of DeepSpeed's pipeline topology (pipe, data, model) with data = dp x cp):
     rank = ((pp_i * dp + dp_i) * cp + cp_i) * tp + tp_i
 `mesh.group("tp")` is the group of ranks that differ only in their tp coordinate, and so
-on for "cp", "pp" and "dp"; "dp_cp" joins dp and cp (the ranks that average gradients). Sizes that do not divide the world are rejected before any
-group is built.
+on for "cp", "pp" and "dp"; "dp_cp" joins dp and cp (the ranks that average gradients), and
+"pp_dp_cp" joins all but tp (the ranks that split the validation documents: tensor-parallel
+peers must read the same ones, and sit at the same index of their groups). Sizes that do not
+divide the world are rejected before any group is built.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ class ParallelMesh:
         world, rank = dist.get_world_size(), dist.get_rank()
         dp = check_sizes(world, tp, pp, cp)
         mesh = cls(tp=tp, pp=pp, cp=cp, dp=dp, rank=rank)
-        for axis in (*AXES, "dp_cp"):
+        for axis in (*AXES, "dp_cp", "pp_dp_cp"):
             # One call per axis: the lines of an axis partition the world, and torch hands back the
             # group of the line this rank is on (every rank takes part in creating every line's group).
             mesh.groups[axis], _ = dist.new_subgroups_by_enumeration(mesh.lines(axis))

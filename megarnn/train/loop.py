@@ -327,9 +327,10 @@ class Meter:
 
 
 def run_eval(model, val_ds, seq_len: int, device, mesh: ParallelMesh | None = None) -> dict[str, float]:
-    """Whole held-out documents (context / sequence parallelism off), split over the dp ranks."""
+    """Whole held-out documents (context / sequence parallelism off, the whole model on every
+    pipeline stage), split over every rank but the tensor-parallel peers, which read the same."""
     with whole_sequences(model):
-        group = mesh.group("dp") if mesh is not None and mesh.dp > 1 else None
+        group = mesh.group("pp_dp_cp") if mesh is not None and mesh.dp * mesh.cp * mesh.pp > 1 else None
         return evaluate(model, val_ds, seq_len, device=device, group=group)
 
 

@@ -15,12 +15,17 @@ def _check():
     assert (mesh.pp, mesh.dp, mesh.cp, mesh.tp) == (2, 1, 2, 2)
     c = mesh.coords()
     assert rank == ((c["pp"] * mesh.dp + c["dp"]) * mesh.cp + c["cp"]) * mesh.tp + c["tp"]
-    for axis in ("pp", "dp", "cp", "tp", "dp_cp"):
+    for axis in ("pp", "dp", "cp", "tp", "dp_cp", "pp_dp_cp"):
         line = next(line for line in mesh.lines(axis) if rank in line)
         assert dist.get_process_group_ranks(mesh.group(axis)) == line, axis
         t = torch.tensor([float(rank)])
         dist.all_reduce(t, group=mesh.group(axis))
         assert t.item() == sum(line), axis
+    # validation documents are split over pp_dp_cp by index: tensor-parallel peers must get the same
+    index = torch.tensor([float(dist.get_rank(mesh.group("pp_dp_cp")))])
+    peers = [torch.zeros(1) for _ in range(mesh.tp)]
+    dist.all_gather(peers, index, group=mesh.group("tp"))
+    assert all(p.item() == index.item() for p in peers) and dist.get_world_size(mesh.group("pp_dp_cp")) == 4
     mpu = DeepSpeedMPU(mesh)
     assert mpu.get_data_parallel_group_ranks() == dist.get_process_group_ranks(mpu.get_data_parallel_group())
     assert mpu.get_model_parallel_rank() == c["tp"] and mpu.get_data_parallel_world_size() == 2
