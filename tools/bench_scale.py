@@ -14,6 +14,16 @@ under dp), so its write share is the largest.
 
 --old times the previous scheme for comparison: rank 0 hashes every file of the checkpoint
 at save time, and every rank hashes every file before loading.
+
+    python tools/bench_scale.py --layout 2,2 --reshard-to 1,4 [--ranks 4]
+
+Model-parallel layouts (tp,pp; the trainer's own build_model: local construction, pipeline
+engine): each rank saves and resumes as above and reports, beside its reads, the bytes of its
+own files (what DeepSpeed loads on it: its model-states file, ZeRO slice and stage's layer
+files). --reshard-to then starts the ranks again in another layout that loads the checkpoint
+through megarnn/train/reshard.py (memory-mapped source files: only the slices a rank takes are
+paged in, which rchar does not see), and reports the rank's reads and the growth of its peak
+resident memory during the load beside its own new state.
 """
 from __future__ import annotations
 
@@ -45,6 +55,97 @@ class _Tokenizer:
     def save(self, d: Path) -> None:
         d.mkdir(parents=True, exist_ok=True)
         (d / "tokenizer.model").write_bytes(b"x" * 1024)
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(next(x for x in f if x.startswith(key + ":")).split()[1]) * 1024
+
+
+def _layout_main(rank: int, world: int, port: int, args, out_dir: str, layout: tuple[int, int], phase: str) -> None:
+    """Save then resume (phase "save"), or load the saved checkpoint in this layout ("reshard")."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    import torch
+    import torch.distributed as dist
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+
+    from megarnn.config import load_config
+    from megarnn.train import checkpoint
+    from megarnn.train.loop import build_model, start_processes
+
+    tp, pp = layout
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
+        f"model.d_model={args.d_model}", f"model.n_layers={args.layers}", "model.vocab_size=2048",
+        "parallel.zero_stage=1", f"parallel.tp={tp}", f"parallel.pp={pp}", "train.micro_batch_size=1"])
+    _, _, mesh, device = start_processes(cfg)
+    model, _, engine, _, _ = build_model(cfg, mesh, device)
+    ckpt_dir = Path(out_dir) / "checkpoints"
+    params = sum(p.numel() for p in engine.module.parameters())
+    result = {"rank": rank, "params": params}
+    if phase == "save":
+        dist.barrier()
+        io0, t0 = proc_io(), time.perf_counter()
+        tag = checkpoint.save(engine, cfg, ckpt_dir, 1, {"param_groups": engine.megarnn_param_groups},
+                              _Tokenizer(), mesh.sizes(), model)
+        result.update(save_s=time.perf_counter() - t0, save_written=proc_io()["wchar"] - io0["wchar"])
+        dist.barrier()
+        checkpoint._VERIFIED.clear()
+    tag = (ckpt_dir / "latest").read_text().strip()
+    meta = checkpoint.read_meta(ckpt_dir, tag)
+    if phase == "save":
+        own = checkpoint.read_share(engine, meta, True)
+        files = meta["files"]
+        result["own_bytes"] = sum(files[r]["size"] for r in (own if own is not None else files))
+    dist.barrier()
+    hwm0 = _status("VmHWM")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak from here
+    except OSError:
+        pass
+    rss0, io2, t2 = _status("VmRSS"), proc_io(), time.perf_counter()
+    checkpoint.load(engine, cfg, ckpt_dir / tag, mesh.dp * mesh.cp)
+    result.update(resume_s=time.perf_counter() - t2, resume_read=proc_io()["rchar"] - io2["rchar"],
+                  peak_growth=max(_status("VmHWM") - rss0, 0), hwm_before=hwm0,
+                  checkpoint_bytes=sum(f["size"] for f in meta["files"].values()),
+                  checkpoint_params=meta.get("params", 0))
+    (Path(out_dir) / f"{phase}{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_layouts(world: int, args) -> None:
+    import torch.multiprocessing as mp
+
+    from megarnn.parallel.launch_env import free_port
+    mb = 1e6
+    layout = tuple(int(x) for x in args.layout.split(","))
+    with tempfile.TemporaryDirectory(dir=args.tmp) as out:
+        mp.spawn(_layout_main, args=(world, free_port(), args, out, layout, "save"), nprocs=world, join=True)
+        rs = [json.loads((Path(out) / f"save{r}.json").read_text()) for r in range(world)]
+        total = rs[0]["checkpoint_bytes"]
+        print(f"tp={layout[0]} pp={layout[1]} on {world} ranks: checkpoint {total / mb:.1f} MB")
+        print(f"{'rank':>4} {'params':>9} {'own files MB':>12} | {'save s':>6} {'written MB':>10} | {'resume s':>8} "
+              f"{'read MB':>8} {'read / own':>10}")
+        for r in rs:
+            print(f"{r['rank']:>4} {r['params']:>9} {r['own_bytes'] / mb:>12.1f} | {r['save_s']:>6.2f} "
+                  f"{r['save_written'] / mb:>10.1f} | {r['resume_s']:>8.2f} {r['resume_read'] / mb:>8.1f} "
+                  f"{r['resume_read'] / r['own_bytes']:>10.2f}")
+        if args.reshard_to:
+            to = tuple(int(x) for x in args.reshard_to.split(","))
+            mp.spawn(_layout_main, args=(world, free_port(), args, out, to, "reshard"), nprocs=world, join=True)
+            rs = [json.loads((Path(out) / f"reshard{r}.json").read_text()) for r in range(world)]
+            per_param = total / sum(r["params"] for r in rs) * 1  # checkpoint bytes per parameter of the new layout
+            print(f"reshard to tp={to[0]} pp={to[1]} (bytes of the rank's new state: its parameters x "
+                  f"{per_param:.1f} B, the checkpoint's bytes per parameter)")
+            print(f"{'rank':>4} {'params':>9} {'state MB':>9} | {'load s':>6} {'read MB':>8} {'peak growth MB':>14} "
+                  f"{'growth / state':>14}")
+            for r in rs:
+                state = r["params"] * per_param
+                print(f"{r['rank']:>4} {r['params']:>9} {state / mb:>9.1f} | {r['resume_s']:>6.2f} "
+                      f"{r['resume_read'] / mb:>8.1f} {r['peak_growth'] / mb:>14.1f} {r['peak_growth'] / state:>14.2f}")
 
 
 def _rank_main(rank: int, world: int, port: int, args, out_dir: str) -> None:
@@ -129,7 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--old", action="store_true", help="the previous scheme: rank 0 / every rank hashes all")
     ap.add_argument("--tmp", default=None, help="where to write the checkpoints (default: the system's)")
+    ap.add_argument("--layout", default=None, help="tp,pp: a model-parallel layout instead of dp only")
+    ap.add_argument("--reshard-to", default=None, help="tp,pp: then load the checkpoint in this layout")
     args = ap.parse_args(argv)
+    if args.layout:
+        for world in args.ranks:
+            run_layouts(world, args)
+        return 0
     mb = 1e6
     print(f"{'ranks':>5} {'ckpt MB':>8} | {'save s':>6} {'read MB max/mean':>17} {'written MB max/mean':>20} | "
           f"{'resume s':>8} {'read MB max/mean':>17} {'of it hashing':>14}")
