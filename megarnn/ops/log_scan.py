@@ -142,5 +142,7 @@ def _pieces(log_a, log_b, reset, Q):
     rows_a = log_a.new_zeros(n, Q, D).index_put((piece, col), la)
     rows_b = log_b.new_full((n, Q, D), float("-inf")).index_put((piece, col), log_b.flatten(0, 1))
     a_star = torch.cumsum(rows_a, dim=1)
-    log_h = a_star + torch.logcumsumexp(rows_b - a_star, dim=1)
+    # along the last, contiguous dim: torch's CPU logcumsumexp is about 2x faster there
+    lcse = torch.logcumsumexp((rows_b - a_star).transpose(1, 2).contiguous(), dim=-1).transpose(1, 2)
+    log_h = a_star + lcse
     return log_h[piece, col].view(B, T, D)
