@@ -131,6 +131,10 @@ def build_run_data(cfg: DataConfig, run_dir: Path, seq_len_batch: tuple[int, int
         tok, train, val = prepare_run_data(cfg, run_dir)
         return tok, PackedLoader([train], T, mb, ga, seed, dp_rank, dp_size), val
     if cfg.shards:
+        for d in cfg.shards:
+            if not Path(d).is_dir():
+                raise DataError(f"data.shards: {d!r} is not a directory; give directories made by "
+                                "`megarnn preprocess --output DIR`")
         tok = Tokenizer.load(cfg.tokenizer or Path(cfg.shards[0]) / "tokenizer")
         loader, val = shard_loader(cfg.shards, tok, T, mb, ga, seed, dp_rank, dp_size, cfg.weights or None,
                                    cfg.val_fraction, cfg.verify_shards)

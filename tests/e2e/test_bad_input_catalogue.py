@@ -146,7 +146,7 @@ CASES = [
     ("shards-of-another-tokenizer", lambda: _train("data.train_files=[]", f"data.shards=[{WS['ws'] / 'shards'}]",
                                                    f"data.tokenizer={WS['ws']}/other_tok"), {}, "made with tokenizer"),
     ("shards-missing", lambda: _train("data.train_files=[]", f"data.shards=[{WS['ws']}/no_shards]"), {},
-     "no_shards"),
+     "no_shards' is not a directory"),
     ("stream-without-tokenizer", lambda: _train("data.train_files=[]", "data.stream=[x.jsonl]"), {},
      "data.stream needs data.tokenizer"),
     ("model-vocab-too-small", lambda: _train("model.vocab_size=128"), {}, "model.vocab_size=128 is smaller"),
