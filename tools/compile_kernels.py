@@ -244,6 +244,8 @@ def _drive_gla(K, dtype, shape, ragged):
         for s0 in (None, torch.zeros(b, H, Kd, V, dtype=acc)):
             for reset in (None, torch.zeros(b, T, dtype=torch.bool)):
                 K.gla_fwd(q, q, v, gk, Kd ** -0.5, Q, s0, reset)
+                for dfinal in (None, torch.zeros(b, H, Kd, V, dtype=acc)):
+                    K.gla_bwd(q, q, v, gk, Kd ** -0.5, Q, s0, reset, v, dfinal)
 
 
 def _drive_delta_rule(K, dtype, shape, ragged):
