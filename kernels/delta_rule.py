@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megarnn_kernels.gla import _TL, chunk_for, segments
+from megarnn_kernels.gla import _TL, MAX_TILE, chunk_for, segments  # noqa: F401  (MAX_TILE: tests)
 
 # True when the kernels were decorated under Triton's interpreter (TRITON_INTERPRET=1).
 INTERPRETED = triton.knobs.runtime.interpret
@@ -243,12 +243,20 @@ class _Plan:
     acc: torch.dtype
 
     @property
+    def tile(self):
+        return MAX_TILE[self.dtype.itemsize]
+
+    @property
     def BK(self):
-        return min(64, max(16, triton.next_power_of_2(self.K)))
+        return min(self.tile, max(16, triton.next_power_of_2(self.K)))
 
     @property
     def BV(self):
-        return min(64, max(16, triton.next_power_of_2(self.V)))
+        return min(self.tile, max(16, triton.next_power_of_2(self.V)))
+
+    @property
+    def warps(self):
+        return 8 if self.Q * max(self.BK, self.BV) >= 32 * 32 else 4
 
     def meta(self) -> dict:
         return dict(ACC=_TL[self.acc], DOT_T=_TL[self.dtype],
@@ -268,7 +276,7 @@ def _plan(q, k, v, g, beta, chunk_size) -> _Plan:
         raise ValueError(f"delta_rule kernels: v must be fp32, bf16, fp16 or fp64; got {v.dtype}")
     if chunk_size < 1:
         raise ValueError(f"delta_rule kernels: chunk_size must be >= 1; got {chunk_size}")
-    Q = chunk_for(T, chunk_size)
+    Q = chunk_for(T, chunk_size, v.dtype)
     if Q * H * max(K, V) >= 2**31:
         raise ValueError("delta_rule kernels: chunk * H * max(K, V) must be < 2^31 (int32 offsets in a chunk)")
     acc = torch.float64 if v.dtype == torch.float64 else torch.float32
@@ -297,15 +305,15 @@ def delta_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     w = _empty((pl.B, pl.H, tp, pl.K), pl.acc, dev)
     _delta_wy_kernel[(pl.B * pl.H * pl.nc,)](
         k, v, g, beta, seg, u, w, pl.T, pl.H, pl.K, pl.V, pl.nc, Q=pl.Q, BLOCK_K=pl.BK, BLOCK_V=pl.BV,
-        HAS_RESET=has_reset, **m, num_warps=4)
+        HAS_RESET=has_reset, **m, num_warps=pl.warps)
     states = _empty((pl.B, pl.H, pl.nc + 1, pl.K, pl.V), pl.acc, dev)
     vnew = _empty((pl.B, pl.H, tp, pl.V), pl.acc, dev)
     _delta_fwd_h_kernel[(pl.B * pl.H, triton.cdiv(pl.V, pl.BV))](
         k, g, seg, u, w, initial_state if initial_state is not None else states, states, vnew, pl.T, pl.H, pl.K,
         pl.V, pl.nc, Q=pl.Q, BLOCK_K=pl.BK, BLOCK_V=pl.BV, HAS_S0=initial_state is not None, HAS_RESET=has_reset,
-        **m, num_warps=4)
+        **m, num_warps=pl.warps)
     o = _empty(v.shape, v.dtype, dev)
     _delta_fwd_o_kernel[(pl.B * pl.H * pl.nc, triton.cdiv(pl.V, pl.BV))](
         q, k, g, seg, states, vnew, o, float(scale), pl.T, pl.H, pl.K, pl.V, pl.nc, Q=pl.Q, BLOCK_K=pl.BK,
-        BLOCK_V=pl.BV, HAS_RESET=has_reset, **m, num_warps=4)
+        BLOCK_V=pl.BV, HAS_RESET=has_reset, **m, num_warps=pl.warps)
     return o, states[:, :, pl.nc].contiguous()

@@ -1,4 +1,4 @@
-"""Gated linear attention (GLA; Yang et al. 2024), the chunked forward in Triton.
+"""Gated linear attention (GLA; Yang et al. 2024), chunked, in Triton: forward and backward.
 
 Per head, a matrix state S (K, V) with a forget gate per key channel (fla's chunk_gla conventions):
     S_t = diag(exp(gk_t)) S_{t-1} + k_t^T v_t          gk_t <= 0
@@ -26,21 +26,40 @@ sub-chunks of SUB = 16; l, j positions in a chunk; seg_l = resets at positions <
 Positions past T read as zeros (gk = 0, k = 0: the state passes unchanged), so any T works.
 Resets are masks (tl.where), never -inf logs; every exp argument is <= 0.
 
-Backward: not in Triton yet. megarnn/ops/gla.py's "triton" backend differentiates by recomputing
-the chunked torch form under autograd (megarnn::gla_triton_bwd).
+Backward (do' = scale dL/do, dS_fin = dL/d final state or None; q unscaled). Only the inputs are
+saved: (1) and (2) are recomputed, then
+  (4') _gla_bwd_dh_kernel, grid (B H, K / BK, V / BV), the chunks in reverse:
+        dS_out[c] = dS_in[c + 1] (dS_fin for the last);  dS_in = diag(through) dS_out
+                    + (q * [seg = 0] exp(gk over [0, l]))^T do';  d initial_state = dS_in[0]
+        and per chunk C = rowsum(dS_out * S_out) (K,): the gradient of every gate of the chunk
+        through the chunk's state (its to_end and through factors; S_out = through S_in + ...).
+  (5') _gla_bwd_da_kernel: dA = do' v^T, masked as A.
+  (6') _gla_bwd_dv_kernel: dv = A^T do' + (k * to_end) dS_out.
+  (7') _gla_bwd_dqk_kernel, grid (B H NC, Q / SUB, K / BK), one sub-chunk of positions:
+        dq_l = sum_j dA_lj k_j exp(gk over (j, l]) + [seg_l = 0] exp(gk over [0, l]) (do'_l S_in^T)
+        dk_j = sum_l dA_lj q_l exp(gk over (j, l]) + to_end_j (v_j dS_out^T)
+      sub-chunked as A is (pairs across sub-chunks through the sub-chunk's edge, a tl.dot; pairs
+      inside it column by column), and DG = q dq - k dk: the gradient of the cumulative gate
+      G_l = gk over [0, l], in which every decay above is a difference G_l - G_j.
+  (8') _gla_bwd_dgk_kernel: dgk_t = sum_{l >= t in the chunk} DG_l + C (a reverse cumsum).
+Torch glue: the segment ids and slicing; everything that touches a tile is Triton.
 
 Cost per token and head (forward; multiply-add = 2): FLOPs 2 K V (states) + K Q (A, causal
 half) + Q V (A v, half) + 2 K V (q S_in), plus ~SUB K exps for the diagonal sub-chunks; bytes
 (2 K + 2 V) s + 4 Q + 8 K V / Q with s the element size (the fp32 A tile and chunk states). At
 gla-1b's shape in bf16 (K = 256, V = 512, Q = 64) that is ~0.6 MFLOP and ~25 KB per token and
-head: ~25 FLOP/byte, bandwidth-bound on an H100 as the SSD scan.
+head: ~25 FLOP/byte, bandwidth-bound on an H100 as the SSD scan. The backward recomputes the
+forward's states and A and costs about 3x its FLOPs (dS, dA, dv, dq, dk: five products of the
+forward's sizes) and ~3x its bytes (the fp32 states and their gradients read twice).
 
 Dtypes: q, k, v fp32, bf16, fp16 or fp64 (one dtype, the matmul operands), gk any float dtype
 read as fp32 (fp64 for fp64 v), accumulation and the states in fp32 (fp64). fp32 matmuls use
 input_precision="ieee"; bf16 / fp16 round decay-weighted tiles to their dtype before a product.
 
-Host function (torch tensors in and out; no autograd: megarnn/ops/gla.py wraps it):
+Host functions (torch tensors in and out; no autograd: megarnn/ops/gla.py wraps them):
     gla_fwd(q, k, v, gk, scale, chunk_size, initial_state=None, reset=None) -> (o, final_state)
+    gla_bwd(q, k, v, gk, scale, chunk_size, initial_state, reset, do, dfinal=None)
+        -> (dq, dk, dv, dgk, d_initial_state)
 Shapes: q, k, gk (B, T, H, K); v (B, T, H, V); initial / final state (B, H, K, V); reset (B, T).
 """
 from __future__ import annotations
@@ -233,6 +252,235 @@ def _gla_fwd_o_kernel(Qp, Vp, GK, SEG, A, STATES, O, scale, T, H, K, V, NC,
 
 
 # ----------------------------------------------------------------------------------------------
+# Backward kernels (do' = scale do; q unscaled; A as the forward's, without the scale)
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _gla_bwd_dh_kernel(Qp, GK, DO, SEG, STATES, DFIN, DSTATES, CPART, scale, T, H, K, V, NC, NV,
+                       Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, HAS_DFIN: tl.constexpr,
+                       HAS_RESET: tl.constexpr, ACC: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """(4') The reverse state pass. DSTATES: (B, H, NC + 1, K, V), slot c + 1 the gradient of the
+    state leaving chunk c (the last: d final state), slot 0 that of the initial state:
+        dS_in = diag(through) dS_out + (q * [seg = 0] exp(gates from the chunk start))^T do'.
+    CPART: (B, H, NC, NV, K), this V block's rowsum(dS_out * S_out), the gradient of every gate of
+    the chunk through its state (to_end and through). Grid (B * H, cdiv(K, BLOCK_K), cdiv(V, BLOCK_V))."""
+    pid, pid_k, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = (pid // H).to(tl.int64), pid % H
+    kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    vv = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mk, mv = kk < K, vv < V
+    kv = kk[:, None] * V + vv[None, :]
+    mkv = mk[:, None] & mv[None, :]
+    if HAS_DFIN:
+        dS = tl.load(DFIN + (b * H + h) * K * V + kv, mask=mkv, other=0.0).to(ACC)
+    else:
+        dS = tl.zeros([BLOCK_K, BLOCK_V], ACC)
+    l = tl.arange(0, Q)
+    for cc in range(0, NC):
+        c = NC - 1 - cc
+        out = ((b * H + h) * (NC + 1) + c + 1) * K * V + kv
+        tl.store(DSTATES + out, dS, mask=mkv)
+        s_out = tl.load(STATES + out, mask=mkv, other=0.0)
+        tl.store(CPART + (((b * H + h) * NC + c) * NV + pid_v) * K + kk, tl.sum(dS * s_out, axis=1), mask=mk)
+        t = c * Q + l
+        t_ok = t < T
+        row = (b * T + t) * H + h
+        m = t_ok[:, None] & mk[None, :]
+        q = tl.load(Qp + row[:, None] * K + kk[None, :], mask=m, other=0.0).to(ACC)
+        g = tl.load(GK + row[:, None] * K + kk[None, :], mask=m, other=0.0).to(ACC)
+        do = tl.load(DO + row[:, None] * V + vv[None, :], mask=t_ok[:, None] & mv[None, :], other=0.0).to(ACC)
+        seg_base = (b * NC + c) * Q
+        first = (_load_seg(SEG, seg_base, l, l < Q, HAS_RESET) == 0)[:, None]
+        qg = q * tl.where(first, tl.exp(tl.where(first, tl.cumsum(g, axis=0), 0.0)), 0.0)
+        through = tl.where(_seg_last(SEG, seg_base, Q, HAS_RESET) == 0, tl.exp(tl.sum(g, axis=0)), 0.0)
+        dS = dS * through[:, None] + tl.dot(tl.trans(qg.to(DOT_T)), (do * scale).to(DOT_T), input_precision=PREC,
+                                            out_dtype=ACC)
+    tl.store(DSTATES + (b * H + h) * (NC + 1) * K * V + kv, dS, mask=mkv)
+
+
+@triton.jit
+def _gla_bwd_da_kernel(DO, Vp, SEG, DA, scale, T, H, V, NC,
+                       Q: tl.constexpr, BLOCK_V: tl.constexpr, HAS_RESET: tl.constexpr, ACC: tl.constexpr,
+                       DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """DA: (B, H, NC, Q, Q) = do' v^T on and below the diagonal in one segment, else 0.
+    Grid (B * H * NC,)."""
+    pid = tl.program_id(0)
+    c = pid % NC
+    b, h = (pid // NC // H).to(tl.int64), (pid // NC) % H
+    l = tl.arange(0, Q)
+    t = c * Q + l
+    t_ok = t < T
+    row = (b * T + t) * H + h
+    acc = tl.zeros([Q, Q], ACC)
+    for v0 in range(0, V, BLOCK_V):
+        vv = v0 + tl.arange(0, BLOCK_V)
+        m = t_ok[:, None] & (vv < V)[None, :]
+        do = tl.load(DO + row[:, None] * V + vv[None, :], mask=m, other=0.0).to(DOT_T)
+        v = tl.load(Vp + row[:, None] * V + vv[None, :], mask=m, other=0.0).to(DOT_T)
+        acc = tl.dot(do, tl.trans(v), acc, input_precision=PREC, out_dtype=ACC)
+    seg = _load_seg(SEG, (b * NC + c) * Q, l, l < Q, HAS_RESET)
+    keep = (l[None, :] <= l[:, None]) & (seg[:, None] == seg[None, :])
+    tl.store(DA + ((b * H + h) * NC + c) * Q * Q + l[:, None] * Q + l[None, :], tl.where(keep, acc * scale, 0.0))
+
+
+@triton.jit
+def _gla_bwd_dv_kernel(Kp, GK, DO, SEG, A, DSTATES, DV, scale, T, H, K, V, NC,
+                       Q: tl.constexpr, SUB_: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+                       HAS_RESET: tl.constexpr, ACC: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """DV: (B, T, H, V) = A^T do' + (k * to_end) dS_out. Grid (B * H * NC, cdiv(V, BLOCK_V))."""
+    pid, pid_v = tl.program_id(0), tl.program_id(1)
+    c = pid % NC
+    b, h = (pid // NC // H).to(tl.int64), (pid // NC) % H
+    l = tl.arange(0, Q)
+    vv = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mv = vv < V
+    t = c * Q + l
+    t_ok = t < T
+    row = (b * T + t) * H + h
+    seg_base = (b * NC + c) * Q
+    keep = (_load_seg(SEG, seg_base, l, l < Q, HAS_RESET) == _seg_last(SEG, seg_base, Q, HAS_RESET))[:, None]
+    nxt = (l + 1 < Q) & (t + 1 < T)
+    st_out = ((b * H + h) * (NC + 1) + c + 1) * K * V
+    acc = tl.zeros([Q, BLOCK_V], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        mk = kk < K
+        k = tl.load(Kp + row[:, None] * K + kk[None, :], mask=t_ok[:, None] & mk[None, :], other=0.0).to(ACC)
+        g_next = tl.load(GK + (row + H)[:, None] * K + kk[None, :], mask=nxt[:, None] & mk[None, :],
+                         other=0.0).to(ACC)
+        after = tl.cumsum(g_next, axis=0, reverse=True)
+        kd = k * tl.where(keep, tl.exp(tl.where(keep, after, 0.0)), 0.0)
+        ds = tl.load(DSTATES + st_out + kk[:, None] * V + vv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        acc = tl.dot(kd.to(DOT_T), ds.to(DOT_T), acc, input_precision=PREC, out_dtype=ACC)
+    lower = (l[None, :] // SUB_) <= (l[:, None] // SUB_)
+    a = tl.load(A + ((b * H + h) * NC + c) * Q * Q + l[:, None] * Q + l[None, :], mask=lower, other=0.0)
+    do = tl.load(DO + row[:, None] * V + vv[None, :], mask=t_ok[:, None] & mv[None, :], other=0.0).to(ACC)
+    acc = tl.dot(tl.trans(a.to(DOT_T)), (do * scale).to(DOT_T), acc, input_precision=PREC, out_dtype=ACC)
+    tl.store(DV + row[:, None] * V + vv[None, :], acc.to(DV.dtype.element_ty), mask=t_ok[:, None] & mv[None, :])
+
+
+@triton.jit
+def _gla_bwd_dqk_kernel(Qp, Kp, Vp, GK, DO, SEG, DA, STATES, DSTATES, DQ, DK, DG, scale, T, H, K, V, NC,
+                        Q: tl.constexpr, SUB_: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+                        HAS_RESET: tl.constexpr, ACC: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """dq, dk for the SUB positions of sub-chunk i and BLOCK_K key channels, and
+    DG (B, H, NC Q, K) = q dq - k dk (fp32), the gradient of the cumulative gates:
+        dq_l = sum_j dA_lj k_j exp(gk over (j, l]) + [seg_l = 0] exp(gk over [0, l]) (do'_l S_in^T)
+        dk_j = sum_l dA_lj q_l exp(gk over (j, l]) + [seg_j = seg_last] exp(gk over (j, last]) (v_j dS_out^T)
+    Pairs across sub-chunks factor through sub-chunk i's edge (both factors <= 1, a tl.dot); pairs
+    inside it are summed column by column. Grid (B * H * NC, Q / SUB, cdiv(K, BLOCK_K))."""
+    pid, i, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = pid % NC
+    b, h = (pid // NC // H).to(tl.int64), (pid // NC) % H
+    r = tl.arange(0, SUB_)
+    li = i * SUB_ + r
+    ti = c * Q + li
+    ok = ti < T
+    row = (b * T + ti) * H + h
+    kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mk = kk < K
+    m = ok[:, None] & mk[None, :]
+    q = tl.load(Qp + row[:, None] * K + kk[None, :], mask=m, other=0.0).to(ACC)
+    k = tl.load(Kp + row[:, None] * K + kk[None, :], mask=m, other=0.0).to(ACC)
+    g = tl.load(GK + row[:, None] * K + kk[None, :], mask=m, other=0.0).to(ACC)
+    nxt = (r + 1 < SUB_) & (ti + 1 < T)
+    g_next = tl.load(GK + (row + H)[:, None] * K + kk[None, :], mask=nxt[:, None] & mk[None, :], other=0.0).to(ACC)
+    inside = tl.cumsum(g, axis=0)  # gates from sub-chunk i's start through l
+    after = tl.cumsum(g_next, axis=0, reverse=True)  # gates over (l, end of sub-chunk i]
+    da_base = ((b * H + h) * NC + c) * Q * Q
+
+    # Pairs across sub-chunks. dq: columns j in sub-chunks m < i (through the step before i);
+    # dk: rows l in sub-chunks m > i (through the end of i).
+    dq = tl.zeros([SUB_, BLOCK_K], ACC)
+    dk = tl.zeros([SUB_, BLOCK_K], ACC)
+    before = tl.zeros([BLOCK_K], ACC)  # gates of the whole sub-chunks between m and i, walking down
+    for mm in range(0, i):
+        m_ = i - 1 - mm
+        tm = c * Q + m_ * SUB_ + r
+        rm = (b * T + tm) * H + h
+        okm = tm < T
+        km = tl.load(Kp + rm[:, None] * K + kk[None, :], mask=okm[:, None] & mk[None, :], other=0.0).to(ACC)
+        gm_next = tl.load(GK + (rm + H)[:, None] * K + kk[None, :],
+                          mask=((r + 1 < SUB_) & (tm + 1 < T))[:, None] & mk[None, :], other=0.0).to(ACC)
+        span = tl.cumsum(gm_next, axis=0, reverse=True) + before[None, :]  # gates over (j, step before i]
+        da = tl.load(DA + da_base + li[:, None] * Q + (m_ * SUB_ + r)[None, :])
+        dq = tl.dot(da.to(DOT_T), (km * tl.exp(span)).to(DOT_T), dq, input_precision=PREC, out_dtype=ACC)
+        gm = tl.load(GK + rm[:, None] * K + kk[None, :], mask=okm[:, None] & mk[None, :], other=0.0).to(ACC)
+        before += tl.sum(gm, axis=0)
+    dq = dq * tl.exp(inside)
+    between = tl.zeros([BLOCK_K], ACC)  # gates of the whole sub-chunks between i and m, walking up
+    for m_ in range(i + 1, Q // SUB_):
+        tm = c * Q + m_ * SUB_ + r
+        rm = (b * T + tm) * H + h
+        okm = tm < T
+        qm = tl.load(Qp + rm[:, None] * K + kk[None, :], mask=okm[:, None] & mk[None, :], other=0.0).to(ACC)
+        gm = tl.load(GK + rm[:, None] * K + kk[None, :], mask=okm[:, None] & mk[None, :], other=0.0).to(ACC)
+        span = tl.cumsum(gm, axis=0) + between[None, :]  # gates over (end of i, l]
+        da_t = tl.load(DA + da_base + (m_ * SUB_ + r)[None, :] * Q + li[:, None])  # [j in i, l in m]
+        dk = tl.dot(da_t.to(DOT_T), (qm * tl.exp(span)).to(DOT_T), dk, input_precision=PREC, out_dtype=ACC)
+        between += tl.sum(gm, axis=0)
+    dk = dk * tl.exp(after)
+
+    # Pairs inside sub-chunk i, column by column.
+    da_ii = tl.load(DA + da_base + li[:, None] * Q + li[None, :])
+    for jj in range(0, SUB_):
+        col = tl.sum(tl.where((r == jj)[None, :], da_ii, 0.0), axis=1)  # dA[l, jj], 0 for l < jj
+        span = tl.exp(tl.cumsum(tl.where((r > jj)[:, None], g, 0.0), axis=0))  # gates over (jj, l]
+        kj = tl.sum(tl.where((r == jj)[:, None], k, 0.0), axis=0)
+        dq += col[:, None] * kj[None, :] * span
+        dk_j = tl.sum(col[:, None] * q * span, axis=0)
+        dk += tl.where((r == jj)[:, None], dk_j[None, :], 0.0)
+
+    # The chunk state's shares: S_in for dq (until the first reset), dS_out for dk (after the last).
+    seg_base = (b * NC + c) * Q
+    seg = _load_seg(SEG, seg_base, li, li < Q, HAS_RESET)
+    first = (seg == 0)[:, None]
+    last = (seg == _seg_last(SEG, seg_base, Q, HAS_RESET))[:, None]
+    from_start = inside + before[None, :]  # `before` now holds every gate before sub-chunk i
+    to_end = after + between[None, :]  # `between` every gate after it
+    st = ((b * H + h) * (NC + 1) + c) * K * V
+    dq_s = tl.zeros([SUB_, BLOCK_K], ACC)
+    dk_s = tl.zeros([SUB_, BLOCK_K], ACC)
+    for v0 in range(0, V, BLOCK_V):
+        vv = v0 + tl.arange(0, BLOCK_V)
+        mv = vv < V
+        mkv = mk[None, :] & mv[:, None]
+        do = tl.load(DO + row[:, None] * V + vv[None, :], mask=ok[:, None] & mv[None, :], other=0.0).to(ACC)
+        v = tl.load(Vp + row[:, None] * V + vv[None, :], mask=ok[:, None] & mv[None, :], other=0.0)
+        s_t = tl.load(STATES + st + kk[None, :] * V + vv[:, None], mask=mkv, other=0.0)  # (BV, BK)
+        ds_t = tl.load(DSTATES + st + K * V + kk[None, :] * V + vv[:, None], mask=mkv, other=0.0)
+        dq_s = tl.dot((do * scale).to(DOT_T), s_t.to(DOT_T), dq_s, input_precision=PREC, out_dtype=ACC)
+        dk_s = tl.dot(v.to(DOT_T), ds_t.to(DOT_T), dk_s, input_precision=PREC, out_dtype=ACC)
+    dq += dq_s * tl.where(first, tl.exp(tl.where(first, from_start, 0.0)), 0.0)
+    dk += dk_s * tl.where(last, tl.exp(tl.where(last, to_end, 0.0)), 0.0)
+    tl.store(DQ + row[:, None] * K + kk[None, :], dq.to(DQ.dtype.element_ty), mask=m)
+    tl.store(DK + row[:, None] * K + kk[None, :], dk.to(DK.dtype.element_ty), mask=m)
+    tl.store(DG + ((b * H + h) * NC * Q + c * Q + li)[:, None] * K + kk[None, :], q * dq - k * dk, mask=mk[None, :])
+
+
+@triton.jit
+def _gla_bwd_dgk_kernel(DG, CPART, DGK, T, H, K, NC, NV,
+                        Q: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    """DGK: (B, T, H, K), dgk_t = sum over l >= t in the chunk of DG_l + sum of the NV CPART
+    partials (the chunk state's share, the same for every gate of the chunk).
+    Grid (B * H * NC, cdiv(K, BLOCK_K))."""
+    pid, pid_k = tl.program_id(0), tl.program_id(1)
+    c = pid % NC
+    b, h = (pid // NC // H).to(tl.int64), (pid // NC) % H
+    l = tl.arange(0, Q)
+    kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mk = kk < K
+    dg = tl.load(DG + ((b * H + h) * NC * Q + c * Q + l)[:, None] * K + kk[None, :], mask=mk[None, :], other=0.0)
+    cst = tl.zeros([BLOCK_K], ACC)
+    for nv in range(0, NV):
+        cst += tl.load(CPART + (((b * H + h) * NC + c) * NV + nv) * K + kk, mask=mk, other=0.0)
+    dgk = tl.cumsum(dg, axis=0, reverse=True) + cst[None, :]
+    t = c * Q + l
+    tl.store(DGK + ((b * T + t) * H + h)[:, None] * K + kk[None, :], dgk.to(DGK.dtype.element_ty),
+             mask=(t < T)[:, None] & mk[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
 
@@ -245,10 +493,17 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
+# The largest chunk and channel tile by the matmul operands' element size: 16-bit operands run on
+# the tensor cores with 64; fp32 / fp64 ("ieee" products, on the CUDA cores) with 32, which keeps
+# their tiles in registers (tools/compile_kernels.py reports the spills). The math does not depend
+# on the chunk; the tests widen the fp32 / fp64 entries to run the 64-step layout too.
+MAX_TILE = {2: 64, 4: 32, 8: 32}
+
+
 @dataclass(frozen=True)
 class _Plan:
-    """Sizes and tiles of one call. Q: the kernels' chunk, a power of two in 16..64 (the math does
-    not depend on it); BK / BV: key / value channels per tile (>= 16, powers of two, masked)."""
+    """Sizes and tiles of one call. Q: the kernels' chunk, a power of two in 16..MAX_TILE (the math
+    does not depend on it); BK / BV: key / value channels per tile (>= 16, powers of two, masked)."""
     B: int
     T: int
     H: int
@@ -260,22 +515,31 @@ class _Plan:
     acc: torch.dtype
 
     @property
+    def tile(self):
+        return MAX_TILE[self.dtype.itemsize]
+
+    @property
     def BK(self):
-        return min(64, max(16, triton.next_power_of_2(self.K)))
+        return min(self.tile, max(16, triton.next_power_of_2(self.K)))
 
     @property
     def BV(self):
-        return min(64, max(16, triton.next_power_of_2(self.V)))
+        return min(self.tile, max(16, triton.next_power_of_2(self.V)))
+
+    @property
+    def warps(self):
+        """For the kernels that hold a (Q x BK), (Q x BV) and (BK x BV) tile at once."""
+        return 8 if self.Q * max(self.BK, self.BV) >= 32 * 32 else 4
 
     def meta(self) -> dict:
         return dict(ACC=_TL[self.acc], DOT_T=_TL[self.dtype],
                     PREC="ieee" if self.dtype in (torch.float32, torch.float64) else "tf32")
 
 
-def chunk_for(T: int, chunk_size: int) -> int:
-    """The kernels' chunk: chunk_size rounded up to a power of two in [16, 64], no longer than T
-    needs (shared with kernels/delta_rule.py)."""
-    return min(64, max(16, triton.next_power_of_2(max(1, min(chunk_size, T)))))
+def chunk_for(T: int, chunk_size: int, dtype: torch.dtype) -> int:
+    """The kernels' chunk: chunk_size rounded up to a power of two in [16, MAX_TILE], no longer
+    than T needs (shared with kernels/delta_rule.py)."""
+    return min(MAX_TILE[dtype.itemsize], max(16, triton.next_power_of_2(max(1, min(chunk_size, T)))))
 
 
 def _plan(q, k, v, gk, chunk_size) -> _Plan:
@@ -290,7 +554,7 @@ def _plan(q, k, v, gk, chunk_size) -> _Plan:
         raise ValueError(f"gla kernels: v must be fp32, bf16, fp16 or fp64; got {v.dtype}")
     if chunk_size < 1:
         raise ValueError(f"gla kernels: chunk_size must be >= 1; got {chunk_size}")
-    Q = chunk_for(T, chunk_size)
+    Q = chunk_for(T, chunk_size, v.dtype)
     if Q * H * max(K, V) >= 2**31:
         raise ValueError("gla kernels: chunk * H * max(K, V) must be < 2^31 (int32 offsets inside a chunk)")
     acc = torch.float64 if v.dtype == torch.float64 else torch.float32
@@ -329,14 +593,70 @@ def gla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor,
     _gla_fwd_h_kernel[(pl.B * pl.H, triton.cdiv(pl.K, pl.BK), triton.cdiv(pl.V, pl.BV))](
         k, v, gk, seg, initial_state if initial_state is not None else states, states, pl.T, pl.H, pl.K, pl.V,
         pl.nc, Q=pl.Q, BLOCK_K=pl.BK, BLOCK_V=pl.BV, HAS_S0=initial_state is not None, HAS_RESET=has_reset, **m,
-        num_warps=4)
+        num_warps=pl.warps)
     ns = pl.Q // SUB
     a = _empty((pl.B, pl.H, pl.nc, pl.Q, pl.Q), pl.acc, dev)
     _gla_fwd_a_kernel[(pl.B * pl.H * pl.nc, ns, ns)](
         q, k, gk, seg, a, pl.T, pl.H, pl.K, pl.nc, Q=pl.Q, SUB_=SUB, BLOCK_K=pl.BK, HAS_RESET=has_reset, **m,
-        num_warps=2)
+        num_warps=4)
     o = _empty(v.shape, v.dtype, dev)
     _gla_fwd_o_kernel[(pl.B * pl.H * pl.nc, triton.cdiv(pl.V, pl.BV))](
         q, v, gk, seg, a, states, o, float(scale), pl.T, pl.H, pl.K, pl.V, pl.nc, Q=pl.Q, SUB_=SUB,
-        BLOCK_K=pl.BK, BLOCK_V=pl.BV, HAS_RESET=has_reset, **m, num_warps=4)
+        BLOCK_K=pl.BK, BLOCK_V=pl.BV, HAS_RESET=has_reset, **m, num_warps=pl.warps)
     return o, states[:, :, pl.nc].contiguous()
+
+
+def gla_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor, scale: float, chunk_size: int,
+            initial_state: torch.Tensor | None, reset: torch.Tensor | None, do: torch.Tensor,
+            dfinal: torch.Tensor | None = None):
+    """Gradients of gla_fwd for dL/do = do (B, T, H, V) and dL/d(final state) = dfinal or None:
+    (dq, dk, dv, dgk, d initial_state), each in its input's dtype (d initial_state None without
+    one). The chunk states and the intra-chunk scores are recomputed from the inputs."""
+    pl = _plan(q, k, v, gk, chunk_size)
+    dtypes = (q.dtype, k.dtype, gk.dtype)
+    q, k = q.to(v.dtype).contiguous(), k.to(v.dtype).contiguous()
+    v, gk, do = v.contiguous(), gk.contiguous(), do.to(v.dtype).contiguous()
+    dev = v.device
+    s0 = None if initial_state is None else initial_state.contiguous()
+    if pl.acc == torch.float64:  # a float argument reaches the kernel as fp32: scale in fp64 here
+        do, scale = do * scale, 1.0
+    scale = float(scale)
+    seg, has_reset = segments(reset, pl.B, pl.T, pl.Q, pl.nc, dev)
+    m = pl.meta()
+    nk, nv, ns = triton.cdiv(pl.K, pl.BK), triton.cdiv(pl.V, pl.BV), pl.Q // SUB
+    # Recompute the forward's chunk states and scores.
+    states = _empty((pl.B, pl.H, pl.nc + 1, pl.K, pl.V), pl.acc, dev)
+    _gla_fwd_h_kernel[(pl.B * pl.H, nk, nv)](
+        k, v, gk, seg, s0 if s0 is not None else states, states, pl.T, pl.H, pl.K, pl.V, pl.nc, Q=pl.Q,
+        BLOCK_K=pl.BK, BLOCK_V=pl.BV, HAS_S0=s0 is not None, HAS_RESET=has_reset, **m, num_warps=pl.warps)
+    a = _empty((pl.B, pl.H, pl.nc, pl.Q, pl.Q), pl.acc, dev)
+    _gla_fwd_a_kernel[(pl.B * pl.H * pl.nc, ns, ns)](
+        q, k, gk, seg, a, pl.T, pl.H, pl.K, pl.nc, Q=pl.Q, SUB_=SUB, BLOCK_K=pl.BK, HAS_RESET=has_reset, **m,
+        num_warps=4)
+    # The reverse state pass, then the chunks in parallel.
+    dstates = _empty((pl.B, pl.H, pl.nc + 1, pl.K, pl.V), pl.acc, dev)
+    cpart = _empty((pl.B, pl.H, pl.nc, nv, pl.K), pl.acc, dev)
+    dfin = None if dfinal is None else dfinal.contiguous()
+    _gla_bwd_dh_kernel[(pl.B * pl.H, nk, nv)](
+        q, gk, do, seg, states, dfin if dfin is not None else states, dstates, cpart, scale, pl.T, pl.H, pl.K, pl.V,
+        pl.nc, nv, Q=pl.Q, BLOCK_K=pl.BK, BLOCK_V=pl.BV, HAS_DFIN=dfin is not None, HAS_RESET=has_reset, **m,
+        num_warps=pl.warps)
+    da = _empty((pl.B, pl.H, pl.nc, pl.Q, pl.Q), pl.acc, dev)
+    _gla_bwd_da_kernel[(pl.B * pl.H * pl.nc,)](
+        do, v, seg, da, scale, pl.T, pl.H, pl.V, pl.nc, Q=pl.Q, BLOCK_V=pl.BV, HAS_RESET=has_reset, **m,
+        num_warps=pl.warps)
+    dv = _empty(v.shape, v.dtype, dev)
+    _gla_bwd_dv_kernel[(pl.B * pl.H * pl.nc, nv)](
+        k, gk, do, seg, a, dstates, dv, scale, pl.T, pl.H, pl.K, pl.V, pl.nc, Q=pl.Q, SUB_=SUB, BLOCK_K=pl.BK,
+        BLOCK_V=pl.BV, HAS_RESET=has_reset, **m, num_warps=pl.warps)
+    dq = _empty(q.shape, dtypes[0], dev)
+    dk = _empty(k.shape, dtypes[1], dev)
+    dg = _empty((pl.B, pl.H, pl.nc * pl.Q, pl.K), pl.acc, dev)
+    _gla_bwd_dqk_kernel[(pl.B * pl.H * pl.nc, ns, nk)](
+        q, k, v, gk, do, seg, da, states, dstates, dq, dk, dg, scale, pl.T, pl.H, pl.K, pl.V, pl.nc, Q=pl.Q,
+        SUB_=SUB, BLOCK_K=pl.BK, BLOCK_V=pl.BV, HAS_RESET=has_reset, **m, num_warps=4)
+    dgk = _empty(gk.shape, dtypes[2], dev)
+    _gla_bwd_dgk_kernel[(pl.B * pl.H * pl.nc, nk)](
+        dg, cpart, dgk, pl.T, pl.H, pl.K, pl.nc, nv, Q=pl.Q, BLOCK_K=pl.BK, ACC=m["ACC"], num_warps=4)
+    ds0 = None if s0 is None else dstates[:, :, 0].to(initial_state.dtype).contiguous()
+    return dq, dk, dv, dgk, ds0

@@ -19,9 +19,9 @@ Backends:
                factors <= 1; pairs inside one sub-chunk take the exact (s, s, K) product. Resets
                enter as masks on which pairs may see each other, never as -inf logs.
   "triton"     kernels/gla.py (megarnn_kernels.gla): the same chunked algorithm as Triton kernels
-               (chunk states passed chunk to chunk, the sub-chunked intra-chunk scores, the output).
-               Forward only so far: the backward recomputes the chunked torch form under autograd
-               from the saved inputs (megarnn::gla_triton_bwd). CUDA tensors, or CPU under Triton's
+               (chunk states passed chunk to chunk, the sub-chunked intra-chunk scores, the output),
+               forward and backward (the backward recomputes the chunk states from the saved inputs;
+               megarnn::gla_triton / gla_triton_bwd). CUDA tensors, or CPU under Triton's
                interpreter (TRITON_INTERPRET=1) for tests. backend=None still picks "torch" (the
                kernels have not been run on a GPU yet).
 
@@ -190,8 +190,9 @@ def _blocks(diag, n, s):
 
 # --- the "triton" backend: a custom op (one opaque node for torch.compile) ---------------------
 
-# The dispatch keys excluded outside any op. A custom op's implementation runs below autograd; the
-# backward ops (torch recompute) need autograd, so they restore this set (as megarnn/ops/newton.py).
+# The dispatch keys excluded outside any op. A custom op's implementation runs below autograd; a
+# backward op that differentiates torch code needs autograd, so it restores this set (as
+# megarnn/ops/newton.py; the delta rule's backward op uses it).
 _TOP_LEVEL_EXCLUDE = torch._C._dispatch_tls_local_exclude_set()
 
 
@@ -222,24 +223,10 @@ def _(q, k, v, gk, initial_state, reset, scale, chunk_size):
 def _gla_triton_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor,
                        initial_state: torch.Tensor | None, reset: torch.Tensor | None, scale: float,
                        chunk_size: int, do: torch.Tensor, dfinal: torch.Tensor | None) -> list[torch.Tensor]:
-    """[dq, dk, dv, dgk, d initial_state] of megarnn::gla_triton: the chunked torch form recomputed
-    under autograd (no Triton backward yet)."""
-    acc = context.acc_dtype(v)
-    b, T, H, K = q.shape
-    with autograd_inside_op(), torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (q, k, v, gk)]
-        s0 = None if initial_state is None else initial_state.detach().requires_grad_()
-        qa, ka, va, ga = (t.to(acc) for t in leaves)
-        start = qa.new_zeros(b, H, K, v.shape[-1]) if s0 is None else s0.to(acc)
-        o, state = _gla_chunked(qa * scale, ka, va, ga, start, reset, chunk_size)
-        outs, grads_in = [o], [do.to(acc)]
-        if dfinal is not None:
-            outs.append(state)
-            grads_in.append(dfinal.to(acc))
-        inputs = leaves + ([s0] if s0 is not None else [])
-        grads = torch.autograd.grad(outs, inputs, grads_in, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)]
-    return grads if s0 is not None else grads + [NO_GRAD.clone()]
+    """[dq, dk, dv, dgk, d initial_state] of megarnn::gla_triton (kernels/gla.py's backward, which
+    recomputes the chunk states from the saved inputs)."""
+    grads = _gla_kernels(v).gla_bwd(q, k, v, gk, scale, chunk_size, initial_state, reset, do, dfinal)
+    return [NO_GRAD.clone() if g is None else g for g in grads]
 
 
 @_gla_triton_bwd_op.register_fake
