@@ -43,9 +43,9 @@ sums, so it is left out of both: it is the largest term, and in fp32 its roundin
 less accurate than the torch backend's. Then d(dt_i A) = sum_{j >= i} dAcs_j (a reverse cumsum
 in the chunk), ddt_i = x_i . g_i + A d(dt_i A) and dA = sum_i dt_i d(dt_i A).
 
-Torch glue (all O(B T H) or smaller): the segment ids (a cumsum of the (B, T) reset flags) and
-sums of per-program partials (dD, dA, <dS_out, S_out>; partials rather than atomics, so runs are
-deterministic). Everything that touches a (Q x Q), (Q x P), (Q x N) or (P x N) tile is Triton.
+Torch glue (all O(B T H) or smaller, but for the head-block partials of dCB, dC and dB): the
+segment ids (a cumsum of the (B, T) reset flags) and sums of per-program partials (dD, dA,
+<dS_out, S_out>, dCB, dC, dB; partials rather than atomics, so runs are deterministic). Everything that touches a (Q x Q), (Q x P), (Q x N) or (P x N) tile is Triton.
 
 Cost per token (`ssd_flops`; multiply-add = 2, causal products as half squares; s = x's element
 size, f = 4, 8 for fp64):
@@ -59,14 +59,34 @@ is 3.2 MFLOP and ~58 KB per token, 32 KB of it the fp32 (P x N) chunk states: ~5
 on an H100 (ridge ~300) it is bandwidth-bound, as is the backward (~7.4 MFLOP, ~160 KB).
 
 Dtypes: x, B, C (and gy) fp32, bf16, fp16 or fp64; matmul operands in x's dtype (B, C, gy are
-cast to it on the host when they differ), accumulation in fp32 (fp64 for fp64). fp32 matmuls
-use input_precision="ieee" (the GPU's default TF32 would miss the 1e-5 bar the tests hold);
-bf16 / fp16 use the tensor cores natively, rounding decay-weighted tiles to x's dtype before the
-product (as mamba_ssm does). dt, A, D, the initial state: any float dtype, read as fp32 / fp64.
+cast to it on the host when they differ), accumulation in fp32 (fp64 for fp64). bf16 / fp16 use
+the tensor cores natively, rounding decay-weighted tiles to x's dtype before the product (as
+mamba_ssm does). dt, A, D, the initial state: any float dtype, read as fp32 / fp64.
+fp32 matmuls run on the tensor cores as input_precision="tf32x3" (3xTF32: each operand split as
+a = a_big + a_small, a_big rounded to tf32 and a_small = a - a_big truncated to tf32 by the MMA,
+then a_big b_big + a_big b_small + a_small b_big; the dropped a_small b_small and the truncations
+leave ~2^-21 = 5e-7 relative error per product, against 2^-24 for an fp32 FMA, with fp32
+accumulation). Its cost, measured against the fp64 reference (tests/ops/test_ssd_triton.py
+emulates the split in the interpreter, which ignores input_precision): max relative error 2e-6
+over y, the final state and every gradient, where ieee fp32 gives 3.5e-6 on the same cases (the
+rest of the fp32 arithmetic dominates); plain tf32 gives 7e-3 (dA) and would miss the 1e-5 bar
+the tests hold. There is no ieee fp32 option: its FMA loops held 255 registers and spilled (_dc,
+_chunk_scan with reset and D on sm_90). fp64 matmuls are input_precision="ieee" (FMA).
 
-Tiles (_Plan): 64 positions by 64 channels, 4 warps forward and 8 for the backward's four
-matmul kernels; compiled for sm_90 at the 1.3B shape they keep everything in registers (no
-spills; tests/ops/test_ssd_triton.py checks). First guesses, to tune with tools/bench_kernels.py.
+Tiles (_Plan): 64 positions by 64 channels for 16-bit operands, 32 by 32 for fp32 (tf32x3 keeps
+two tf32 halves of each operand) and fp64 (two registers a value); 4 warps forward and 8 for the
+backward's four matmul kernels. _dc / _db hold a (rows x N) accumulator and a second tile as
+wide: as many rows as the other tiles, 16 for fp64. Compiled for sm_80, sm_90 and
+sm_100 at every configs/model shape, no variant spills (tools/compile_kernels.py; the test
+tests/ops/test_compile_kernels.py compiles a subset). First guesses, to tune with
+tools/bench_kernels.py.
+
+Filling the GPU: the backward's per-group kernels (_dcb, _dc, _db; B and C are per group) split
+a group's H / G heads into blocks (_Plan.heads: ~SPLIT_TARGET = 256 programs a launch, >= 2
+heads a block) that write partial sums, added up by the host: at B = 1, T = 2048 Mamba2-1.3B
+(one group, 64 heads, 8 chunks) _dc and _db went from 32 programs (one per chunk and 64-row
+tile) to 256. _bmm and _dcb launch only the tiles on or below the diagonal (NS (NS + 1) / 2,
+_lower_tile), not NS^2 programs of which those above it exit at once.
 
 Host functions (torch tensors in and out; no autograd: megarnn/ops/ssd.py wraps them):
     ssd_fwd(x, dt, A, B, C, chunk_size, D=None, initial_state=None, reset=None) -> (y, final_state)
@@ -140,6 +160,17 @@ def _from_start(acs_l, seg_l):
 
 
 @triton.jit
+def _lower_tile(t):
+    """Tile t of the lower triangle (diagonal included) in row order -> (row, column):
+    0 -> (0, 0), 1 -> (1, 0), 2 -> (1, 1), 3 -> (2, 0), ... The row from the float square root,
+    then corrected by one either way, so rounding cannot move it."""
+    r = ((tl.sqrt((8 * t + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+    r = tl.where((r + 1) * (r + 2) // 2 <= t, r + 1, r)
+    r = tl.where(r * (r + 1) // 2 > t, r - 1, r)
+    return r, t - r * (r + 1) // 2
+
+
+@triton.jit
 def _through(ACS, SEG, acs_base, seg_base, Q, HAS_RESET: tl.constexpr):
     """Scalar decay of a whole chunk: exp(Acs_last), 0 when the chunk holds a reset."""
     acs_last = tl.load(ACS + acs_base + Q - 1)
@@ -175,10 +206,9 @@ def _bmm_kernel(C, B, CB, T, G, N, Q, NC,
                 BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
                 ACC: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
     """(2) C, B: (B, T, G, N) -> CB: (B, NC, G, Q, Q), CB[l, s] = C_l . B_s for every s <= l
-    (tiles wholly above the diagonal are skipped and never read). Grid (B * NC * G, nL, nS)."""
-    pid, pid_l, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if pid_s * BLOCK_S > tl.minimum(pid_l * BLOCK_L + BLOCK_L, Q) - 1:
-        return
+    (tiles wholly above the diagonal are never computed nor read). BLOCK_L == BLOCK_S. Grid
+    (B * NC * G, NS (NS + 1) / 2): one program per tile on or below the diagonal."""
+    pid, (pid_l, pid_s) = tl.program_id(0), _lower_tile(tl.program_id(1))
     g = pid % G
     b, c = (pid // G // NC).to(tl.int64), (pid // G) % NC
     l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -356,17 +386,16 @@ def _state_pass_bwd_kernel(DSTATES, STARTS, FINAL, DFINAL, ACS, SEG, DS0, DLAST,
 
 
 @triton.jit
-def _dcb_kernel(GY, X, DT, ACS, SEG, CB, DCB, ROWS, T, H, G, P, Q, NC, NS,
+def _dcb_kernel(GY, X, DT, ACS, SEG, CB, DCB, ROWS, T, H, G, P, Q, NC, NS, HB, SPLIT,
                 BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
                 HAS_RESET: tl.constexpr, ACC: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
-    """(6) DCB: (B, NC, G, Q, Q), the gradient of CB summed over the group's heads:
+    """(6) DCB: (SPLIT, B, NC, G, Q, Q), the gradient of CB summed over HB of the group's heads
+    (head block pid_h; the host sums the SPLIT partials):
         dCB_ls = sum_h [s <= l, same segment] exp(Acs_l - Acs_s) dt_s (gy_l . x_s)
     and ROWS: (B, H, NC, NS, Q), per head and s-tile, the row sums of dCB_h * CB strictly below
-    the diagonal (rowsum(V) for dA). Grid (B * NC * G, cdiv(Q, BLOCK_L), NS = cdiv(Q, BLOCK_S));
-    tiles above the diagonal exit at once (their ROWS entries are never read)."""
-    pid, pid_l, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if pid_s * BLOCK_S > tl.minimum(pid_l * BLOCK_L + BLOCK_L, Q) - 1:
-        return
+    the diagonal (rowsum(V) for dA). BLOCK_L == BLOCK_S. Grid (B * NC * G, NS (NS + 1) / 2,
+    SPLIT): tiles on or below the diagonal only (ROWS entries above it are never read)."""
+    pid, (pid_l, pid_s), pid_h = tl.program_id(0), _lower_tile(tl.program_id(1)), tl.program_id(2)
     g = pid % G
     b, c = (pid // G // NC).to(tl.int64), (pid // G) % NC
     l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -381,7 +410,7 @@ def _dcb_kernel(GY, X, DT, ACS, SEG, CB, DCB, ROWS, T, H, G, P, Q, NC, NS,
     cb = tl.load(CB + cb_base + cb_offs, mask=(l < Q)[:, None] & (s[None, :] <= l[:, None]), other=0.0).to(ACC)
     dcb = tl.zeros([BLOCK_L, BLOCK_S], ACC)
     heads = H // G
-    for hh in range(0, heads):
+    for hh in range(pid_h * HB, tl.minimum(pid_h * HB + HB, heads)):
         h = g * heads + hh
         x_base = ((b * T + c * Q) * H + h) * P
         gx = tl.zeros([BLOCK_L, BLOCK_S], ACC)
@@ -402,7 +431,8 @@ def _dcb_kernel(GY, X, DT, ACS, SEG, CB, DCB, ROWS, T, H, G, P, Q, NC, NS,
         # cancels in dAcs); leaving it out of both keeps fp32 rounding from the largest terms out.
         rows = tl.sum(tl.where(s[None, :] < l[:, None], dcb_h * cb, 0.0), axis=1)
         tl.store(ROWS + (acs_base * NS + pid_s * Q) + l, rows, mask=l < Q)
-    tl.store(DCB + cb_base + cb_offs, dcb, mask=(l < Q)[:, None] & (s < Q)[None, :])
+    part = pid_h.to(tl.int64) * tl.num_programs(0) * Q * Q  # partial pid_h of (SPLIT, B, NC, G, Q, Q)
+    tl.store(DCB + part + cb_base + cb_offs, dcb, mask=(l < Q)[:, None] & (s < Q)[None, :])
 
 
 @triton.jit
@@ -476,14 +506,16 @@ def _dx_kernel(X, DT, ACS, SEG, CB, B, DSTATES, GY, D, DX, DDT, DDIAG, DD, T, H,
 
 
 @triton.jit
-def _dc_kernel(DCB, B, GY, STARTS, ACS, SEG, C, DC, TERM, T, H, G, P, N, Q, NC,
+def _dc_kernel(DCB, B, GY, STARTS, ACS, SEG, C, DC, TERM, T, H, G, P, N, Q, NC, HB,
                BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
                HAS_RESET: tl.constexpr, ACC: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
-    """(8) DC: (B, T, G, N) for BLOCK_L positions l and all N:
-        dC_l = sum_{s <= l} dCB_ls B_s + sum_{h in group} [seg_l = 0] exp(Acs_l) gy_l S_in
+    """(8) DC: (SPLIT, B, T, G, N) partials of dC for BLOCK_L positions l and all N; partial
+    pid_h (of SPLIT = cdiv(H / G, HB)) holds heads pid_h HB .. pid_h HB + HB - 1 of the group:
+        dC_l = sum_{s <= l} dCB_ls B_s  (in partial 0)  + sum_{h in group} [seg_l = 0] exp(Acs_l) gy_l S_in
     and TERM: (B, H, NC, Q) = C_l . (head h's share of the second sum), the incoming state's
-    term of dAcs_l. STARTS: (B, NC, H, P, N) S_in. Grid (B * NC * G, cdiv(Q, BLOCK_L)); BLOCK_N >= N."""
-    pid, pid_l = tl.program_id(0), tl.program_id(1)
+    term of dAcs_l. STARTS: (B, NC, H, P, N) S_in. Grid (B * NC * G, cdiv(Q, BLOCK_L), SPLIT);
+    BLOCK_N >= N."""
+    pid, pid_l, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g = pid % G
     b, c = (pid // G // NC).to(tl.int64), (pid // G) % NC
     l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -492,7 +524,8 @@ def _dc_kernel(DCB, B, GY, STARTS, ACS, SEG, C, DC, TERM, T, H, G, P, N, Q, NC,
     m_base = ((b * T + c * Q) * G + g) * N
     dcb_base = ((b * NC + c) * G + g) * Q * Q
     acc = tl.zeros([BLOCK_L, BLOCK_N], ACC)
-    for s0 in range(0, tl.minimum(pid_l * BLOCK_L + BLOCK_L, Q), BLOCK_S):
+    s_end = tl.where(pid_h == 0, tl.minimum(pid_l * BLOCK_L + BLOCK_L, Q), 0)  # dCB B: partial 0's
+    for s0 in range(0, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         s_ok = (s < Q) & (c * Q + s < T)
         dcb = tl.load(DCB + dcb_base + l[:, None] * Q + s[None, :],
@@ -503,10 +536,9 @@ def _dc_kernel(DCB, B, GY, STARTS, ACS, SEG, C, DC, TERM, T, H, G, P, N, Q, NC,
 
     mask = l_ok[:, None] & (n < N)[None, :]
     offs = l[:, None] * G * N + n[None, :]
-    c_tile = tl.load(C + m_base + offs, mask=mask, other=0.0).to(ACC)
     seg_l = _load_seg(SEG, (b * NC + c) * Q, l, l < Q, HAS_RESET)
     heads = H // G
-    for hh in range(0, heads):
+    for hh in range(pid_h * HB, tl.minimum(pid_h * HB + HB, heads)):
         h = g * heads + hh
         x_base = ((b * T + c * Q) * H + h) * P
         s_base = ((b * NC + c) * H + h) * P * N
@@ -522,18 +554,23 @@ def _dc_kernel(DCB, B, GY, STARTS, ACS, SEG, C, DC, TERM, T, H, G, P, N, Q, NC,
         acs_l = tl.load(ACS + acs_base + l, mask=l < Q, other=0.0)
         st = st * _from_start(acs_l, seg_l)[:, None]
         acc += st
+        c_tile = tl.load(C + m_base + offs, mask=mask, other=0.0).to(ACC)  # per head: fewer live registers
         tl.store(TERM + acs_base + l, tl.sum(st * c_tile, axis=1), mask=l < Q)
-    tl.store(DC + m_base + offs, acc.to(DC.dtype.element_ty), mask=mask)
+    part = pid_h.to(tl.int64) * (tl.num_programs(0) // NC) * T * N  # partial pid_h of (SPLIT, B, T, G, N)
+    tl.store(DC + part + m_base + offs, acc, mask=mask)
 
 
 @triton.jit
-def _db_kernel(DCB, C, X, DSTATES, DT, ACS, SEG, DB, T, H, G, P, N, Q, NC,
+def _db_kernel(DCB, C, X, DSTATES, DT, ACS, SEG, DB, T, H, G, P, N, Q, NC, HB,
                BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
                HAS_RESET: tl.constexpr, ACC: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
-    """(9) DB: (B, T, G, N) for BLOCK_S positions s and all N:
-        dB_s = sum_{l >= s} dCB_ls C_l + sum_{h in group} [seg_s = seg_last] exp(Acs_last - Acs_s) dt_s x_s dS_out
-    DSTATES: (B, NC, H, P, N) dS_out. Grid (B * NC * G, cdiv(Q, BLOCK_S)); BLOCK_N >= N."""
-    pid, pid_s = tl.program_id(0), tl.program_id(1)
+    """(9) DB: (SPLIT, B, T, G, N) partials of dB for BLOCK_S positions s and all N, split over
+    the group's heads as DC in _dc_kernel:
+        dB_s = sum_{l >= s} dCB_ls C_l  (in partial 0)
+               + sum_{h in group} [seg_s = seg_last] exp(Acs_last - Acs_s) dt_s x_s dS_out
+    (the weight w_s = dt_s exp(..) scales the rows of x before the product). DSTATES:
+    (B, NC, H, P, N) dS_out. Grid (B * NC * G, cdiv(Q, BLOCK_S), SPLIT); BLOCK_N >= N."""
+    pid, pid_s, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g = pid % G
     b, c = (pid // G // NC).to(tl.int64), (pid // G) % NC
     s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -542,7 +579,8 @@ def _db_kernel(DCB, C, X, DSTATES, DT, ACS, SEG, DB, T, H, G, P, N, Q, NC,
     m_base = ((b * T + c * Q) * G + g) * N
     dcb_base = ((b * NC + c) * G + g) * Q * Q
     acc = tl.zeros([BLOCK_S, BLOCK_N], ACC)
-    for l0 in range((pid_s * BLOCK_S // BLOCK_L) * BLOCK_L, Q, BLOCK_L):
+    l_end = tl.where(pid_h == 0, Q, 0)  # dCB^T C: partial 0's
+    for l0 in range((pid_s * BLOCK_S // BLOCK_L) * BLOCK_L, l_end, BLOCK_L):
         l = l0 + tl.arange(0, BLOCK_L)
         l_ok = (l < Q) & (c * Q + l < T)
         dcb_t = tl.load(DCB + dcb_base + l[None, :] * Q + s[:, None],
@@ -555,24 +593,23 @@ def _db_kernel(DCB, C, X, DSTATES, DT, ACS, SEG, DB, T, H, G, P, N, Q, NC,
     seg_s = _load_seg(SEG, seg_base, s, s < Q, HAS_RESET)
     seg_last = _seg_last(SEG, seg_base, Q, HAS_RESET)
     heads = H // G
-    for hh in range(0, heads):
+    for hh in range(pid_h * HB, tl.minimum(pid_h * HB + HB, heads)):
         h = g * heads + hh
         x_base = ((b * T + c * Q) * H + h) * P
         ds_base = ((b * NC + c) * H + h) * P * N
-        st = tl.zeros([BLOCK_S, BLOCK_N], ACC)
-        for p0 in range(0, P, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            x = tl.load(X + x_base + s[:, None] * H * P + p[None, :], mask=s_ok[:, None] & (p < P)[None, :], other=0.0)
-            ds = tl.load(DSTATES + ds_base + p[:, None] * N + n[None, :], mask=(p < P)[:, None] & (n < N)[None, :],
-                         other=0.0)
-            st = tl.dot(x.to(DOT_T), ds.to(DOT_T), st, input_precision=PREC)
         acs_base = ((b * H + h) * NC + c) * Q
         acs_s = tl.load(ACS + acs_base + s, mask=s < Q, other=0.0)
         dt_s = tl.load(DT + (b * T + c * Q + s) * H + h, mask=s_ok, other=0.0).to(ACC)
         w = dt_s * _to_end(acs_s, seg_s, tl.load(ACS + acs_base + Q - 1), seg_last)
-        acc += w[:, None] * st
-    tl.store(DB + m_base + s[:, None] * G * N + n[None, :], acc.to(DB.dtype.element_ty),
-             mask=s_ok[:, None] & (n < N)[None, :])
+        for p0 in range(0, P, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            x = tl.load(X + x_base + s[:, None] * H * P + p[None, :], mask=s_ok[:, None] & (p < P)[None, :],
+                        other=0.0).to(ACC)
+            ds = tl.load(DSTATES + ds_base + p[:, None] * N + n[None, :], mask=(p < P)[:, None] & (n < N)[None, :],
+                         other=0.0)
+            acc = tl.dot((x * w[:, None]).to(DOT_T), ds.to(DOT_T), acc, input_precision=PREC)
+    part = pid_h.to(tl.int64) * (tl.num_programs(0) // NC) * T * N  # partial pid_h of (SPLIT, B, T, G, N)
+    tl.store(DB + part + m_base + s[:, None] * G * N + n[None, :], acc, mask=s_ok[:, None] & (n < N)[None, :])
 
 
 @triton.jit
@@ -625,6 +662,11 @@ def _launch(kernel, grid, *args, **meta) -> None:
     kernel[grid](*args, **meta)
 
 
+# The backward's per-group kernels (_dcb, _dc, _db) split a group's heads over programs until a
+# launch has about this many (2 per SM on a 132-SM H100): at B = 1, T = 2048 Mamba2-1.3B has 8
+# chunks of one group, so 32 programs without a split.
+SPLIT_TARGET = 256
+
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -646,16 +688,30 @@ class _Plan:
     acc: torch.dtype  # fp32, or fp64 for fp64 x
 
     @property
+    def wide(self):
+        """The widest tile side: 64 for 16-bit operands; 32 for fp32, whose tf32x3 products keep
+        two tf32 halves of each operand (at 64 the matmul kernels spilled, 0.2-1.6 KB on sm_80),
+        and for fp64, whose values take two registers each (at 64 every fp64 matmul kernel
+        spilled)."""
+        return 64 if self.dtype in (torch.bfloat16, torch.float16) else 32
+
+    @property
     def BQ(self):
-        return min(64, max(16, triton.next_power_of_2(self.Q)))
+        return min(self.wide, max(16, triton.next_power_of_2(self.Q)))
+
+    @property
+    def BR(self):
+        """Rows (positions) of _dc / _db, which hold a (BR x FN) accumulator and a second tile
+        as wide: BQ, but 16 for fp64 (at 32, _dc with resets spilled 8 bytes on sm_90)."""
+        return min(16, self.BQ) if self.dtype == torch.float64 else self.BQ
 
     @property
     def BP(self):
-        return min(64, self.FP)
+        return min(self.wide, self.FP)
 
     @property
     def BN(self):
-        return min(64, self.FN)
+        return min(self.wide, self.FN)
 
     @property
     def FP(self):
@@ -670,6 +726,21 @@ class _Plan:
         return triton.cdiv(self.Q, self.BQ)
 
     @property
+    def NT(self):
+        """Tiles of a chunk's (Q x Q) product on or below the diagonal."""
+        return self.NS * (self.NS + 1) // 2
+
+    def heads(self, programs: int) -> tuple[int, int]:
+        """(HB, SPLIT): a launch of `programs` programs per block of a group's heads splits the
+        H / G heads into SPLIT blocks of HB, enough for ~SPLIT_TARGET programs in all (partial
+        sums the host adds up; no split when the launch is that large already). At least 2
+        heads per block: a block's partial is a (rows x N) tile, while each head it holds reads
+        a (rows x P) and a (P x N) tile, so the partials add at most ~1/3 to the reads."""
+        heads = self.H // self.G
+        hb = triton.cdiv(heads, min(heads // 2 or 1, triton.cdiv(SPLIT_TARGET, programs)))
+        return hb, triton.cdiv(heads, hb)
+
+    @property
     def BLOCK_E(self):
         return min(1024, triton.next_power_of_2(self.P * self.N))
 
@@ -680,7 +751,7 @@ class _Plan:
     def meta(self) -> dict:
         """Constexprs shared by the matmul kernels."""
         return dict(ACC=_TL[self.acc], DOT_T=_TL[self.dtype],
-                    PREC="ieee" if self.dtype in (torch.float32, torch.float64) else "tf32")
+                    PREC={torch.float32: "tf32x3", torch.float64: "ieee"}.get(self.dtype, "tf32"))
 
 
 def _plan(x, dt, A, B, C, chunk_size) -> _Plan:
@@ -738,7 +809,7 @@ def _cb(C, B, pl: _Plan) -> torch.Tensor:
     """(2): (B, NC, G, Q, Q) C B^T per chunk and group (lower tiles only)."""
     cb = _empty((pl.B, pl.nc, pl.G, pl.Q, pl.Q), pl.acc, B.device)
     m = pl.meta()
-    _launch(_bmm_kernel, (pl.B * pl.nc * pl.G, pl.NS, pl.NS), C, B, cb, pl.T, pl.G, pl.N, pl.Q, pl.nc,
+    _launch(_bmm_kernel, (pl.B * pl.nc * pl.G, pl.NT), C, B, cb, pl.T, pl.G, pl.N, pl.Q, pl.nc,
             BLOCK_L=pl.BQ, BLOCK_S=pl.BQ, BLOCK_N=pl.BN, **m, num_warps=4)
     return cb
 
@@ -815,11 +886,13 @@ def ssd_bwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
             ACC=m["ACC"], num_warps=4)
 
     # Inside the chunks: dCB (group sums) with the per-head row sums for dA, then dx, dC, dB.
-    dcb = _empty((pl.B, pl.nc, pl.G, pl.Q, pl.Q), pl.acc, dev)
+    hb, split = pl.heads(pl.B * pl.nc * pl.G * pl.NT)
+    dcb = _empty((split, pl.B, pl.nc, pl.G, pl.Q, pl.Q), pl.acc, dev)
     rows = _empty((pl.B, pl.H, pl.nc, pl.NS, pl.Q), pl.acc, dev)
-    _launch(_dcb_kernel, (pl.B * pl.nc * pl.G, pl.NS, pl.NS), gy, x, dt, acs, seg, cb, dcb, rows,
-            pl.T, pl.H, pl.G, pl.P, pl.Q, pl.nc, pl.NS, BLOCK_L=pl.BQ, BLOCK_S=pl.BQ, BLOCK_P=pl.BP,
+    _launch(_dcb_kernel, (pl.B * pl.nc * pl.G, pl.NT, split), gy, x, dt, acs, seg, cb, dcb, rows,
+            pl.T, pl.H, pl.G, pl.P, pl.Q, pl.nc, pl.NS, hb, split, BLOCK_L=pl.BQ, BLOCK_S=pl.BQ, BLOCK_P=pl.BP,
             HAS_RESET=has_reset, **m, num_warps=8)
+    dcb = dcb[0] if split == 1 else dcb.sum(0)  # (above the diagonal: never written, never read)
     dx = _empty(x.shape, x.dtype, dev)
     ddt_x = _empty((pl.B, pl.H, pl.nc, pl.Q), pl.acc, dev)
     ddiag = _empty((pl.B, pl.H, pl.nc, pl.Q), pl.acc, dev)
@@ -828,20 +901,25 @@ def ssd_bwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
             D if D is not None else dt, dx, ddt_x, ddiag, dd if dd is not None else ddt_x,
             pl.T, pl.H, pl.G, pl.P, pl.N, pl.Q, pl.nc, pl.NS, BLOCK_S=pl.BQ, BLOCK_L=pl.BQ, BLOCK_P=pl.FP,
             BLOCK_N=pl.BN, HAS_RESET=has_reset, HAS_D=D is not None, **m, num_warps=8)
-    dC = _empty(C.shape, dtypes[3], dev)
+    nr = triton.cdiv(pl.Q, pl.BR)
+    hb, split = pl.heads(pl.B * pl.nc * pl.G * nr)
+    dC = _empty((split,) + C.shape, pl.acc, dev)
     term = _empty((pl.B, pl.H, pl.nc, pl.Q), pl.acc, dev)
-    _launch(_dc_kernel, (pl.B * pl.nc * pl.G, pl.NS), dcb, B, gy, starts, acs, seg, C, dC, term,
-            pl.T, pl.H, pl.G, pl.P, pl.N, pl.Q, pl.nc, BLOCK_L=pl.BQ, BLOCK_S=pl.BQ, BLOCK_P=pl.BP,
+    _launch(_dc_kernel, (pl.B * pl.nc * pl.G, nr, split), dcb, B, gy, starts, acs, seg, C, dC, term,
+            pl.T, pl.H, pl.G, pl.P, pl.N, pl.Q, pl.nc, hb, BLOCK_L=pl.BR, BLOCK_S=pl.BR, BLOCK_P=min(pl.BP, pl.BR),
             BLOCK_N=pl.FN, HAS_RESET=has_reset, **m, num_warps=8)
-    dB = _empty(B.shape, dtypes[2], dev)
-    _launch(_db_kernel, (pl.B * pl.nc * pl.G, pl.NS), dcb, C, x, dstates, dt, acs, seg, dB,
-            pl.T, pl.H, pl.G, pl.P, pl.N, pl.Q, pl.nc, BLOCK_S=pl.BQ, BLOCK_L=pl.BQ, BLOCK_P=pl.BP,
+    dB = _empty((split,) + B.shape, pl.acc, dev)
+    _launch(_db_kernel, (pl.B * pl.nc * pl.G, nr, split), dcb, C, x, dstates, dt, acs, seg, dB,
+            pl.T, pl.H, pl.G, pl.P, pl.N, pl.Q, pl.nc, hb, BLOCK_S=pl.BR, BLOCK_L=pl.BQ, BLOCK_P=pl.BP,
             BLOCK_N=pl.FN, HAS_RESET=has_reset, **m, num_warps=8)
+    dC, dB = (t.sum(0).to(dt_) for t, dt_ in ((dC, dtypes[3]), (dB, dtypes[2])))
 
     # dAcs -> ddt, dA (the small reductions of per-program partials are torch glue).
     ddt = _empty(dt.shape, dtypes[0], dev)
     da = _empty((pl.B, pl.nc, pl.H), pl.acc, dev)
-    block_h = min(16, triton.next_power_of_2(pl.H))
+    # A (Q x BLOCK_H) tile per program: 16 heads at Q = 256 in fp32 (224 registers); fp64 takes
+    # two registers a value, so 4 heads (at 16 it spilled 540 bytes).
+    block_h = min(4 if pl.acc == torch.float64 else 16, triton.next_power_of_2(pl.H))
     _launch(_cumsum_bwd_kernel, (pl.B * pl.nc, triton.cdiv(pl.H, block_h)), dt, A, rows, term, ddt_x, ddiag,
             dlast.sum(-1).contiguous(), ddt, da, pl.T, pl.H, pl.Q, pl.nc, pl.NS,
             BLOCK_Q=max(16, triton.next_power_of_2(pl.Q)), BLOCK_H=block_h, BLOCK_L=pl.BQ, BLOCK_S=pl.BQ,

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -109,6 +110,45 @@ def test_tiles_smaller_than_the_chunk_and_ragged_widths(monkeypatch):
     inputs, reset = _case(70, 40, G=2, reset="inside", b=1, P=20, N=24, seed=3)
     reset[0, 40] = True  # and one at the second chunk's start
     _check_against_reference(inputs, reset, 40, torch.float32, FP32_TOL)
+
+
+def _tf32(a, round_nearest):
+    """fp32 -> tf32 (10 mantissa bits) as fp32: rounded to nearest (ties away, cvt.rna.tf32.f32)
+    or truncated (what a tf32 MMA does with the low bits of an fp32 register)."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    if round_nearest:
+        bits = bits + np.uint32(0x1000)
+    return (bits & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the test above runs the real tf32x3 path")
+def test_fp32_tensor_core_path_tf32x3_is_within_the_fp32_bar(monkeypatch):
+    """fp32 matmuls run as input_precision="tf32x3". Triton's interpreter ignores input_precision
+    (an fp32 numpy matmul for all), so here its dot is replaced by the 3xTF32 split as Triton
+    lowers it (F32DotTC): a = a_big + a_small with a_big rounded to tf32, a_small = a - a_big
+    truncated by the MMA; a_big b_big + (a_small b_big + a_big b_small), fp32 accumulation.
+    Measured max relative errors vs the fp64 reference: ~2e-6 (ieee fp32 ~3.5e-6); a plain tf32
+    dot gives ~7e-3 on dA and fails."""
+    import triton.runtime.interpreter as interpreter
+    from triton._C.libtriton import ir
+    assert kernels._Plan(1, 1, 1, 1, 1, 1, 1, 1, torch.float32, torch.float32).meta()["PREC"] == "tf32x3"
+    plain = interpreter.InterpreterBuilder.create_dot
+    calls = []
+
+    def dot_3xtf32(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if input_precision != ir.INPUT_PRECISION.TF32x3:
+            return plain(self, a, b, d, input_precision, max_num_imprecise_acc)
+        calls.append(1)
+        big_a, big_b = _tf32(a.data, True), _tf32(b.data, True)
+        small_a, small_b = _tf32(a.data - big_a, False), _tf32(b.data - big_b, False)
+        small = np.matmul(small_a, big_b, dtype=np.float32) + np.matmul(big_a, small_b, dtype=np.float32)
+        out = np.matmul(big_a, big_b, dtype=np.float32) + (small + d.data)
+        return interpreter.TensorHandle(out.astype(np.float32), d.dtype.scalar)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", dot_3xtf32)
+    inputs, reset = _case(37, 16, G=2, reset="inside", seed=53)
+    _check_against_reference(inputs, reset, 16, torch.float32, FP32_TOL)
+    assert calls
 
 
 def test_triton_ssd_float64_equals_reference_to_rounding():
