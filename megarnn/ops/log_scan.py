@@ -24,7 +24,9 @@ Backends:
                term, in linear space: h_t += exp(sum of log_a over the chunk through t) carry, the
                sum -inf from the chunk's first reset on, passed from chunk to chunk by a loop over
                the T / chunk_size chunks. The initial state h0 is the carry into the first chunk,
-               so it may be zero or even negative (log h0 is never taken).
+               so it may be zero or even negative (log h0 is never taken). A custom op
+               (megarnn::log_scan_torch, one node under torch.compile) whose backward is the
+               recurrence's adjoint in linear space (below, at the op).
   "triton"     no kernel: a ValueError says so (backend=None picks "torch").
 
 Context parallelism (megarnn/ops/context.py): each rank scans its chunk from zero (rank 0 from
@@ -39,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from megarnn.ops import context
-from megarnn.ops.scan import check_backend, resolve_split
+from megarnn.ops.scan import _scan, check_backend, resolve_split
 
 CHUNK = 64
 
@@ -81,7 +83,7 @@ def log_linear_scan(log_a: torch.Tensor, log_b: torch.Tensor, h0: torch.Tensor |
     if backend == "reference" or T == 1:  # one step (decoding): the recurrence itself
         h = _reference(log_a, log_b, h0, reset)
     else:
-        h = _chunked(log_a, log_b, h0, reset, chunk_size)
+        h = _log_scan_torch_op(log_a, log_b, log_b.new_zeros(B, D) if h0 is None else h0, reset, chunk_size)
     return h.to(log_b.dtype)
 
 
@@ -99,6 +101,61 @@ def _reference(log_a, log_b, h, reset):
     return torch.stack(out, 1)
 
 
+# The torch backend is a custom op with its backward registered (torch.compile sees one node each
+# way; the pieces' data-dependent count never reaches dynamo). The backward is the adjoint of the
+# recurrence in linear space, g_t = dh_t + a_{t+1} g_{t+1} (a reverse linear scan, 0 across a
+# reset; linear_scan's own loop / chunked form), then dlog_b = g b, dlog_a = g a h_{t-1}, dh0 = a_1 g_1:
+# the same gradients as autograd through the log-space form, in two scans instead of two more
+# logcumsumexps.
+
+@torch.library.custom_op("megarnn::log_scan_torch", mutates_args=())
+def _log_scan_torch_op(log_a: torch.Tensor, log_b: torch.Tensor, h0: torch.Tensor, reset: torch.Tensor | None,
+                       chunk_size: int) -> torch.Tensor:
+    """All in the accumulation dtype: h (B, T, D)."""
+    with torch.no_grad():
+        return _chunked(log_a, log_b, h0, reset, chunk_size)
+
+
+@_log_scan_torch_op.register_fake
+def _(log_a, log_b, h0, reset, chunk_size):
+    return torch.empty_like(log_b)
+
+
+def _decays(log_a, reset):
+    a = torch.exp(log_a)
+    return a * ~reset[..., None] if reset is not None else a
+
+
+@torch.library.custom_op("megarnn::log_scan_torch_bwd", mutates_args=())
+def _log_scan_torch_bwd_op(log_a: torch.Tensor, log_b: torch.Tensor, h: torch.Tensor, h0: torch.Tensor,
+                           reset: torch.Tensor | None, dh: torch.Tensor) -> list[torch.Tensor]:
+    B, T, D = h.shape
+    a = _decays(log_a, reset)
+    a_next = torch.cat([a[:, 1:], a.new_zeros(B, 1, D)], dim=1)
+    g = _scan(a_next.flip(1), dh.to(h.dtype).flip(1), h.new_zeros(B, D)).flip(1)
+    h_prev = torch.cat([h0[:, None], h[:, :-1]], dim=1)
+    return [g * a * h_prev, g * torch.exp(log_b), a[:, 0] * g[:, 0]]
+
+
+@_log_scan_torch_bwd_op.register_fake
+def _(log_a, log_b, h, h0, reset, dh):
+    return [torch.empty_like(log_a), torch.empty_like(log_b), torch.empty_like(h0)]
+
+
+def _log_scan_setup(ctx, inputs, output):
+    log_a, log_b, h0, reset, _ = inputs
+    ctx.save_for_backward(log_a, log_b, output, h0, reset)
+
+
+def _log_scan_backward(ctx, dh):
+    log_a, log_b, h, h0, reset = ctx.saved_tensors
+    dlog_a, dlog_b, dh0 = _log_scan_torch_bwd_op(log_a, log_b, h, h0, reset, dh)
+    return dlog_a, dlog_b, dh0, None, None
+
+
+_log_scan_torch_op.register_autograd(_log_scan_backward, setup_context=_log_scan_setup)
+
+
 def _chunked(log_a, log_b, h0, reset, Q):
     B, T, D = log_b.shape
     Q = max(1, min(Q, T))
@@ -114,7 +171,7 @@ def _chunked(log_a, log_b, h0, reset, Q):
     # exp(sum of log_a from the chunk start through l): what the entering state is multiplied by;
     # 0 from the chunk's first reset on (a reset's log_a is -inf: nothing before it gets through).
     through = torch.exp(torch.cumsum(log_a.masked_fill(reset[..., None], float("-inf")).view(B, nc, Q, D), dim=2))
-    state = log_b.new_zeros(B, D) if h0 is None else h0
+    state = h0
     carries = []
     for c in range(nc):
         carries.append(state)
@@ -131,10 +188,7 @@ def _pieces(log_a, log_b, reset, Q):
     pos = torch.arange(T, device=log_b.device)
     starts = (reset | (pos % Q == 0)).flatten()  # (B T,)
     piece = torch.cumsum(starts.to(torch.int64), 0) - 1
-    if log_b.is_meta:  # shapes only (megarnn plan): as many pieces as chunks, i.e. no reset inside one
-        first = torch.empty(B * T // Q, dtype=torch.int64, device=log_b.device)
-    else:
-        first = starts.nonzero().squeeze(1)  # flat position of each piece's first step (a host sync)
+    first = starts.nonzero().squeeze(1)  # flat position of each piece's first step (a host sync)
     col = torch.arange(B * T, device=log_b.device) - first[piece]
     n = first.shape[0]
     # A piece's first step scans from zero, so its own decay never matters: 0 keeps a* finite.

@@ -12,8 +12,9 @@ Backends:
   "reference"  the textbook loop in real arithmetic (h_re' = l_re h_re - l_im h_im + b_re, ...),
                differentiated by autograd; the judge.
   "torch"      the recurrence on complex numbers without autograd (linear_scan's own step loop or
-               chunked form, megarnn.ops.scan._scan, run on complex tensors) with the adjoint as a
-               custom backward: g_t = dh_t + conj(a_{t+1}) g_{t+1} (a reverse scan of the same
+               chunked form, megarnn.ops.scan._scan, run on complex tensors), a custom op
+               (megarnn::lru_scan_torch, one node under torch.compile) with the adjoint as its
+               registered backward: g_t = dh_t + conj(a_{t+1}) g_{t+1} (a reverse scan of the same
                kind), then db_t = g_t, dlambda = sum over steps without a reset of g_t conj(h_{t-1}),
                dh0 = conj(a_1) g_1 (gradients of real losses in PyTorch's convention, d/dre + i d/dim).
   "triton"     no kernel: a ValueError says so (backend=None picks "torch").
@@ -84,7 +85,7 @@ def lru_scan(b: torch.Tensor, nu_log: torch.Tensor, theta_log: torch.Tensor, h0:
     h0 = None if h0 is None else h0.to(acc)
     if backend == "reference":
         return _reference(b, lam, h0, reset)
-    return _LRUScan.apply(b, lam, h0, reset)
+    return _lru_scan_torch_op(b, lam, b.new_zeros(B, N, 2) if h0 is None else h0, reset)
 
 
 def _reference(b, lam, h, reset):
@@ -107,33 +108,55 @@ def _decays(lam: torch.Tensor, reset: torch.Tensor | None, B: int, T: int) -> to
     return a * ~reset[..., None] if reset is not None else a.contiguous()
 
 
-class _LRUScan(torch.autograd.Function):
-    """The torch backend: b (B, T, N, 2), lam (N, 2), h0 (B, N, 2) or None, all in the accumulation
-    dtype -> h (B, T, N, 2)."""
+# The torch backend is a custom op with its backward registered, as linear_scan's (torch.compile sees
+# one node each way, never the loop over time or the complex numbers).
 
-    @staticmethod
-    def forward(ctx, b, lam, h0, reset):
-        B, T, N, _ = b.shape
-        a = _decays(lam, reset, B, T)
-        bc = torch.view_as_complex(b.contiguous())
-        start = bc.new_zeros(B, N) if h0 is None else torch.view_as_complex(h0.contiguous())
-        h = _scan(a, bc, start)
-        ctx.save_for_backward(lam, h, start, reset)
-        ctx.has_h0 = h0 is not None
-        return torch.view_as_real(h)
+@torch.library.custom_op("megarnn::lru_scan_torch", mutates_args=())
+def _lru_scan_torch_op(b: torch.Tensor, lam: torch.Tensor, h0: torch.Tensor, reset: torch.Tensor | None
+                       ) -> torch.Tensor:
+    """b (B, T, N, 2), lam (N, 2), h0 (B, N, 2), all in the accumulation dtype -> h (B, T, N, 2)."""
+    B, T, N, _ = b.shape
+    h = _scan(_decays(lam, reset, B, T), torch.view_as_complex(b.contiguous()), torch.view_as_complex(h0.contiguous()))
+    return torch.view_as_real(h).clone()
 
-    @staticmethod
-    def backward(ctx, dh):
-        lam, h, start, reset = ctx.saved_tensors
-        B, T, N = h.shape
-        a = _decays(lam, reset, B, T)
-        dhc = torch.view_as_complex(dh.contiguous())
-        a_next = torch.cat([a[:, 1:], a.new_zeros(B, 1, N)], dim=1).conj()
-        g = _scan(a_next.flip(1), dhc.flip(1), dhc.new_zeros(B, N)).flip(1)
-        h_prev = torch.cat([start[:, None], h[:, :-1]], dim=1)
-        da = g * h_prev.conj()
-        if reset is not None:
-            da = da * ~reset[..., None]
-        dlam = torch.view_as_real(da.sum(dim=(0, 1)))
-        dh0 = torch.view_as_real(a[:, 0].conj() * g[:, 0]) if ctx.has_h0 else None
-        return torch.view_as_real(g), dlam, dh0, None
+
+@_lru_scan_torch_op.register_fake
+def _(b, lam, h0, reset):
+    return torch.empty_like(b)
+
+
+@torch.library.custom_op("megarnn::lru_scan_torch_bwd", mutates_args=())
+def _lru_scan_torch_bwd_op(lam: torch.Tensor, h: torch.Tensor, h0: torch.Tensor, reset: torch.Tensor | None,
+                           dh: torch.Tensor) -> list[torch.Tensor]:
+    """[db, dlam, dh0]: the adjoint g_t = dh_t + conj(a_{t+1}) g_{t+1}, db = g, dlam = sum of
+    g_t conj(h_{t-1}) over steps without a reset, dh0 = conj(a_1) g_1."""
+    B, T, N, _ = h.shape
+    a = _decays(lam, reset, B, T)
+    hc, dhc = torch.view_as_complex(h.contiguous()), torch.view_as_complex(dh.to(h.dtype).contiguous())
+    a_next = torch.cat([a[:, 1:], a.new_zeros(B, 1, N)], dim=1).conj()
+    g = _scan(a_next.flip(1), dhc.flip(1), dhc.new_zeros(B, N)).flip(1)
+    h_prev = torch.cat([torch.view_as_complex(h0.contiguous())[:, None], hc[:, :-1]], dim=1)
+    da = g * h_prev.conj()
+    if reset is not None:
+        da = da * ~reset[..., None]
+    return [torch.view_as_real(g).clone(), torch.view_as_real(da.sum(dim=(0, 1))).clone(),
+            torch.view_as_real(a[:, 0].conj() * g[:, 0]).clone()]
+
+
+@_lru_scan_torch_bwd_op.register_fake
+def _(lam, h, h0, reset, dh):
+    return [torch.empty_like(h), torch.empty_like(lam), torch.empty_like(h0)]
+
+
+def _lru_setup(ctx, inputs, output):
+    _, lam, h0, reset = inputs
+    ctx.save_for_backward(lam, output, h0, reset)
+
+
+def _lru_backward(ctx, dh):
+    lam, h, h0, reset = ctx.saved_tensors
+    db, dlam, dh0 = _lru_scan_torch_bwd_op(lam, h, h0, reset, dh)
+    return db, dlam, dh0, None
+
+
+_lru_scan_torch_op.register_autograd(_lru_backward, setup_context=_lru_setup)

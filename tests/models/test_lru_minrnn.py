@@ -154,3 +154,41 @@ def test_export_and_load_roundtrip(tmp_path, small_tokenizer, name):
     tokens = torch.tensor([[tok.bos_id] + tok.encode("Is this a dagger which I see before me?")])
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens)[0], model(tokens)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_whole_model_compiles_in_one_graph_for_every_length(name):
+    """As tests/models/test_compile.py for the other families: the torch backends are custom ops
+    (megarnn::lru_scan_torch, megarnn::log_scan_torch and their backward ops), so dynamo sees one
+    graph without a break, a second length does not recompile, and the compiled loss and
+    gradients equal eager (backend aot_eager)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = RecurrentLM(_config(name, n_layers=2, vocab_size=64))
+
+    def loss_fn(tokens, targets, reset):
+        logits, _ = m(tokens, reset=reset)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def batch(T, seed):
+        seq = torch.randint(0, 64, (2, T + 1), generator=torch.Generator().manual_seed(seed))
+        reset = torch.zeros(2, T, dtype=torch.bool)
+        reset[1, T // 3] = True
+        out = [seq[:, :-1], seq[:, 1:], reset]
+        for t in out:
+            torch._dynamo.mark_dynamic(t, 1)
+        return out
+
+    explanation = torch._dynamo.explain(loss_fn)(*batch(48, 0))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    params = list(m.parameters())
+    for T, seed in ((48, 1), (64, 2)):
+        b = batch(T, seed)
+        with torch._dynamo.config.patch(error_on_recompile=T == 64):
+            loss = compiled(*b)
+        want = loss_fn(*b)
+        torch.testing.assert_close(loss, want, rtol=1e-6, atol=0)
+        for g, w in zip(torch.autograd.grad(loss, params), torch.autograd.grad(want, params)):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
