@@ -26,7 +26,8 @@ Backends:
                the T / chunk_size chunks. The initial state h0 is the carry into the first chunk,
                so it may be zero or even negative (log h0 is never taken). A custom op
                (megarnn::log_scan_torch, one node under torch.compile) whose backward is the
-               recurrence's adjoint in linear space (below, at the op).
+               recurrence's adjoint in linear space (below, at the op). The number of pieces
+               depends on where the resets fall: one host sync per call (nonzero), inside the op.
   "triton"     no kernel: a ValueError says so (backend=None picks "torch").
 
 Context parallelism (megarnn/ops/context.py): each rank scans its chunk from zero (rank 0 from
