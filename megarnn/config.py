@@ -172,6 +172,10 @@ class ModelConfig:
         if self.scan_backend not in ("", "torch", "triton", "reference"):
             raise ConfigError(
                 f"model.scan_backend={self.scan_backend!r}; expected '' (auto), 'torch', 'triton' or 'reference'")
+        if "U" in self.block_pattern and not (0.0 <= self.lru_r_min < self.lru_r_max <= 1.0 and self.lru_max_phase > 0):
+            raise ConfigError(f"model.lru_r_min={self.lru_r_min}, lru_r_max={self.lru_r_max}, lru_max_phase="
+                              f"{self.lru_max_phase}: the LRU's initial |lambda| ring needs 0 <= r_min < r_max <= 1 "
+                              "and a positive max_phase")
 
 
 @dataclass

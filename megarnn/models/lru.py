@@ -35,7 +35,6 @@ import torch.distributed as dist
 from torch import nn
 
 from megarnn.config import ModelConfig
-from megarnn.errors import ConfigError
 from megarnn.models import blocks
 from megarnn.models.cells import at_least_float32
 from megarnn.ops import lru_scan
@@ -69,9 +68,6 @@ class LRUMixer(nn.Module):
         super().__init__()
         self.c = c
         N, H = c.lru_width, c.d_model
-        if not 0.0 <= c.lru_r_min < c.lru_r_max <= 1.0:
-            raise ConfigError(f"LRU block: model.lru_r_min={c.lru_r_min} and lru_r_max={c.lru_r_max} must satisfy "
-                              "0 <= r_min < r_max <= 1 (the ring of |lambda| at initialization)")
         self.in_proj = blocks._linear(H, 2 * N, 1 / math.sqrt(2 * H), bias=False)
         self.out_proj = blocks._linear(2 * N, H, math.sqrt(c.final_w_init_variance_scale / (2 * N)), bias=False)
         nu_log, theta_log, gamma_log = ring_init(N, c.lru_r_min, c.lru_r_max, c.lru_max_phase)

@@ -93,8 +93,9 @@ def test_lru_starts_on_the_ring_with_the_papers_normalization():
     # uniform by area: |lambda|^2 uniform on [r_min^2, r_max^2], mean (0.16 + 0.81) / 2
     assert abs(float((mod ** 2).mean()) - 0.485) < 0.01
     torch.testing.assert_close(torch.exp(mixer.gamma_log.detach().double()), torch.sqrt(1 - mod ** 2), rtol=1e-6, atol=0)
-    with pytest.raises(ConfigError, match="lru_r_min"):
-        RecurrentLM(_config("lru", lru_r_min=0.99, lru_r_max=0.9))
+    for bad in (dict(lru_r_min=0.99, lru_r_max=0.9), dict(lru_r_max=1.5), dict(lru_max_phase=0.0)):
+        with pytest.raises(ConfigError, match="the LRU's initial |lambda| ring"):
+            _config("lru", **bad).validate()
 
 
 def test_minrnn_log_terms_are_the_papers():
