@@ -37,7 +37,8 @@ class ModelConfig:
 
     block_pattern repeats over the layers: "R" = recurrent (RG-LRU) block, "A" = local
     multi-query attention block, "M" = Mamba2 block, "G" / "L" = paraGRU / paraLSTM block
-    (Newton-solved), "B" = block-diagonal paraGRU (newton_block_size), "T" / "D" = GLA / Gated DeltaNet block, "U" = LRU block, "N" / "O" = minGRU /
+    (Newton-solved), "B" / "K" = block-diagonal paraGRU / paraLSTM (newton_block_size),
+    "T" / "D" = GLA / Gated DeltaNet block, "U" = LRU block, "N" / "O" = minGRU /
     minLSTM block, "X" = your own mixer class named by `mixer` ("package.module:Class",
     README "Your own cell"; megarnn/registry.py lists every kind). Families: "hawk" ("R"), "griffin" (e.g. "RRA", RecurrentGemma),
     "mamba2" ("M": no embedding scale, no logit cap, plain RMSNorm, as transformers'
@@ -80,8 +81,8 @@ class ModelConfig:
     # also applies its last update, so it lands within ~tol^2 of the exact solution, not only tol.
     newton_max_iters: int = 10
     newton_tol: float = 0.0
-    # "B" blocks (block-diagonal paraGRU): the size n of the dense recurrent blocks, 2..16, dividing the
-    # head width lru_width / n_heads (megarnn/models/pararnn.py BlockGRUCell)
+    # "B" / "K" blocks (block-diagonal paraGRU / paraLSTM): the size n of the dense recurrent blocks,
+    # 2..16 (K: 2..8), dividing the head width lru_width / n_heads (megarnn/models/pararnn.py)
     newton_block_size: int = 4
     # Linear-attention blocks, n_heads heads each: "T" gated linear attention (GLA), "D" Gated DeltaNet
     # (megarnn/models/linear_attention.py). Widths over all heads; 0 takes fla's defaults: GLA keys
@@ -164,9 +165,10 @@ class ModelConfig:
         _divides(self.n_heads, self.n_kv_heads, "model.n_heads", "model.n_kv_heads")
         if not 0.0 <= self.rope_fraction <= 1.0:
             raise ConfigError(f"model.rope_fraction={self.rope_fraction} must be within [0, 1]")
-        if "B" in self.block_pattern:
-            if not 2 <= self.newton_block_size <= 16:
-                raise ConfigError(f"model.newton_block_size={self.newton_block_size} must be within 2..16")
+        if {"B", "K"} & set(self.block_pattern):
+            top = 8 if "K" in self.block_pattern else 16  # K: Newton blocks of (c, h), 2 n <= 16
+            if not 2 <= self.newton_block_size <= top:
+                raise ConfigError(f"model.newton_block_size={self.newton_block_size} must be within 2..{top}")
             _divides((self.lru_width or self.d_model) // self.n_heads, self.newton_block_size,
                      "the ParaRNN head width (model.lru_width / model.n_heads)", "model.newton_block_size")
         if self.scan_backend not in ("", "torch", "triton", "reference"):

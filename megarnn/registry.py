@@ -11,7 +11,7 @@ the export read it; nothing else names a block kind.
     A       models.blocks.LocalAttentionBlock       q (and k, v when n_kv_heads > 1) column, o row
     M       models.mamba2.Mamba2Mixer               in_proj per component (z, x, B, C, dt), conv, heads; out_proj row
     G / L   models.pararnn.ParaRNNMixer             in_proj per component (u, gate), conv, cell by channel; out_proj row
-    B       models.pararnn.ParaRNNMixer             as G; the block-diagonal paraGRU's n x n recurrent blocks by block
+    B / K   models.pararnn.ParaRNNMixer             as G / L; the block-diagonal cells' n x n recurrent blocks by block
     T       models.linear_attention.GLAMixer        q/k/v/g and the gate's second (per-key) linear column, its
                                                     low-rank first replicated, per-head norm by heads; o row
     D       models.linear_attention.GatedDeltaNetMixer  q/k/v/g/a/b column, convs, A_log, dt_bias, norm by heads; o row
@@ -177,7 +177,8 @@ def _pararnn_build(cell):
 
 
 def _block_gru_flops(c, seq_len):
-    """The block-diagonal paraGRU's three n x n block mat-vecs per step (A_z h, A_r h, A_c (r h)):
+    """The block-diagonal paraGRU's (paraLSTM's) three n x n block mat-vecs per step (A_z h, A_r h,
+    A_c (r h); A_f h, A_z h, A_o h):
     2 n multiply-adds each per channel, 6 n lru_width per token (one evaluation of the cell, as the
     diagonal cells' elementwise recurrences count 0; Newton's extra iterations are not model FLOPs)."""
     return 6 * c.newton_block_size * (c.lru_width or c.d_model)
@@ -251,6 +252,9 @@ BLOCKS: dict[str, BlockKind] = {k.letter: k for k in [
     BlockKind("B", "block-diagonal paraGRU block (Newton, n x n recurrent blocks)",
               "megarnn.models.pararnn:ParaRNNMixer", _pararnn_plan(False), _heads, _pararnn_localize,
               flops=_block_gru_flops, families=("pararnn",), build=_pararnn_build("block_gru")),
+    BlockKind("K", "block-diagonal paraLSTM block (Newton, n x n recurrent blocks, 2n x 2n Jacobian blocks)",
+              "megarnn.models.pararnn:ParaRNNMixer", _pararnn_plan(True), _heads, _pararnn_localize,
+              flops=_block_gru_flops, families=("pararnn",), build=_pararnn_build("block_lstm")),
     BlockKind("T", "gated linear attention block (GLA)", "megarnn.models.linear_attention:GLAMixer",
               lambda c: dict(_GLA_PLAN), _la_divisible, flops=_la_flops("T"), families=("gla",)),
     BlockKind("D", "Gated DeltaNet block", "megarnn.models.linear_attention:GatedDeltaNetMixer",

@@ -219,7 +219,79 @@ class BlockGRUCell(NewtonCell):
         return (1 - z) * h_prev + z * c, jac
 
 
-CELLS = {"gru": ParaGRUCell, "lstm": ParaLSTMCell, "block_gru": BlockGRUCell}
+class BlockLSTMCell(NewtonCell):
+    """Block-diagonal ParaLSTM: ParaLSTM (module docstring) with dense n x n recurrent blocks A_f, A_z,
+    A_o on h (the peepholes p_f, p_o stay diagonal), n = `channels` (2..8):
+        f = sigmoid(A_f h + p_f c + B_f x + b_f),  z = tanh(A_z h + B_z x + b_z),
+        c' = f c + (1 - f) z,  o = sigmoid(A_o h + p_o c' + B_o x + b_o),  h' = o tanh(c').
+    The Newton state is laid out by blocks, [c_k | h_k] for block k (2n values, S = 2W), so the
+    Jacobian is block-diagonal with 2n x 2n blocks (block_size = 2n <= 16):
+        dc'/dc = diag(f + (c - z) f' p_f)             dc'/dh = diag((c - z) f') A_f + diag((1 - f) z') A_z
+        dh'/dc = diag(q) dc'/dc                        dh'/dh = diag(tanh(c') o') A_o + diag(q) dc'/dh
+    with q = dh'/dc' = tanh(c') o' p_o + o (1 - tanh(c')^2). The layer reads out the h halves.
+    project: (B, T, W) -> (B, T, 3, W) = (f, z, o) inputs; recurrent (3, W / n, n, n); peephole (2, W)."""
+
+    jacobian_structure = "block"
+    triton_kind = None
+
+    def __init__(self, width: int, n_heads: int, block_size: int = 4):
+        super().__init__()
+        if not 2 <= block_size <= 8:
+            raise ValueError(f"BlockLSTMCell: block_size {block_size} must be in 2..8 (Newton blocks of 2 n <= 16)")
+        if width % n_heads or (width // n_heads) % block_size:
+            raise ValueError(f"BlockLSTMCell: the head width {width} / {n_heads} must be a multiple of the block "
+                             f"size {block_size}")
+        self.channels, self.block_size, self.state_size = block_size, 2 * block_size, 2 * width
+        self.project = _MultiHeadInput(3, width, n_heads)
+        self.recurrent = _block_recurrent_init(3, width, block_size)  # A_f, A_z, A_o
+        self.peephole = _recurrent_init(2, width)  # p_f, p_o
+
+    def _split(self, state):
+        """(..., 2W) by blocks -> c, h (..., W / n, n) each."""
+        s = state.unflatten(-1, (-1, 2, self.channels))
+        return s[..., 0, :], s[..., 1, :]
+
+    def _gates(self, state, x):
+        c, h = self._split(state)
+        xf, xz, xo = (g.unflatten(-1, (-1, self.channels)) for g in x.unbind(-2))
+        a_f, a_z, a_o = self.recurrent
+        p_f, p_o = (p.unflatten(-1, (-1, self.channels)) for p in self.peephole)
+        mv = lambda m, v: (m @ v.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+        f = torch.sigmoid(xf + mv(a_f, h) + p_f * c)
+        z = torch.tanh(xz + mv(a_z, h))
+        c_new = f * c + (1 - f) * z
+        o = torch.sigmoid(xo + mv(a_o, h) + p_o * c_new)
+        return c, h, f, z, c_new, o
+
+    def _join(self, c, h):
+        return torch.stack([c, h], dim=-2).flatten(-3)
+
+    def step(self, state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """state: (..., 2W) as blocks [c_k | h_k]; x: (..., 3, W) -> (..., 2W)."""
+        _, _, _, _, c_new, o = self._gates(state, x)
+        return self._join(c_new, o * torch.tanh(c_new))
+
+    def linearize(self, state_prev, x):
+        """f and the (..., W / n, 2n, 2n) block Jacobian (class docstring)."""
+        c, h, f, z, c_new, o = self._gates(state_prev, x)
+        a_f, a_z, a_o = self.recurrent
+        p_f, p_o = (p.unflatten(-1, (-1, self.channels)) for p in self.peephole)
+        tc = torch.tanh(c_new)
+        df = f * (1 - f)
+        do = o * (1 - o)
+        dcc = f + (c - z) * df * p_f  # diagonal
+        dch = ((c - z) * df).unsqueeze(-1) * a_f + ((1 - f) * (1 - z * z)).unsqueeze(-1) * a_z
+        q = tc * do * p_o + o * (1 - tc * tc)
+        dhc = q * dcc  # diagonal
+        dhh = (tc * do).unsqueeze(-1) * a_o + q.unsqueeze(-1) * dch
+        jac = torch.cat([torch.cat([torch.diag_embed(dcc), dch], -1), torch.cat([torch.diag_embed(dhc), dhh], -1)], -2)
+        return self._join(c_new, o * tc), jac
+
+    def output(self, state: torch.Tensor) -> torch.Tensor:
+        return self._split(state)[1].flatten(-2)
+
+
+CELLS = {"gru": ParaGRUCell, "lstm": ParaLSTMCell, "block_gru": BlockGRUCell, "block_lstm": BlockLSTMCell}
 
 
 class GatedRMSNorm(nn.Module):
@@ -258,7 +330,7 @@ class ParaRNNMixer(nn.Module):
         nn.init.normal_(self.in_proj.weight, std=1 / math.sqrt(d_model))
         self.conv_weight = nn.Parameter(torch.empty(hidden, conv_width).uniform_(-1, 1) / math.sqrt(conv_width))
         self.conv_bias = nn.Parameter(torch.zeros(hidden))
-        self.cell = CELLS[cell](hidden, n_heads, block_size) if cell == "block_gru" else CELLS[cell](hidden, n_heads)
+        self.cell = CELLS[cell](hidden, n_heads, block_size) if cell.startswith("block") else CELLS[cell](hidden, n_heads)
         self.norm = GatedRMSNorm(hidden)
         self.out_proj = nn.Linear(hidden, d_model, bias=False)
         nn.init.normal_(self.out_proj.weight, std=1 / math.sqrt(hidden))

@@ -1,5 +1,5 @@
-"""Block-diagonal Newton cells (issue #14 item 5): the block-diagonal linear scan and the Newton solve
-of the block-diagonal paraGRU cell (megarnn.models.pararnn.BlockGRUCell).
+"""Block-diagonal Newton cells (issue #14 item 5): the block-diagonal linear scan and the Newton solves
+of the block-diagonal paraGRU and paraLSTM cells (megarnn.models.pararnn.BlockGRUCell, BlockLSTMCell).
 
 - block_scan (torch chunked, triton kernel forward and backward) equals the reference loop,
   differentiated by autograd, for n in 2..16 (powers of 2 and a padded size), forward and reverse,
@@ -13,7 +13,7 @@ On CPU the Triton kernels run under the interpreter (tests/conftest.py), so shap
 import pytest
 import torch
 
-from megarnn.models.pararnn import BlockGRUCell
+from megarnn.models.pararnn import BlockGRUCell, BlockLSTMCell
 from megarnn.ops import newton as newton_ops
 from megarnn.ops.newton import block_scan, block_scan_reference, newton_solve, sequential_solve
 from tests.ops.kernel_checks import fill_outputs_with_nan
@@ -180,3 +180,54 @@ def test_block_cell_rejects_sizes_that_do_not_fit():
         BlockGRUCell(32, 2, 17)
     with pytest.raises(ValueError, match="multiple of the block size"):
         BlockGRUCell(24, 2, 8)
+
+
+def _lstm_cell(n, dtype=torch.float64):
+    """A block-diagonal paraLSTM cell (Newton blocks of 2n) with stronger coupling than at init."""
+    torch.manual_seed(2)
+    W = 4 * n
+    cell = BlockLSTMCell(W, 2, n).to(dtype=dtype, device=DEVICE)
+    with torch.no_grad():
+        cell.recurrent.mul_(3)
+        cell.peephole.uniform_(-1, 1)
+    return cell
+
+
+@pytest.mark.parametrize("n", [2, 3, 8])
+def test_block_lstm_jacobian_equals_forward_mode_autograd(n):
+    cell = _lstm_cell(n)
+    g = torch.Generator().manual_seed(n)
+    state = torch.randn(2, 3, cell.state_size, generator=g, dtype=torch.float64).to(DEVICE)
+    x = torch.randn(2, 3, 3, cell.state_size // 2, generator=g, dtype=torch.float64).to(DEVICE)
+    f, j = cell.linearize(state, x)
+    f2, j2 = cell.autograd_linearize(state, x)
+    assert j.shape == (2, 3, cell.state_size // (2 * n), 2 * n, 2 * n)
+    assert (f - f2).abs().max() <= 1e-14 and (j - j2).abs().max() <= 1e-13
+    assert torch.equal(cell.output(state).unflatten(-1, (-1, n)), state.unflatten(-1, (-1, 2, n))[..., 1, :])
+
+
+@pytest.mark.parametrize("backend,dtype,tol", [("torch_newton", torch.float64, FP64_TOL),
+                                               ("triton_newton", torch.float64, FP64_TOL),
+                                               ("torch_newton", torch.float32, FP32_TOL)])
+def test_block_lstm_newton_equals_the_sequential_fp64_solve(backend, dtype, tol):
+    cell = _lstm_cell(4, dtype)
+    ref_cell = _lstm_cell(4)
+    ref_cell.load_state_dict({k: v.double() for k, v in cell.state_dict().items()})
+    g = torch.Generator().manual_seed(5)
+    B, T, W = 2, 17, cell.state_size // 2
+    x = torch.randn(B, T, 3, W, generator=g, dtype=torch.float64).to(dtype=dtype, device=DEVICE)
+    h0 = torch.randn(B, 2 * W, generator=g, dtype=torch.float64).to(dtype=dtype, device=DEVICE)
+    gy = torch.randn(B, T, 2 * W, generator=g, dtype=torch.float64).to(dtype=dtype, device=DEVICE)
+    reset = torch.zeros(B, T, dtype=torch.bool, device=DEVICE)
+    reset[0, 6] = reset[1, 0] = True
+    out = []
+    for c, be, dt in ((ref_cell, "reference", torch.float64), (cell, backend, dtype)):
+        xs, hs = x.to(dt).requires_grad_(), h0.to(dt).requires_grad_()
+        stats = {}
+        h = newton_solve(c, xs, hs, reset=reset, backend=be, stats=stats)
+        out.append((h, torch.autograd.grad(h, [xs, hs, c.recurrent, c.peephole], gy.to(dt)), stats))
+    (want, want_grads, _), (h, grads, stats) = out
+    assert stats["converged"] and not stats["fallback"] and stats["iters"] >= 2, stats
+    assert _rel(h, want) <= tol, _rel(h, want)
+    for name, gr, w in zip(("dx", "dh0", "d recurrent", "d peephole"), grads, want_grads):
+        assert _rel(gr, w) <= tol, (name, _rel(gr, w))

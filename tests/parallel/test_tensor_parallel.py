@@ -28,6 +28,7 @@ FAMILIES = {
     "paragru": dict(family="pararnn", block_pattern="G", n_heads=2),
     "paralstm": dict(family="pararnn", block_pattern="L", n_heads=2),
     "paragru-block": dict(family="pararnn", block_pattern="B", n_heads=2, newton_block_size=4),
+    "paralstm-block": dict(family="pararnn", block_pattern="K", n_heads=2, newton_block_size=4),
     "gla": dict(family="gla", block_pattern="T", n_heads=2, la_chunk_size=4, gla_gate_rank=4),
     "deltanet": dict(family="deltanet", block_pattern="D", n_heads=2, la_chunk_size=4, deltanet_neg_eigval=True),
     "lru": dict(family="lru", block_pattern="U", n_heads=2),
