@@ -1,5 +1,5 @@
 """The gated delta rule (Yang, Kautz & Hatamizadeh 2024, "Gated Delta Networks"), the chunked WY
-forward in Triton.
+form in Triton, forward and backward.
 
 Per head, a matrix state S (K, V), a scalar decay exp(g_t) and a write strength beta_t (fla's
 chunk_gated_delta_rule conventions):
@@ -29,20 +29,38 @@ Every log decay is a direct sum of g over the steps it spans (a cumsum), never a
 two cumulative sums; resets are masks (tl.where), never -inf logs; every exp argument is <= 0.
 Positions past T read as zeros (g = 0, beta = 0, k = 0: the state passes unchanged).
 
-Backward: not in Triton yet. megarnn/ops/delta_rule.py's "triton" backend differentiates by
-recomputing the chunked torch form under autograd (megarnn::delta_triton_bwd).
+Backward (do' = scale dL/do, dS_fin = dL/d final state or None; q unscaled). Only the inputs are
+saved: (1) (storing Tm too) and (2) are recomputed, then
+  (1') _delta_bwd_dvl_kernel: DVN = ((q k^T) * L)^T do', the chunk-local part of dL/dv_new.
+  (2') _delta_bwd_dh_kernel, grid (B H, V / BV), the chunks in reverse (the state gradient kept in
+       DSTATES and re-read, as (2)):
+         dv_new = DVN + (k to_end) dS_out;   dS_in = through dS_out + (q from_start)^T do' - w^T dv_new
+       and per chunk <dS_out, S_out>: the gradient of every gate of the chunk through its state.
+  (3') _delta_bwd_chunk_kernel, grid (B H NC), the rest of a chunk in three passes over V / K:
+         dP = do' v_new^T;  db_v = Tm^T dv_new, dv = beta db_v;  db_k = Tm^T (-dv_new S_in^T)
+         dA = -(db_v u^T + db_k w^T) (strictly lower), the gradient of A = beta_i (k_i.k_j) L_ij
+         dq = (dP * L) k + from_start * (do' S_in^T)
+         dk = (dP * L)^T q + dG k + dG^T k + to_end * (v_new dS_out^T) + beta from_start db_k
+         dbeta = db_v.v + from_start db_k.k + rowsum(dA * (k k^T) * L)
+       with dG = dA * beta * L; the gradient of the cumulative decay Gamma (every decay above is a
+       difference of it): rowsum(Z) - colsum(Z) + from_start dfrom_start - to_end dto_end,
+       Z = dL * L, then dg = its reverse cumsum in the chunk + <dS_out, S_out>.
 
 Cost per token and head (forward; multiply-add = 2): FLOPs K Q (A) + ~Q^2 / 2 (the substitution,
 scalar) + Q (V + K) (u, w) + 4 K V (w S, the state update) + K Q + Q V / 2 + 2 K V (output);
 bytes (2 K + 2 V) s + 4 (K + V) (U, W in fp32) + 8 V (VNEW) + 8 K V / Q. At deltanet-1b's shape
-in bf16 (K = 256, V = 512, Q = 64) ~1.2 MFLOP and ~30 KB per token and head.
+in bf16 (K = 256, V = 512, Q = 64) ~1.2 MFLOP and ~30 KB per token and head. The backward
+recomputes the forward and costs about 3-4x its FLOPs and bytes (the fp32 states, their gradients
+and the S_in / dS_out reads of (3') in both of its K passes).
 
 Dtypes: q, k, v fp32, bf16, fp16 or fp64 (one dtype, the matmul operands), g and beta any float
 dtype read as fp32 (fp64 for fp64 v); accumulation, U, W, VNEW and the states in fp32 (fp64).
 fp32 matmuls use input_precision="ieee"; bf16 / fp16 round their operands to their dtype.
 
-Host function (torch tensors in and out; no autograd: megarnn/ops/delta_rule.py wraps it):
+Host functions (torch tensors in and out; no autograd: megarnn/ops/delta_rule.py wraps them):
     delta_fwd(q, k, v, g, beta, scale, chunk_size, initial_state=None, reset=None) -> (o, final_state)
+    delta_bwd(q, k, v, g, beta, scale, chunk_size, initial_state, reset, do, dfinal=None)
+        -> (dq, dk, dv, dg, dbeta, d_initial_state)
 Shapes: q, k (B, T, H, K); v (B, T, H, V); g, beta (B, T, H); initial / final state (B, H, K, V);
 reset (B, T) bool.
 """
@@ -93,10 +111,11 @@ def _decays(G, SEG, b, h, c, T, H, NC, Q: tl.constexpr, HAS_RESET: tl.constexpr,
 
 
 @triton.jit
-def _delta_wy_kernel(Kp, Vp, G, BETA, SEG, U, W, T, H, K, V, NC,
+def _delta_wy_kernel(Kp, Vp, G, BETA, SEG, U, W, TM, T, H, K, V, NC,
                      Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, HAS_RESET: tl.constexpr,
-                     ACC: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
-    """(1) U: (B, H, NC Q, V), W: (B, H, NC Q, K). Grid (B * H * NC,)."""
+                     STORE_T: tl.constexpr, ACC: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """(1) U: (B, H, NC Q, V), W: (B, H, NC Q, K); with STORE_T also TM (B, H, NC, Q, Q) = (I + A)^-1
+    (for the backward). Grid (B * H * NC,)."""
     pid = tl.program_id(0)
     c = pid % NC
     b, h = (pid // NC // H).to(tl.int64), (pid // NC) % H
@@ -118,6 +137,8 @@ def _delta_wy_kernel(Kp, Vp, G, BETA, SEG, U, W, T, H, K, V, NC,
         a_r = tl.sum(tl.where((i == r)[:, None], a, 0.0), axis=0)  # row r of a, indexed by j
         new = tl.sum(a_r[:, None] * inv, axis=0)
         inv = tl.where((i == r)[:, None], inv - new[None, :], inv)
+    if STORE_T:
+        tl.store(TM + ((b * H + h) * NC + c) * Q * Q + i[:, None] * Q + i[None, :], inv)
     inv_d = inv.to(DOT_T)
     out_base = (b * H + h) * NC * Q + c * Q + i  # (b, h, chunk position)
     for v0 in range(0, V, BLOCK_V):
@@ -220,6 +241,240 @@ def _delta_fwd_o_kernel(Qp, Kp, G, SEG, STATES, VNEW, O, scale, T, H, K, V, NC,
 
 
 # ----------------------------------------------------------------------------------------------
+# Backward kernels (do' = scale do; q unscaled)
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _to_end(G, SEG, b, h, c, T, H, NC, Q: tl.constexpr, HAS_RESET: tl.constexpr, ACC: tl.constexpr):
+    """(Q,) [seg_j = seg_last] exp(g over (j, last]) and the scalar [no reset] exp(g over the chunk)."""
+    i = tl.arange(0, Q)
+    t = c * Q + i
+    row = (b * T + t) * H + h
+    g = tl.load(G + row, mask=t < T, other=0.0).to(ACC)
+    g_next = tl.load(G + row + H, mask=(i + 1 < Q) & (t + 1 < T), other=0.0).to(ACC)
+    after = tl.cumsum(g_next, axis=0, reverse=True)
+    seg_base = (b * NC + c) * Q
+    seg_last = _seg_last(SEG, seg_base, Q, HAS_RESET)
+    keep = _load_seg(SEG, seg_base, i, i < Q, HAS_RESET) == seg_last
+    to_end = tl.where(keep, tl.exp(tl.where(keep, after, 0.0)), 0.0)
+    through = tl.where(seg_last == 0, tl.exp(tl.sum(g, axis=0)), 0.0)
+    return to_end, through
+
+
+@triton.jit
+def _delta_bwd_dvl_kernel(Qp, Kp, G, SEG, DO, DVN, scale, T, H, K, V, NC,
+                          Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, HAS_RESET: tl.constexpr,
+                          ACC: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """DVN: (B, H, NC Q, V) = ((q k^T) * L)^T do', the chunk-local part of dL/dv_new.
+    Grid (B * H * NC, cdiv(V, BLOCK_V))."""
+    pid, pid_v = tl.program_id(0), tl.program_id(1)
+    c = pid % NC
+    b, h = (pid // NC // H).to(tl.int64), (pid // NC) % H
+    i = tl.arange(0, Q)
+    vv = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mv = vv < V
+    t = c * Q + i
+    t_ok = t < T
+    row = (b * T + t) * H + h
+    qk = tl.zeros([Q, Q], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        m = t_ok[:, None] & (kk < K)[None, :]
+        q = tl.load(Qp + row[:, None] * K + kk[None, :], mask=m, other=0.0).to(DOT_T)
+        k = tl.load(Kp + row[:, None] * K + kk[None, :], mask=m, other=0.0).to(DOT_T)
+        qk = tl.dot(q, tl.trans(k), qk, input_precision=PREC, out_dtype=ACC)
+    L, from_start, seg = _decays(G, SEG, b, h, c, T, H, NC, Q, HAS_RESET, ACC)
+    do = tl.load(DO + row[:, None] * V + vv[None, :], mask=t_ok[:, None] & mv[None, :], other=0.0).to(ACC)
+    dvn = tl.dot(tl.trans((qk * L).to(DOT_T)), (do * scale).to(DOT_T), input_precision=PREC, out_dtype=ACC)
+    tl.store(DVN + ((b * H + h) * NC * Q + c * Q + i)[:, None] * V + vv[None, :], dvn, mask=mv[None, :])
+
+
+@triton.jit
+def _delta_bwd_dh_kernel(Qp, Kp, G, SEG, DO, W, STATES, DFIN, DSTATES, DVN, CPART, scale, T, H, K, V, NC, NV,
+                         Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, HAS_DFIN: tl.constexpr,
+                         HAS_RESET: tl.constexpr, ACC: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """(2') The reverse state pass, chunks last to first (all of K per program, in tiles):
+        dv_new = DVN + (k to_end) dS_out                      (completes DVN in place)
+        dS_in  = through dS_out + (q from_start)^T do' - w^T dv_new
+    DSTATES (B, H, NC + 1, K, V): slot c the gradient of the state entering chunk c (slot 0: the
+    initial state's), slot NC the final state's. CPART (B, H, NC, NV): this V block's
+    <dS_out, S_out>, the chunk state's share of every gate's gradient. Grid (B * H, cdiv(V, BLOCK_V))."""
+    pid, pid_v = tl.program_id(0), tl.program_id(1)
+    b, h = (pid // H).to(tl.int64), pid % H
+    vv = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mv = vv < V
+    i = tl.arange(0, Q)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        m = (kk < K)[:, None] & mv[None, :]
+        if HAS_DFIN:
+            ds = tl.load(DFIN + (b * H + h) * K * V + kk[:, None] * V + vv[None, :], mask=m, other=0.0).to(ACC)
+        else:
+            ds = tl.zeros([BLOCK_K, BLOCK_V], ACC)
+        tl.store(DSTATES + ((b * H + h) * (NC + 1) + NC) * K * V + kk[:, None] * V + vv[None, :], ds, mask=m)
+    for cc in range(0, NC):
+        c = NC - 1 - cc
+        tl.debug_barrier()  # DSTATES[c + 1] was written by other threads of this program
+        t = c * Q + i
+        t_ok = t < T
+        row = (b * T + t) * H + h
+        pos = (b * H + h) * NC * Q + c * Q + i
+        st_out = ((b * H + h) * (NC + 1) + c + 1) * K * V
+        to_end, through = _to_end(G, SEG, b, h, c, T, H, NC, Q, HAS_RESET, ACC)
+        dvn = tl.load(DVN + pos[:, None] * V + vv[None, :], mask=mv[None, :], other=0.0)
+        csum = tl.zeros([BLOCK_V], ACC)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            mk = kk < K
+            m = mk[:, None] & mv[None, :]
+            ds = tl.load(DSTATES + st_out + kk[:, None] * V + vv[None, :], mask=m, other=0.0)
+            s = tl.load(STATES + st_out + kk[:, None] * V + vv[None, :], mask=m, other=0.0)
+            csum += tl.sum(ds * s, axis=0)
+            k = tl.load(Kp + row[:, None] * K + kk[None, :], mask=t_ok[:, None] & mk[None, :], other=0.0).to(ACC)
+            dvn = tl.dot((k * to_end[:, None]).to(DOT_T), ds.to(DOT_T), dvn, input_precision=PREC, out_dtype=ACC)
+        tl.store(DVN + pos[:, None] * V + vv[None, :], dvn, mask=mv[None, :])
+        tl.store(CPART + ((b * H + h) * NC + c) * NV + pid_v, tl.sum(csum, axis=0))
+        L, from_start, seg = _decays(G, SEG, b, h, c, T, H, NC, Q, HAS_RESET, ACC)
+        do = tl.load(DO + row[:, None] * V + vv[None, :], mask=t_ok[:, None] & mv[None, :], other=0.0).to(ACC)
+        do_d = (do * scale).to(DOT_T)
+        dvn_d = dvn.to(DOT_T)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            mk = kk < K
+            m = mk[:, None] & mv[None, :]
+            ds = tl.load(DSTATES + st_out + kk[:, None] * V + vv[None, :], mask=m, other=0.0)
+            q = tl.load(Qp + row[:, None] * K + kk[None, :], mask=t_ok[:, None] & mk[None, :], other=0.0).to(ACC)
+            w = tl.load(W + pos[:, None] * K + kk[None, :], mask=mk[None, :], other=0.0)
+            ds = ds * through + tl.dot(tl.trans((q * from_start[:, None]).to(DOT_T)), do_d, input_precision=PREC,
+                                       out_dtype=ACC)
+            ds -= tl.dot(tl.trans(w.to(DOT_T)), dvn_d, input_precision=PREC, out_dtype=ACC)
+            tl.store(DSTATES + st_out - K * V + kk[:, None] * V + vv[None, :], ds, mask=m)
+
+
+@triton.jit
+def _delta_bwd_chunk_kernel(Qp, Kp, Vp, G, BETA, SEG, DO, U, W, TM, STATES, DSTATES, VNEW, DVN, CPART, DBK,
+                            DQ, DK, DV, DG, DBETA, scale, T, H, K, V, NC, NV,
+                            Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+                            HAS_RESET: tl.constexpr, ACC: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """(3') Everything else of one chunk, given dv_new (DVN), S_in, dS_out:
+        dP = do' v_new^T;  db_v = Tm^T dv_new, dv = beta db_v;  dw = -dv_new S_in^T, db_k = Tm^T dw
+        dA = -(db_v u^T + db_k w^T) (strictly lower), A = beta_i (k_i.k_j) L_ij
+        dq = (dP * L) k + from_start * (do' S_in^T)
+        dk = (dP * L)^T q + dG k + dG^T k + to_end * (v_new dS_out^T) + beta from_start db_k,
+             dG = dA * beta_i * L (the gradient of k k^T)
+        dbeta_i = db_v.v + from_start db_k.k + sum_j dA_ij (k_i.k_j) L_ij
+        dGamma (the cumulative decay from the chunk start) = rowsum(Z) - colsum(Z)
+             + from_start dfrom_start - to_end dto_end,  Z = dL * L, then dg = reverse cumsum + the
+             chunk state's share sum(CPART).
+    DBK: (B, H, NC Q, K) scratch (db_k between two passes). Grid (B * H * NC,)."""
+    pid = tl.program_id(0)
+    c = pid % NC
+    b, h = (pid // NC // H).to(tl.int64), (pid // NC) % H
+    i = tl.arange(0, Q)
+    t = c * Q + i
+    t_ok = t < T
+    row = (b * T + t) * H + h
+    pos = (b * H + h) * NC * Q + c * Q + i
+    st_in = ((b * H + h) * (NC + 1) + c) * K * V
+    L, from_start, seg = _decays(G, SEG, b, h, c, T, H, NC, Q, HAS_RESET, ACC)
+    to_end, through = _to_end(G, SEG, b, h, c, T, H, NC, Q, HAS_RESET, ACC)
+    beta = tl.load(BETA + row, mask=t_ok, other=0.0).to(ACC)
+    tm_t = tl.trans(tl.load(TM + ((b * H + h) * NC + c) * Q * Q + i[:, None] * Q + i[None, :]).to(DOT_T))
+    dP = tl.zeros([Q, Q], ACC)
+    dA = tl.zeros([Q, Q], ACC)
+    dbeta = tl.zeros([Q], ACC)
+    # Pass over V: dP, db_v -> dv, dA's u part.
+    for v0 in range(0, V, BLOCK_V):
+        vv = v0 + tl.arange(0, BLOCK_V)
+        mv = vv < V
+        do = tl.load(DO + row[:, None] * V + vv[None, :], mask=t_ok[:, None] & mv[None, :], other=0.0).to(ACC)
+        vn = tl.load(VNEW + pos[:, None] * V + vv[None, :], mask=mv[None, :], other=0.0)
+        dvn = tl.load(DVN + pos[:, None] * V + vv[None, :], mask=mv[None, :], other=0.0)
+        u = tl.load(U + pos[:, None] * V + vv[None, :], mask=mv[None, :], other=0.0)
+        v = tl.load(Vp + row[:, None] * V + vv[None, :], mask=t_ok[:, None] & mv[None, :], other=0.0).to(ACC)
+        dP = tl.dot((do * scale).to(DOT_T), tl.trans(vn.to(DOT_T)), dP, input_precision=PREC, out_dtype=ACC)
+        dbv = tl.dot(tm_t, dvn.to(DOT_T), input_precision=PREC, out_dtype=ACC)
+        dA -= tl.dot(dbv.to(DOT_T), tl.trans(u.to(DOT_T)), input_precision=PREC, out_dtype=ACC)
+        tl.store(DV + row[:, None] * V + vv[None, :], (beta[:, None] * dbv).to(DV.dtype.element_ty),
+                 mask=t_ok[:, None] & mv[None, :])
+        dbeta += tl.sum(dbv * v, axis=1)
+    # Pass over K: db_k (kept in DBK), dA's w part, q k^T and k k^T.
+    qk = tl.zeros([Q, Q], ACC)
+    kk_t = tl.zeros([Q, Q], ACC)
+    dfs = tl.zeros([Q], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        mk = kk < K
+        dw = tl.zeros([Q, BLOCK_K], ACC)
+        for v0 in range(0, V, BLOCK_V):
+            vv = v0 + tl.arange(0, BLOCK_V)
+            mv = vv < V
+            dvn = tl.load(DVN + pos[:, None] * V + vv[None, :], mask=mv[None, :], other=0.0)
+            s_t = tl.load(STATES + st_in + kk[None, :] * V + vv[:, None], mask=mk[None, :] & mv[:, None], other=0.0)
+            dw -= tl.dot(dvn.to(DOT_T), s_t.to(DOT_T), input_precision=PREC, out_dtype=ACC)
+        dbk = tl.dot(tm_t, dw.to(DOT_T), input_precision=PREC, out_dtype=ACC)
+        w = tl.load(W + pos[:, None] * K + kk[None, :], mask=mk[None, :], other=0.0)
+        dA -= tl.dot(dbk.to(DOT_T), tl.trans(w.to(DOT_T)), input_precision=PREC, out_dtype=ACC)
+        tl.store(DBK + pos[:, None] * K + kk[None, :], dbk, mask=mk[None, :])
+        m = t_ok[:, None] & mk[None, :]
+        q = tl.load(Qp + row[:, None] * K + kk[None, :], mask=m, other=0.0)
+        k = tl.load(Kp + row[:, None] * K + kk[None, :], mask=m, other=0.0)
+        dbk_k = tl.sum(dbk * k.to(ACC), axis=1)
+        dbeta += from_start * dbk_k
+        dfs += beta * dbk_k
+        qk = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), qk, input_precision=PREC, out_dtype=ACC)
+        kk_t = tl.dot(k.to(DOT_T), tl.trans(k.to(DOT_T)), kk_t, input_precision=PREC, out_dtype=ACC)
+    dA = tl.where(i[:, None] > i[None, :], dA, 0.0)
+    dG = dA * L * beta[:, None]
+    dbeta += tl.sum(dA * kk_t * L, axis=1)
+    Z = (dA * beta[:, None] * kk_t + dP * qk) * L
+    dgam = tl.sum(Z, axis=1) - tl.sum(Z, axis=0)
+    R = dP * L
+    R_d = R.to(DOT_T)
+    dG_d = dG.to(DOT_T)
+    # Pass over K: dq, dk.
+    dte = tl.zeros([Q], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        mk = kk < K
+        m = t_ok[:, None] & mk[None, :]
+        q = tl.load(Qp + row[:, None] * K + kk[None, :], mask=m, other=0.0)
+        k = tl.load(Kp + row[:, None] * K + kk[None, :], mask=m, other=0.0)
+        q_d, k_d = q.to(DOT_T), k.to(DOT_T)
+        dq = tl.dot(R_d, k_d, input_precision=PREC, out_dtype=ACC)
+        dk = tl.dot(tl.trans(R_d), q_d, input_precision=PREC, out_dtype=ACC)
+        dk = tl.dot(dG_d, k_d, dk, input_precision=PREC, out_dtype=ACC)
+        dk = tl.dot(tl.trans(dG_d), k_d, dk, input_precision=PREC, out_dtype=ACC)
+        dqs = tl.zeros([Q, BLOCK_K], ACC)
+        dks = tl.zeros([Q, BLOCK_K], ACC)
+        for v0 in range(0, V, BLOCK_V):
+            vv = v0 + tl.arange(0, BLOCK_V)
+            mv = vv < V
+            mkv = mk[None, :] & mv[:, None]
+            do = tl.load(DO + row[:, None] * V + vv[None, :], mask=t_ok[:, None] & mv[None, :], other=0.0).to(ACC)
+            vn = tl.load(VNEW + pos[:, None] * V + vv[None, :], mask=mv[None, :], other=0.0)
+            s_t = tl.load(STATES + st_in + kk[None, :] * V + vv[:, None], mask=mkv, other=0.0)
+            ds_t = tl.load(DSTATES + st_in + K * V + kk[None, :] * V + vv[:, None], mask=mkv, other=0.0)
+            dqs = tl.dot((do * scale).to(DOT_T), s_t.to(DOT_T), dqs, input_precision=PREC, out_dtype=ACC)
+            dks = tl.dot(vn.to(DOT_T), ds_t.to(DOT_T), dks, input_precision=PREC, out_dtype=ACC)
+        dq += from_start[:, None] * dqs
+        dk += to_end[:, None] * dks
+        dfs += tl.sum(q.to(ACC) * dqs, axis=1)
+        dte += tl.sum(k.to(ACC) * dks, axis=1)
+        dbk = tl.load(DBK + pos[:, None] * K + kk[None, :], mask=mk[None, :], other=0.0)
+        dk += (beta * from_start)[:, None] * dbk
+        tl.store(DQ + row[:, None] * K + kk[None, :], dq.to(DQ.dtype.element_ty), mask=m)
+        tl.store(DK + row[:, None] * K + kk[None, :], dk.to(DK.dtype.element_ty), mask=m)
+    dgam += from_start * dfs - to_end * dte
+    cst = 0.0
+    for nv in range(0, NV):
+        cst += tl.load(CPART + ((b * H + h) * NC + c) * NV + nv)
+    dg = tl.cumsum(dgam, axis=0, reverse=True) + cst
+    tl.store(DG + row, dg.to(DG.dtype.element_ty), mask=t_ok)
+    tl.store(DBETA + row, dbeta.to(DBETA.dtype.element_ty), mask=t_ok)
+
+
+# ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
 
@@ -304,8 +559,8 @@ def delta_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     u = _empty((pl.B, pl.H, tp, pl.V), pl.acc, dev)
     w = _empty((pl.B, pl.H, tp, pl.K), pl.acc, dev)
     _delta_wy_kernel[(pl.B * pl.H * pl.nc,)](
-        k, v, g, beta, seg, u, w, pl.T, pl.H, pl.K, pl.V, pl.nc, Q=pl.Q, BLOCK_K=pl.BK, BLOCK_V=pl.BV,
-        HAS_RESET=has_reset, **m, num_warps=pl.warps)
+        k, v, g, beta, seg, u, w, u, pl.T, pl.H, pl.K, pl.V, pl.nc, Q=pl.Q, BLOCK_K=pl.BK, BLOCK_V=pl.BV,
+        HAS_RESET=has_reset, STORE_T=False, **m, num_warps=pl.warps)
     states = _empty((pl.B, pl.H, pl.nc + 1, pl.K, pl.V), pl.acc, dev)
     vnew = _empty((pl.B, pl.H, tp, pl.V), pl.acc, dev)
     _delta_fwd_h_kernel[(pl.B * pl.H, triton.cdiv(pl.V, pl.BV))](
@@ -317,3 +572,55 @@ def delta_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         q, k, g, seg, states, vnew, o, float(scale), pl.T, pl.H, pl.K, pl.V, pl.nc, Q=pl.Q, BLOCK_K=pl.BK,
         BLOCK_V=pl.BV, HAS_RESET=has_reset, **m, num_warps=pl.warps)
     return o, states[:, :, pl.nc].contiguous()
+
+
+def delta_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, scale: float,
+              chunk_size: int, initial_state: torch.Tensor | None, reset: torch.Tensor | None, do: torch.Tensor,
+              dfinal: torch.Tensor | None = None):
+    """Gradients of delta_fwd for dL/do = do (B, T, H, V) and dL/d(final state) = dfinal or None:
+    (dq, dk, dv, dg, dbeta, d initial_state), each in its input's dtype (d initial_state None
+    without one). The forward (u, w, the UT transform, the chunk states, v_new) is recomputed."""
+    pl = _plan(q, k, v, g, beta, chunk_size)
+    dtypes = (q.dtype, k.dtype, g.dtype, beta.dtype)
+    q, k = q.to(v.dtype).contiguous(), k.to(v.dtype).contiguous()
+    v, g, beta, do = v.contiguous(), g.contiguous(), beta.contiguous(), do.to(v.dtype).contiguous()
+    dev = v.device
+    s0 = None if initial_state is None else initial_state.contiguous()
+    if pl.acc == torch.float64:  # a float argument reaches the kernel as fp32: scale in fp64 here
+        do, scale = do * scale, 1.0
+    scale = float(scale)
+    seg, has_reset = segments(reset, pl.B, pl.T, pl.Q, pl.nc, dev)
+    m = pl.meta()
+    tp, nv = pl.nc * pl.Q, triton.cdiv(pl.V, pl.BV)
+    u = _empty((pl.B, pl.H, tp, pl.V), pl.acc, dev)
+    w = _empty((pl.B, pl.H, tp, pl.K), pl.acc, dev)
+    tm = _empty((pl.B, pl.H, pl.nc, pl.Q, pl.Q), pl.acc, dev)
+    _delta_wy_kernel[(pl.B * pl.H * pl.nc,)](
+        k, v, g, beta, seg, u, w, tm, pl.T, pl.H, pl.K, pl.V, pl.nc, Q=pl.Q, BLOCK_K=pl.BK, BLOCK_V=pl.BV,
+        HAS_RESET=has_reset, STORE_T=True, **m, num_warps=pl.warps)
+    states = _empty((pl.B, pl.H, pl.nc + 1, pl.K, pl.V), pl.acc, dev)
+    vnew = _empty((pl.B, pl.H, tp, pl.V), pl.acc, dev)
+    _delta_fwd_h_kernel[(pl.B * pl.H, nv)](
+        k, g, seg, u, w, s0 if s0 is not None else states, states, vnew, pl.T, pl.H, pl.K, pl.V, pl.nc, Q=pl.Q,
+        BLOCK_K=pl.BK, BLOCK_V=pl.BV, HAS_S0=s0 is not None, HAS_RESET=has_reset, **m, num_warps=pl.warps)
+    dvn = _empty((pl.B, pl.H, tp, pl.V), pl.acc, dev)
+    _delta_bwd_dvl_kernel[(pl.B * pl.H * pl.nc, nv)](
+        q, k, g, seg, do, dvn, scale, pl.T, pl.H, pl.K, pl.V, pl.nc, Q=pl.Q, BLOCK_K=pl.BK, BLOCK_V=pl.BV,
+        HAS_RESET=has_reset, **m, num_warps=pl.warps)
+    dstates = _empty((pl.B, pl.H, pl.nc + 1, pl.K, pl.V), pl.acc, dev)
+    cpart = _empty((pl.B, pl.H, pl.nc, nv), pl.acc, dev)
+    dfin = None if dfinal is None else dfinal.contiguous()
+    _delta_bwd_dh_kernel[(pl.B * pl.H, nv)](
+        q, k, g, seg, do, w, states, dfin if dfin is not None else states, dstates, dvn, cpart, scale, pl.T, pl.H,
+        pl.K, pl.V, pl.nc, nv, Q=pl.Q, BLOCK_K=pl.BK, BLOCK_V=pl.BV, HAS_DFIN=dfin is not None,
+        HAS_RESET=has_reset, **m, num_warps=pl.warps)
+    dbk = _empty((pl.B, pl.H, tp, pl.K), pl.acc, dev)
+    dq, dk = _empty(q.shape, dtypes[0], dev), _empty(k.shape, dtypes[1], dev)
+    dv = _empty(v.shape, v.dtype, dev)
+    dg, dbeta = _empty(g.shape, dtypes[2], dev), _empty(beta.shape, dtypes[3], dev)
+    _delta_bwd_chunk_kernel[(pl.B * pl.H * pl.nc,)](
+        q, k, v, g, beta, seg, do, u, w, tm, states, dstates, vnew, dvn, cpart, dbk, dq, dk, dv, dg, dbeta, scale,
+        pl.T, pl.H, pl.K, pl.V, pl.nc, nv, Q=pl.Q, BLOCK_K=pl.BK, BLOCK_V=pl.BV, HAS_RESET=has_reset, **m,
+        num_warps=pl.warps)
+    ds0 = None if s0 is None else dstates[:, :, 0].to(initial_state.dtype).contiguous()
+    return dq, dk, dv, dg, dbeta, ds0

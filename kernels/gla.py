@@ -654,7 +654,7 @@ def gla_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor,
     dg = _empty((pl.B, pl.H, pl.nc * pl.Q, pl.K), pl.acc, dev)
     _gla_bwd_dqk_kernel[(pl.B * pl.H * pl.nc, ns, nk)](
         q, k, v, gk, do, seg, da, states, dstates, dq, dk, dg, scale, pl.T, pl.H, pl.K, pl.V, pl.nc, Q=pl.Q,
-        SUB_=SUB, BLOCK_K=pl.BK, BLOCK_V=pl.BV, HAS_RESET=has_reset, **m, num_warps=4)
+        SUB_=SUB, BLOCK_K=pl.BK, BLOCK_V=pl.BV, HAS_RESET=has_reset, **m, num_warps=pl.warps)
     dgk = _empty(gk.shape, dtypes[2], dev)
     _gla_bwd_dgk_kernel[(pl.B * pl.H * pl.nc, nk)](
         dg, cpart, dgk, pl.T, pl.H, pl.K, pl.nc, nv, Q=pl.Q, BLOCK_K=pl.BK, ACC=m["ACC"], num_warps=4)

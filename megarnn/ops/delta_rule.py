@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 
 from megarnn.ops import context
-from megarnn.ops.gla import autograd_inside_op
 from megarnn.ops.scan import NO_GRAD, check_backend, load_kernels, resolve_split
 
 
@@ -245,24 +244,10 @@ def _(q, k, v, g, beta, initial_state, reset, scale, chunk_size):
 def _delta_triton_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                          initial_state: torch.Tensor | None, reset: torch.Tensor | None, scale: float,
                          chunk_size: int, do: torch.Tensor, dfinal: torch.Tensor | None) -> list[torch.Tensor]:
-    """[dq, dk, dv, dg, dbeta, d initial_state] of megarnn::delta_triton: the chunked torch form
-    recomputed under autograd (no Triton backward yet)."""
-    acc = context.acc_dtype(v)
-    b, T, H, K = q.shape
-    with autograd_inside_op(), torch.enable_grad():  # below autograd otherwise
-        leaves = [t.detach().requires_grad_() for t in (q, k, v, g, beta)]
-        s0 = None if initial_state is None else initial_state.detach().requires_grad_()
-        qa, ka, va, ga, ba = (t.to(acc) for t in leaves)
-        start = qa.new_zeros(b, H, K, v.shape[-1]) if s0 is None else s0.to(acc)
-        o, state = _delta_chunked(qa * scale, ka, va, ga, ba, start, reset, chunk_size)
-        outs, grads_in = [o], [do.to(acc)]
-        if dfinal is not None:
-            outs.append(state)
-            grads_in.append(dfinal.to(acc))
-        inputs = leaves + ([s0] if s0 is not None else [])
-        grads = torch.autograd.grad(outs, inputs, grads_in, allow_unused=True)
-    grads = [torch.zeros_like(t) if gr is None else gr.to(t.dtype) for gr, t in zip(grads, inputs)]
-    return grads if s0 is not None else grads + [NO_GRAD.clone()]
+    """[dq, dk, dv, dg, dbeta, d initial_state] of megarnn::delta_triton (kernels/delta_rule.py's
+    backward, which recomputes the forward from the saved inputs)."""
+    grads = _delta_kernels(v).delta_bwd(q, k, v, g, beta, scale, chunk_size, initial_state, reset, do, dfinal)
+    return [NO_GRAD.clone() if gr is None else gr for gr in grads]
 
 
 @_delta_triton_bwd_op.register_fake

@@ -190,16 +190,6 @@ def _blocks(diag, n, s):
 
 # --- the "triton" backend: a custom op (one opaque node for torch.compile) ---------------------
 
-# The dispatch keys excluded outside any op. A custom op's implementation runs below autograd; a
-# backward op that differentiates torch code needs autograd, so it restores this set (as
-# megarnn/ops/newton.py; the delta rule's backward op uses it).
-_TOP_LEVEL_EXCLUDE = torch._C._dispatch_tls_local_exclude_set()
-
-
-def autograd_inside_op():
-    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), _TOP_LEVEL_EXCLUDE)
-
-
 def _gla_kernels(t: torch.Tensor):
     """megarnn_kernels.gla, or a ValueError saying why backend="triton" cannot run on t's device."""
     return load_kernels(t, "gla", "gla")
