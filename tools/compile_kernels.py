@@ -258,6 +258,8 @@ def _drive_delta_rule(K, dtype, shape, ragged):
         for s0 in (None, torch.zeros(b, H, Kd, V, dtype=acc)):
             for reset in (None, torch.zeros(b, T, dtype=torch.bool)):
                 K.delta_fwd(q, q, v, g, beta, Kd ** -0.5, Q, s0, reset)
+                for dfinal in (None, torch.zeros(b, H, Kd, V, dtype=acc)):
+                    K.delta_bwd(q, q, v, g, beta, Kd ** -0.5, Q, s0, reset, v, dfinal)
 
 
 DRIVERS = {"linear_scan": _drive_linear_scan, "ssd": _drive_ssd, "newton": _drive_newton, "gla": _drive_gla,
