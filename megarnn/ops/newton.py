@@ -8,7 +8,11 @@ by Newton's method. Linearising f around the current iterate gives the update
     delta_t = J_t delta_{t-1} - r_t,    J_t = df/dh (h_{t-1}, x_t),    h <- h + delta
 
 which is itself a linear recurrence: a diagonal linear scan when J_t is diagonal
-(ParaGRU) or a scan over 2x2 blocks per channel (ParaLSTM, state (c, h)). With an exact
+(ParaGRU), a scan over 2x2 blocks per channel (ParaLSTM, state (c, h)), or a block-diagonal
+scan with dense n x n blocks, n in 2..16 (jacobian_structure "block": the block-diagonal ParaGRU
+/ ParaLSTM cells, whose recurrent matrices are dense blocks per head; `block_scan`), where a
+step of the scan is a small mat-vec and the carry across chunks or ranks is the n-vector per
+block and the chunk's product of the J_t (fp32 / fp64). With an exact
 Jacobian Newton is exact after at most T iterations (the error at step t vanishes after
 iteration t) and in practice converges quadratically in a handful (paper App. A: 3).
 
@@ -32,7 +36,8 @@ autograd; "sequential" is accepted as its old name),
 adjoint backward; "torch_newton" / "torch_sequential" force Newton / the sequential loop under
 no_grad, both with the same adjoint backward) and "triton"
 (kernels/newton.py, for the cells it implements: ParaGRU and ParaLSTM, see triton_kind; the
-default on CUDA for them). "triton" runs one of two solvers, both with the fused adjoint
+default on CUDA for them; for "block" cells, which have no fused cell kernel, "triton" is the torch
+solve with every linear scan the fused Triton block-scan kernel, also the default on CUDA). "triton" runs one of two solvers, both with the fused adjoint
 kernel as backward: the fused sequential kernel (all T steps in one kernel, the state in
 registers) or Newton with each iteration one fused kernel (residual, Jacobian and the scan of
 the update). `triton_solver` picks one from the shape (its docstring has the rule);
