@@ -45,7 +45,8 @@ in the chunk), ddt_i = x_i . g_i + A d(dt_i A) and dA = sum_i dt_i d(dt_i A).
 
 Torch glue (all O(B T H) or smaller, but for the head-block partials of dCB, dC and dB): the
 segment ids (a cumsum of the (B, T) reset flags) and sums of per-program partials (dD, dA,
-<dS_out, S_out>, dCB, dC, dB; partials rather than atomics, so runs are deterministic). Everything that touches a (Q x Q), (Q x P), (Q x N) or (P x N) tile is Triton.
+<dS_out, S_out>, dCB, dC, dB; partials rather than atomics, so runs are deterministic).
+Everything else that touches a (Q x Q), (Q x P), (Q x N) or (P x N) tile is Triton.
 
 Cost per token (`ssd_flops`; multiply-add = 2, causal products as half squares; s = x's element
 size, f = 4, 8 for fp64):

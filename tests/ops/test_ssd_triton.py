@@ -112,6 +112,17 @@ def test_tiles_smaller_than_the_chunk_and_ragged_widths(monkeypatch):
     _check_against_reference(inputs, reset, 40, torch.float32, FP32_TOL)
 
 
+@pytest.mark.parametrize("split_target", [1, 256])
+def test_head_blocks_of_the_backward(monkeypatch, split_target):
+    """_dcb, _dc, _db split a group's heads into blocks (partial sums added by the host): 5 heads
+    in blocks of 3 and 2 (a ragged last block), and no split at all (SPLIT_TARGET = 1)."""
+    monkeypatch.setattr(kernels, "SPLIT_TARGET", split_target)
+    pl = kernels._Plan(1, 37, 5, 8, 1, 16, 16, 3, torch.float32, torch.float32)
+    assert pl.heads(3) == ((3, 2) if split_target == 256 else (5, 1))
+    inputs, reset = _case(37, 16, G=1, reset="inside", b=1, H=5, seed=11)
+    _check_against_reference(inputs, reset, 16, torch.float32, FP32_TOL)
+
+
 def _tf32(a, round_nearest):
     """fp32 -> tf32 (10 mantissa bits) as fp32: rounded to nearest (ties away, cvt.rna.tf32.f32)
     or truncated (what a tf32 MMA does with the low bits of an fp32 register)."""
