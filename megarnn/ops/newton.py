@@ -958,7 +958,8 @@ def newton_solve(cell: NewtonCell, x: torch.Tensor, h0: torch.Tensor | None = No
     elif backend.startswith("triton") and cell.jacobian_structure == "block" and x.shape[1] > 1:
         # No fused cell kernel: the torch solve (the cell's own step and Jacobian) with every
         # linear scan (Newton's updates, the adjoint) the fused Triton block scan.
-        _require_kernels(x)
+        if not torch.compiler.is_compiling():  # the early check imports (the op checks again at run time)
+            _require_kernels(x)
         solver = backend[len("triton_"):] or torch_solver(x.shape[0], x.shape[1], x.shape[-1], x.device, strict)
         if solver == "newton":
             _check_max_iters(max_iters)
