@@ -377,22 +377,17 @@ def _delta_bwd_chunk_kernel(Qp, Kp, Vp, G, BETA, SEG, DO, U, W, TM, STATES, DSTA
     pos = (b * H + h) * NC * Q + c * Q + i
     st_in = ((b * H + h) * (NC + 1) + c) * K * V
     L, from_start, seg = _decays(G, SEG, b, h, c, T, H, NC, Q, HAS_RESET, ACC)
-    to_end, through = _to_end(G, SEG, b, h, c, T, H, NC, Q, HAS_RESET, ACC)
     beta = tl.load(BETA + row, mask=t_ok, other=0.0).to(ACC)
     tm_t = tl.trans(tl.load(TM + ((b * H + h) * NC + c) * Q * Q + i[:, None] * Q + i[None, :]).to(DOT_T))
-    dP = tl.zeros([Q, Q], ACC)
     dA = tl.zeros([Q, Q], ACC)
     dbeta = tl.zeros([Q], ACC)
-    # Pass over V: dP, db_v -> dv, dA's u part.
+    # Pass over V: db_v -> dv, dA's u part.
     for v0 in range(0, V, BLOCK_V):
         vv = v0 + tl.arange(0, BLOCK_V)
         mv = vv < V
-        do = tl.load(DO + row[:, None] * V + vv[None, :], mask=t_ok[:, None] & mv[None, :], other=0.0).to(ACC)
-        vn = tl.load(VNEW + pos[:, None] * V + vv[None, :], mask=mv[None, :], other=0.0)
         dvn = tl.load(DVN + pos[:, None] * V + vv[None, :], mask=mv[None, :], other=0.0)
         u = tl.load(U + pos[:, None] * V + vv[None, :], mask=mv[None, :], other=0.0)
         v = tl.load(Vp + row[:, None] * V + vv[None, :], mask=t_ok[:, None] & mv[None, :], other=0.0).to(ACC)
-        dP = tl.dot((do * scale).to(DOT_T), tl.trans(vn.to(DOT_T)), dP, input_precision=PREC, out_dtype=ACC)
         dbv = tl.dot(tm_t, dvn.to(DOT_T), input_precision=PREC, out_dtype=ACC)
         dA -= tl.dot(dbv.to(DOT_T), tl.trans(u.to(DOT_T)), input_precision=PREC, out_dtype=ACC)
         tl.store(DV + row[:, None] * V + vv[None, :], (beta[:, None] * dbv).to(DV.dtype.element_ty),
@@ -424,6 +419,14 @@ def _delta_bwd_chunk_kernel(Qp, Kp, Vp, G, BETA, SEG, DO, U, W, TM, STATES, DSTA
         dfs += beta * dbk_k
         qk = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), qk, input_precision=PREC, out_dtype=ACC)
         kk_t = tl.dot(k.to(DOT_T), tl.trans(k.to(DOT_T)), kk_t, input_precision=PREC, out_dtype=ACC)
+    # Pass over V: dP (after the K pass, so that fewer (Q x Q) tiles are live at once).
+    dP = tl.zeros([Q, Q], ACC)
+    for v0 in range(0, V, BLOCK_V):
+        vv = v0 + tl.arange(0, BLOCK_V)
+        mv = vv < V
+        do = tl.load(DO + row[:, None] * V + vv[None, :], mask=t_ok[:, None] & mv[None, :], other=0.0).to(ACC)
+        vn = tl.load(VNEW + pos[:, None] * V + vv[None, :], mask=mv[None, :], other=0.0)
+        dP = tl.dot((do * scale).to(DOT_T), tl.trans(vn.to(DOT_T)), dP, input_precision=PREC, out_dtype=ACC)
     dA = tl.where(i[:, None] > i[None, :], dA, 0.0)
     dG = dA * L * beta[:, None]
     dbeta += tl.sum(dA * kk_t * L, axis=1)
@@ -433,6 +436,7 @@ def _delta_bwd_chunk_kernel(Qp, Kp, Vp, G, BETA, SEG, DO, U, W, TM, STATES, DSTA
     R_d = R.to(DOT_T)
     dG_d = dG.to(DOT_T)
     # Pass over K: dq, dk.
+    to_end, through = _to_end(G, SEG, b, h, c, T, H, NC, Q, HAS_RESET, ACC)
     dte = tl.zeros([Q], ACC)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
@@ -512,6 +516,16 @@ class _Plan:
     @property
     def warps(self):
         return 8 if self.Q * max(self.BK, self.BV) >= 32 * 32 else 4
+
+    @property
+    def BK_BWD(self):
+        """K / V tiles of the backward's reverse state pass and chunk kernel, which hold more tiles
+        at once (half the forward's; 16 for fp32 / fp64)."""
+        return min(self.BK, self.tile // 2)
+
+    @property
+    def BV_BWD(self):
+        return min(self.BV, self.tile // 2)
 
     def meta(self) -> dict:
         return dict(ACC=_TL[self.acc], DOT_T=_TL[self.dtype],
@@ -612,7 +626,7 @@ def delta_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     dfin = None if dfinal is None else dfinal.contiguous()
     _delta_bwd_dh_kernel[(pl.B * pl.H, nv)](
         q, k, g, seg, do, w, states, dfin if dfin is not None else states, dstates, dvn, cpart, scale, pl.T, pl.H,
-        pl.K, pl.V, pl.nc, nv, Q=pl.Q, BLOCK_K=pl.BK, BLOCK_V=pl.BV, HAS_DFIN=dfin is not None,
+        pl.K, pl.V, pl.nc, nv, Q=pl.Q, BLOCK_K=pl.BK_BWD, BLOCK_V=pl.BV, HAS_DFIN=dfin is not None,
         HAS_RESET=has_reset, **m, num_warps=pl.warps)
     dbk = _empty((pl.B, pl.H, tp, pl.K), pl.acc, dev)
     dq, dk = _empty(q.shape, dtypes[0], dev), _empty(k.shape, dtypes[1], dev)
@@ -620,7 +634,7 @@ def delta_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     dg, dbeta = _empty(g.shape, dtypes[2], dev), _empty(beta.shape, dtypes[3], dev)
     _delta_bwd_chunk_kernel[(pl.B * pl.H * pl.nc,)](
         q, k, v, g, beta, seg, do, u, w, tm, states, dstates, vnew, dvn, cpart, dbk, dq, dk, dv, dg, dbeta, scale,
-        pl.T, pl.H, pl.K, pl.V, pl.nc, nv, Q=pl.Q, BLOCK_K=pl.BK, BLOCK_V=pl.BV, HAS_RESET=has_reset, **m,
-        num_warps=pl.warps)
+        pl.T, pl.H, pl.K, pl.V, pl.nc, nv, Q=pl.Q, BLOCK_K=pl.BK_BWD, BLOCK_V=pl.BV_BWD, HAS_RESET=has_reset,
+        **m, num_warps=pl.warps)
     ds0 = None if s0 is None else dstates[:, :, 0].to(initial_state.dtype).contiguous()
     return dq, dk, dv, dg, dbeta, ds0
