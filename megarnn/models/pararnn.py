@@ -315,8 +315,10 @@ class GatedRMSNorm(nn.Module):
 class ParaRNNMixer(nn.Module):
     """ParaRNN temporal mixer. (B, T, d_model) -> (B, T, d_model).
 
-    State: {"conv": (B, conv_width - 1, hidden), "h": (B, S)} with S = hidden (GRU) or
-    2 * hidden (LSTM, [c | h]); h is float32 (float64 for a float64 model). The last
+    cell: "gru", "lstm", "block_gru" or "block_lstm" (the block-diagonal cells, with n x n recurrent
+    blocks, n = block_size). State: {"conv": (B, conv_width - 1, hidden), "h": (B, S)} with S = hidden
+    (GRU, block GRU) or 2 * hidden (LSTM, [c | h]; block LSTM, [c_k | h_k] per block); h is float32
+    (float64 for a float64 model). The last
     Newton stats ({"iters", "residual", "fallback", "converged"}) are in self.last_stats.
     """
 
