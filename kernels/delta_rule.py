@@ -376,7 +376,7 @@ def _delta_bwd_chunk_kernel(Qp, Kp, Vp, G, BETA, SEG, DO, U, W, TM, STATES, DSTA
     row = (b * T + t) * H + h
     pos = (b * H + h) * NC * Q + c * Q + i
     st_in = ((b * H + h) * (NC + 1) + c) * K * V
-    L, from_start, seg = _decays(G, SEG, b, h, c, T, H, NC, Q, HAS_RESET, ACC)
+    _, from_start, seg = _decays(G, SEG, b, h, c, T, H, NC, Q, HAS_RESET, ACC)  # L: later (fewer live tiles)
     beta = tl.load(BETA + row, mask=t_ok, other=0.0).to(ACC)
     tm_t = tl.trans(tl.load(TM + ((b * H + h) * NC + c) * Q * Q + i[:, None] * Q + i[None, :]).to(DOT_T))
     dA = tl.zeros([Q, Q], ACC)
@@ -393,9 +393,7 @@ def _delta_bwd_chunk_kernel(Qp, Kp, Vp, G, BETA, SEG, DO, U, W, TM, STATES, DSTA
         tl.store(DV + row[:, None] * V + vv[None, :], (beta[:, None] * dbv).to(DV.dtype.element_ty),
                  mask=t_ok[:, None] & mv[None, :])
         dbeta += tl.sum(dbv * v, axis=1)
-    # Pass over K: db_k (kept in DBK), dA's w part, q k^T and k k^T.
-    qk = tl.zeros([Q, Q], ACC)
-    kk_t = tl.zeros([Q, Q], ACC)
+    # Pass over K: db_k (kept in DBK), dA's w part.
     dfs = tl.zeros([Q], ACC)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
@@ -411,15 +409,30 @@ def _delta_bwd_chunk_kernel(Qp, Kp, Vp, G, BETA, SEG, DO, U, W, TM, STATES, DSTA
         w = tl.load(W + pos[:, None] * K + kk[None, :], mask=mk[None, :], other=0.0)
         dA -= tl.dot(dbk.to(DOT_T), tl.trans(w.to(DOT_T)), input_precision=PREC, out_dtype=ACC)
         tl.store(DBK + pos[:, None] * K + kk[None, :], dbk, mask=mk[None, :])
-        m = t_ok[:, None] & mk[None, :]
-        q = tl.load(Qp + row[:, None] * K + kk[None, :], mask=m, other=0.0)
-        k = tl.load(Kp + row[:, None] * K + kk[None, :], mask=m, other=0.0)
+        k = tl.load(Kp + row[:, None] * K + kk[None, :], mask=t_ok[:, None] & mk[None, :], other=0.0)
         dbk_k = tl.sum(dbk * k.to(ACC), axis=1)
         dbeta += from_start * dbk_k
         dfs += beta * dbk_k
-        qk = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), qk, input_precision=PREC, out_dtype=ACC)
-        kk_t = tl.dot(k.to(DOT_T), tl.trans(k.to(DOT_T)), kk_t, input_precision=PREC, out_dtype=ACC)
-    # Pass over V: dP (after the K pass, so that fewer (Q x Q) tiles are live at once).
+    # A's share (k k^T, L): dG = dA beta L, the gradient of k k^T; then P's share (q k^T, L).
+    dA = tl.where(i[:, None] > i[None, :], dA, 0.0)
+    L, _, _ = _decays(G, SEG, b, h, c, T, H, NC, Q, HAS_RESET, ACC)
+    gram = tl.zeros([Q, Q], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k = tl.load(Kp + row[:, None] * K + kk[None, :], mask=t_ok[:, None] & (kk < K)[None, :], other=0.0)
+        gram = tl.dot(k.to(DOT_T), tl.trans(k.to(DOT_T)), gram, input_precision=PREC, out_dtype=ACC)
+    dAL = dA * L
+    dbeta += tl.sum(dAL * gram, axis=1)
+    Z = dAL * beta[:, None] * gram
+    dgam = tl.sum(Z, axis=1) - tl.sum(Z, axis=0)
+    dG = dAL * beta[:, None]
+    gram = tl.zeros([Q, Q], ACC)  # now q k^T
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        m = t_ok[:, None] & (kk < K)[None, :]
+        q = tl.load(Qp + row[:, None] * K + kk[None, :], mask=m, other=0.0)
+        k = tl.load(Kp + row[:, None] * K + kk[None, :], mask=m, other=0.0)
+        gram = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), gram, input_precision=PREC, out_dtype=ACC)
     dP = tl.zeros([Q, Q], ACC)
     for v0 in range(0, V, BLOCK_V):
         vv = v0 + tl.arange(0, BLOCK_V)
@@ -427,12 +440,9 @@ def _delta_bwd_chunk_kernel(Qp, Kp, Vp, G, BETA, SEG, DO, U, W, TM, STATES, DSTA
         do = tl.load(DO + row[:, None] * V + vv[None, :], mask=t_ok[:, None] & mv[None, :], other=0.0).to(ACC)
         vn = tl.load(VNEW + pos[:, None] * V + vv[None, :], mask=mv[None, :], other=0.0)
         dP = tl.dot((do * scale).to(DOT_T), tl.trans(vn.to(DOT_T)), dP, input_precision=PREC, out_dtype=ACC)
-    dA = tl.where(i[:, None] > i[None, :], dA, 0.0)
-    dG = dA * L * beta[:, None]
-    dbeta += tl.sum(dA * kk_t * L, axis=1)
-    Z = (dA * beta[:, None] * kk_t + dP * qk) * L
-    dgam = tl.sum(Z, axis=1) - tl.sum(Z, axis=0)
     R = dP * L
+    Z = R * gram
+    dgam += tl.sum(Z, axis=1) - tl.sum(Z, axis=0)
     R_d = R.to(DOT_T)
     dG_d = dG.to(DOT_T)
     # Pass over K: dq, dk.
@@ -606,6 +616,7 @@ def delta_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     seg, has_reset = segments(reset, pl.B, pl.T, pl.Q, pl.nc, dev)
     m = pl.meta()
     tp, nv = pl.nc * pl.Q, triton.cdiv(pl.V, pl.BV)
+    nvb = triton.cdiv(pl.V, pl.BV_BWD)  # V tiles of the reverse state pass
     u = _empty((pl.B, pl.H, tp, pl.V), pl.acc, dev)
     w = _empty((pl.B, pl.H, tp, pl.K), pl.acc, dev)
     tm = _empty((pl.B, pl.H, pl.nc, pl.Q, pl.Q), pl.acc, dev)
@@ -622,11 +633,11 @@ def delta_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         q, k, g, seg, do, dvn, scale, pl.T, pl.H, pl.K, pl.V, pl.nc, Q=pl.Q, BLOCK_K=pl.BK, BLOCK_V=pl.BV,
         HAS_RESET=has_reset, **m, num_warps=pl.warps)
     dstates = _empty((pl.B, pl.H, pl.nc + 1, pl.K, pl.V), pl.acc, dev)
-    cpart = _empty((pl.B, pl.H, pl.nc, nv), pl.acc, dev)
+    cpart = _empty((pl.B, pl.H, pl.nc, nvb), pl.acc, dev)
     dfin = None if dfinal is None else dfinal.contiguous()
-    _delta_bwd_dh_kernel[(pl.B * pl.H, nv)](
+    _delta_bwd_dh_kernel[(pl.B * pl.H, nvb)](
         q, k, g, seg, do, w, states, dfin if dfin is not None else states, dstates, dvn, cpart, scale, pl.T, pl.H,
-        pl.K, pl.V, pl.nc, nv, Q=pl.Q, BLOCK_K=pl.BK_BWD, BLOCK_V=pl.BV, HAS_DFIN=dfin is not None,
+        pl.K, pl.V, pl.nc, nvb, Q=pl.Q, BLOCK_K=pl.BK_BWD, BLOCK_V=pl.BV_BWD, HAS_DFIN=dfin is not None,
         HAS_RESET=has_reset, **m, num_warps=pl.warps)
     dbk = _empty((pl.B, pl.H, tp, pl.K), pl.acc, dev)
     dq, dk = _empty(q.shape, dtypes[0], dev), _empty(k.shape, dtypes[1], dev)
@@ -634,7 +645,7 @@ def delta_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     dg, dbeta = _empty(g.shape, dtypes[2], dev), _empty(beta.shape, dtypes[3], dev)
     _delta_bwd_chunk_kernel[(pl.B * pl.H * pl.nc,)](
         q, k, v, g, beta, seg, do, u, w, tm, states, dstates, vnew, dvn, cpart, dbk, dq, dk, dv, dg, dbeta, scale,
-        pl.T, pl.H, pl.K, pl.V, pl.nc, nv, Q=pl.Q, BLOCK_K=pl.BK_BWD, BLOCK_V=pl.BV_BWD, HAS_RESET=has_reset,
+        pl.T, pl.H, pl.K, pl.V, pl.nc, nvb, Q=pl.Q, BLOCK_K=pl.BK_BWD, BLOCK_V=pl.BV_BWD, HAS_RESET=has_reset,
         **m, num_warps=pl.warps)
     ds0 = None if s0 is None else dstates[:, :, 0].to(initial_state.dtype).contiguous()
     return dq, dk, dv, dg, dbeta, ds0
