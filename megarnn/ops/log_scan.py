@@ -115,13 +115,13 @@ def _reference(log_a, log_b, h, reset):
 def _log_scan_torch_op(log_a: torch.Tensor, log_b: torch.Tensor, h0: torch.Tensor, reset: torch.Tensor | None,
                        chunk_size: int) -> torch.Tensor:
     """All in the accumulation dtype: h (B, T, D)."""
-    with torch.no_grad():
-        return _chunked(log_a, log_b, h0, reset, chunk_size)
+    with torch.no_grad():  # contiguous, as the fake says (the padded form's slice is not)
+        return _chunked(log_a, log_b, h0, reset, chunk_size).contiguous()
 
 
 @_log_scan_torch_op.register_fake
 def _(log_a, log_b, h0, reset, chunk_size):
-    return torch.empty_like(log_b)
+    return log_b.new_empty(log_b.shape)
 
 
 def _decays(log_a, reset):
@@ -137,12 +137,12 @@ def _log_scan_torch_bwd_op(log_a: torch.Tensor, log_b: torch.Tensor, h: torch.Te
     a_next = torch.cat([a[:, 1:], a.new_zeros(B, 1, D)], dim=1)
     g = _scan(a_next.flip(1), dh.to(h.dtype).flip(1), h.new_zeros(B, D)).flip(1)
     h_prev = torch.cat([h0[:, None], h[:, :-1]], dim=1)
-    return [g * a * h_prev, g * torch.exp(log_b), a[:, 0] * g[:, 0]]
+    return [(g * a * h_prev).contiguous(), (g * torch.exp(log_b)).contiguous(), (a[:, 0] * g[:, 0]).contiguous()]
 
 
 @_log_scan_torch_bwd_op.register_fake
 def _(log_a, log_b, h, h0, reset, dh):
-    return [torch.empty_like(log_a), torch.empty_like(log_b), torch.empty_like(h0)]
+    return [log_a.new_empty(log_a.shape), log_b.new_empty(log_b.shape), h0.new_empty(h0.shape)]
 
 
 def _log_scan_setup(ctx, inputs, output):

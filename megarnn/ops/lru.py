@@ -117,12 +117,12 @@ def _lru_scan_torch_op(b: torch.Tensor, lam: torch.Tensor, h0: torch.Tensor, res
     """b (B, T, N, 2), lam (N, 2), h0 (B, N, 2), all in the accumulation dtype -> h (B, T, N, 2)."""
     B, T, N, _ = b.shape
     h = _scan(_decays(lam, reset, B, T), torch.view_as_complex(b.contiguous()), torch.view_as_complex(h0.contiguous()))
-    return torch.view_as_real(h).clone()
+    return torch.view_as_real(h).clone(memory_format=torch.contiguous_format)  # as the fake says
 
 
 @_lru_scan_torch_op.register_fake
 def _(b, lam, h0, reset):
-    return torch.empty_like(b)
+    return b.new_empty(b.shape)
 
 
 @torch.library.custom_op("megarnn::lru_scan_torch_bwd", mutates_args=())
@@ -139,13 +139,13 @@ def _lru_scan_torch_bwd_op(lam: torch.Tensor, h: torch.Tensor, h0: torch.Tensor,
     da = g * h_prev.conj()
     if reset is not None:
         da = da * ~reset[..., None]
-    return [torch.view_as_real(g).clone(), torch.view_as_real(da.sum(dim=(0, 1))).clone(),
-            torch.view_as_real(a[:, 0].conj() * g[:, 0]).clone()]
+    return [torch.view_as_real(t).clone(memory_format=torch.contiguous_format)
+            for t in (g, da.sum(dim=(0, 1)), a[:, 0].conj() * g[:, 0])]
 
 
 @_lru_scan_torch_bwd_op.register_fake
 def _(lam, h, h0, reset, dh):
-    return [torch.empty_like(h), torch.empty_like(lam), torch.empty_like(h0)]
+    return [h.new_empty(h.shape), lam.new_empty(lam.shape), h0.new_empty(h0.shape)]
 
 
 def _lru_setup(ctx, inputs, output):
