@@ -387,7 +387,7 @@ def _state_pass_bwd_kernel(DSTATES, STARTS, FINAL, DFINAL, ACS, SEG, DS0, DLAST,
 
 
 @triton.jit
-def _dcb_kernel(GY, X, DT, ACS, SEG, CB, DCB, ROWS, T, H, G, P, Q, NC, NS, HB, SPLIT,
+def _dcb_kernel(GY, X, DT, ACS, SEG, CB, DCB, ROWS, T, H, G, P, Q, NC, NS, HB,
                 BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
                 HAS_RESET: tl.constexpr, ACC: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
     """(6) DCB: (SPLIT, B, NC, G, Q, Q), the gradient of CB summed over HB of the group's heads
@@ -406,9 +406,10 @@ def _dcb_kernel(GY, X, DT, ACS, SEG, CB, DCB, ROWS, T, H, G, P, Q, NC, NS, HB, S
     seg_base = (b * NC + c) * Q
     seg_l = _load_seg(SEG, seg_base, l, l < Q, HAS_RESET)
     seg_s = _load_seg(SEG, seg_base, s, s < Q, HAS_RESET)
-    cb_base = ((b * NC + c) * G + g) * Q * Q
-    cb_offs = l[:, None] * Q + s[None, :]
-    cb = tl.load(CB + cb_base + cb_offs, mask=(l < Q)[:, None] & (s[None, :] <= l[:, None]), other=0.0).to(ACC)
+    # (b, c, g) is pid: CB addressed from it, the DCB store after the loop from (b, c, g), so that
+    # no 64-bit offset stays live across the loop (ptxas spilled one: fp64, ragged, sm_90).
+    cb = tl.load(CB + pid.to(tl.int64) * Q * Q + l[:, None] * Q + s[None, :],
+                 mask=(l < Q)[:, None] & (s[None, :] <= l[:, None]), other=0.0).to(ACC)
     dcb = tl.zeros([BLOCK_L, BLOCK_S], ACC)
     heads = H // G
     for hh in range(pid_h * HB, tl.minimum(pid_h * HB + HB, heads)):
@@ -433,7 +434,8 @@ def _dcb_kernel(GY, X, DT, ACS, SEG, CB, DCB, ROWS, T, H, G, P, Q, NC, NS, HB, S
         rows = tl.sum(tl.where(s[None, :] < l[:, None], dcb_h * cb, 0.0), axis=1)
         tl.store(ROWS + (acs_base * NS + pid_s * Q) + l, rows, mask=l < Q)
     part = pid_h.to(tl.int64) * tl.num_programs(0) * Q * Q  # partial pid_h of (SPLIT, B, NC, G, Q, Q)
-    tl.store(DCB + part + cb_base + cb_offs, dcb, mask=(l < Q)[:, None] & (s < Q)[None, :])
+    tl.store(DCB + part + ((b * NC + c) * G + g) * Q * Q + l[:, None] * Q + s[None, :], dcb,
+             mask=(l < Q)[:, None] & (s < Q)[None, :])
 
 
 @triton.jit
@@ -891,7 +893,7 @@ def ssd_bwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     dcb = _empty((split, pl.B, pl.nc, pl.G, pl.Q, pl.Q), pl.acc, dev)
     rows = _empty((pl.B, pl.H, pl.nc, pl.NS, pl.Q), pl.acc, dev)
     _launch(_dcb_kernel, (pl.B * pl.nc * pl.G, pl.NT, split), gy, x, dt, acs, seg, cb, dcb, rows,
-            pl.T, pl.H, pl.G, pl.P, pl.Q, pl.nc, pl.NS, hb, split, BLOCK_L=pl.BQ, BLOCK_S=pl.BQ, BLOCK_P=pl.BP,
+            pl.T, pl.H, pl.G, pl.P, pl.Q, pl.nc, pl.NS, hb, BLOCK_L=pl.BQ, BLOCK_S=pl.BQ, BLOCK_P=pl.BP,
             HAS_RESET=has_reset, **m, num_warps=8)
     dcb = dcb[0] if split == 1 else dcb.sum(0)  # (above the diagonal: never written, never read)
     dx = _empty(x.shape, x.dtype, dev)
@@ -918,12 +920,15 @@ def ssd_bwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     # dAcs -> ddt, dA (the small reductions of per-program partials are torch glue).
     ddt = _empty(dt.shape, dtypes[0], dev)
     da = _empty((pl.B, pl.nc, pl.H), pl.acc, dev)
-    # A (Q x BLOCK_H) tile per program: 16 heads at Q = 256 in fp32 (224 registers); fp64 takes
-    # two registers a value, so 4 heads (at 16 it spilled 540 bytes).
-    block_h = min(4 if pl.acc == torch.float64 else 16, triton.next_power_of_2(pl.H))
+    # A (Q x BLOCK_H) tile per program, at most 2048 values (1024 in fp64, two registers a value):
+    # at Q = 256, 8 heads (4 in fp64). 16 spilled at Mamba2-130M's 24 heads (40-124 bytes) and
+    # in fp64 (540 bytes).
+    block_q = max(16, triton.next_power_of_2(pl.Q))
+    cap = (1024 if pl.acc == torch.float64 else 2048) // block_q
+    block_h = max(1, min(16, cap, triton.next_power_of_2(pl.H)))
     _launch(_cumsum_bwd_kernel, (pl.B * pl.nc, triton.cdiv(pl.H, block_h)), dt, A, rows, term, ddt_x, ddiag,
             dlast.sum(-1).contiguous(), ddt, da, pl.T, pl.H, pl.Q, pl.nc, pl.NS,
-            BLOCK_Q=max(16, triton.next_power_of_2(pl.Q)), BLOCK_H=block_h, BLOCK_L=pl.BQ, BLOCK_S=pl.BQ,
+            BLOCK_Q=block_q, BLOCK_H=block_h, BLOCK_L=pl.BQ, BLOCK_S=pl.BQ,
             ACC=m["ACC"], num_warps=4)
     dA = da.sum((0, 1)).to(dtypes[1])
     dD = None if D is None else dd.sum((0, 1, 3)).to(D.dtype)
