@@ -445,39 +445,47 @@ def _delta_bwd_chunk_kernel(Qp, Kp, Vp, G, BETA, SEG, DO, U, W, TM, STATES, DSTA
     dgam += tl.sum(Z, axis=1) - tl.sum(Z, axis=0)
     R_d = R.to(DOT_T)
     dG_d = dG.to(DOT_T)
-    # Pass over K: dq, dk.
+    # Pass over K: dq (the incoming state's share through do' S_in^T).
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        mk = kk < K
+        m = t_ok[:, None] & mk[None, :]
+        k = tl.load(Kp + row[:, None] * K + kk[None, :], mask=m, other=0.0)
+        dqs = tl.zeros([Q, BLOCK_K], ACC)
+        for v0 in range(0, V, BLOCK_V):
+            vv = v0 + tl.arange(0, BLOCK_V)
+            mv = vv < V
+            do = tl.load(DO + row[:, None] * V + vv[None, :], mask=t_ok[:, None] & mv[None, :], other=0.0).to(ACC)
+            s_t = tl.load(STATES + st_in + kk[None, :] * V + vv[:, None], mask=mk[None, :] & mv[:, None], other=0.0)
+            dqs = tl.dot((do * scale).to(DOT_T), s_t.to(DOT_T), dqs, input_precision=PREC, out_dtype=ACC)
+        q = tl.load(Qp + row[:, None] * K + kk[None, :], mask=m, other=0.0)
+        dfs += tl.sum(q.to(ACC) * dqs, axis=1)
+        dq = tl.dot(R_d, k.to(DOT_T), input_precision=PREC, out_dtype=ACC) + from_start[:, None] * dqs
+        tl.store(DQ + row[:, None] * K + kk[None, :], dq.to(DQ.dtype.element_ty), mask=m)
+    # Pass over K: dk (the outgoing state's share through v_new dS_out^T).
     to_end, through = _to_end(G, SEG, b, h, c, T, H, NC, Q, HAS_RESET, ACC)
     dte = tl.zeros([Q], ACC)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         mk = kk < K
         m = t_ok[:, None] & mk[None, :]
-        q = tl.load(Qp + row[:, None] * K + kk[None, :], mask=m, other=0.0)
-        k = tl.load(Kp + row[:, None] * K + kk[None, :], mask=m, other=0.0)
-        q_d, k_d = q.to(DOT_T), k.to(DOT_T)
-        dq = tl.dot(R_d, k_d, input_precision=PREC, out_dtype=ACC)
-        dk = tl.dot(tl.trans(R_d), q_d, input_precision=PREC, out_dtype=ACC)
-        dk = tl.dot(dG_d, k_d, dk, input_precision=PREC, out_dtype=ACC)
-        dk = tl.dot(tl.trans(dG_d), k_d, dk, input_precision=PREC, out_dtype=ACC)
-        dqs = tl.zeros([Q, BLOCK_K], ACC)
         dks = tl.zeros([Q, BLOCK_K], ACC)
         for v0 in range(0, V, BLOCK_V):
             vv = v0 + tl.arange(0, BLOCK_V)
             mv = vv < V
-            mkv = mk[None, :] & mv[:, None]
-            do = tl.load(DO + row[:, None] * V + vv[None, :], mask=t_ok[:, None] & mv[None, :], other=0.0).to(ACC)
             vn = tl.load(VNEW + pos[:, None] * V + vv[None, :], mask=mv[None, :], other=0.0)
-            s_t = tl.load(STATES + st_in + kk[None, :] * V + vv[:, None], mask=mkv, other=0.0)
-            ds_t = tl.load(DSTATES + st_in + K * V + kk[None, :] * V + vv[:, None], mask=mkv, other=0.0)
-            dqs = tl.dot((do * scale).to(DOT_T), s_t.to(DOT_T), dqs, input_precision=PREC, out_dtype=ACC)
+            ds_t = tl.load(DSTATES + st_in + K * V + kk[None, :] * V + vv[:, None], mask=mk[None, :] & mv[:, None],
+                           other=0.0)
             dks = tl.dot(vn.to(DOT_T), ds_t.to(DOT_T), dks, input_precision=PREC, out_dtype=ACC)
-        dq += from_start[:, None] * dqs
-        dk += to_end[:, None] * dks
-        dfs += tl.sum(q.to(ACC) * dqs, axis=1)
+        k = tl.load(Kp + row[:, None] * K + kk[None, :], mask=m, other=0.0)
         dte += tl.sum(k.to(ACC) * dks, axis=1)
         dbk = tl.load(DBK + pos[:, None] * K + kk[None, :], mask=mk[None, :], other=0.0)
-        dk += (beta * from_start)[:, None] * dbk
-        tl.store(DQ + row[:, None] * K + kk[None, :], dq.to(DQ.dtype.element_ty), mask=m)
+        dk = to_end[:, None] * dks + (beta * from_start)[:, None] * dbk
+        k_d = k.to(DOT_T)
+        dk = tl.dot(dG_d, k_d, dk, input_precision=PREC, out_dtype=ACC)
+        dk = tl.dot(tl.trans(dG_d), k_d, dk, input_precision=PREC, out_dtype=ACC)
+        q = tl.load(Qp + row[:, None] * K + kk[None, :], mask=m, other=0.0)
+        dk = tl.dot(tl.trans(R_d), q.to(DOT_T), dk, input_precision=PREC, out_dtype=ACC)
         tl.store(DK + row[:, None] * K + kk[None, :], dk.to(DK.dtype.element_ty), mask=m)
     dgam += from_start * dfs - to_end * dte
     cst = 0.0
