@@ -57,6 +57,14 @@ Dtypes: q, k, v fp32, bf16, fp16 or fp64 (one dtype, the matmul operands), g and
 dtype read as fp32 (fp64 for fp64 v); accumulation, U, W, VNEW and the states in fp32 (fp64).
 fp32 matmuls use input_precision="ieee"; bf16 / fp16 round their operands to their dtype.
 
+Tiles (_Plan, MAX_TILE of kernels/gla.py): chunk Q and key / value tiles of 64 for 16-bit
+operands, 32 for fp32 / fp64; the backward's reverse pass and chunk kernel use half-width tiles
+(they hold more at once); 8 warps. Compiled for sm_80 / sm_90 at deltanet-1b's shape
+(tools/compile_kernels.py) none spills in bf16; in fp32 one variant of (3) does on sm_80 (4 bytes).
+First guesses, not yet run or tuned on a GPU; the UT transform's forward substitution is Q
+sequential row updates of a (Q x Q) tile, the first thing to replace (fla: 16 x 16 diagonal
+blocks, then block products) if it shows in a profile.
+
 Host functions (torch tensors in and out; no autograd: megarnn/ops/delta_rule.py wraps them):
     delta_fwd(q, k, v, g, beta, scale, chunk_size, initial_state=None, reset=None) -> (o, final_state)
     delta_bwd(q, k, v, g, beta, scale, chunk_size, initial_state, reset, do, dfinal=None)

@@ -56,6 +56,13 @@ Dtypes: q, k, v fp32, bf16, fp16 or fp64 (one dtype, the matmul operands), gk an
 read as fp32 (fp64 for fp64 v), accumulation and the states in fp32 (fp64). fp32 matmuls use
 input_precision="ieee"; bf16 / fp16 round decay-weighted tiles to their dtype before a product.
 
+Tiles (_Plan, MAX_TILE): chunk Q and key / value tiles of 64 for 16-bit operands, 32 for fp32 /
+fp64 (CUDA-core products), 8 warps for the kernels holding (Q x 64)-sized tiles. Compiled for
+sm_80 / sm_90 at gla-1b's shape (tools/compile_kernels.py) none spills in bf16; in fp32 one
+variant of (1) does on sm_80 (12 bytes). First guesses, not yet run or tuned on a GPU; bf16
+products are wrong under Triton's interpreter, so the CPU tests check fp32 / fp64 (with the
+64-wide layout forced) only.
+
 Host functions (torch tensors in and out; no autograd: megarnn/ops/gla.py wraps them):
     gla_fwd(q, k, v, gk, scale, chunk_size, initial_state=None, reset=None) -> (o, final_state)
     gla_bwd(q, k, v, gk, scale, chunk_size, initial_state, reset, do, dfinal=None)
