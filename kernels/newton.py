@@ -807,18 +807,73 @@ def _block_scan_launch(name, a, b, h0):
     return a.contiguous(), b.contiguous(), h0, (triton.cdiv(D, block), B), meta
 
 
+def _block_scan_plan(B: int, T: int, programs: int, device: torch.device, chunk_size: int | None
+                     ) -> tuple[int, int]:
+    """(chunk length, number of chunks) of a block scan, as _plan: None picks one chunk off CUDA; on
+    CUDA enough time chunks for CHUNK_PROGRAMS_PER_SM programs per SM, each >= MIN_CHUNK steps.
+    programs: per sequence (the grid's first axis)."""
+    if chunk_size is None:
+        if device.type != "cuda":
+            return T, 1
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        n = min(triton.cdiv(CHUNK_PROGRAMS_PER_SM * sms, B * programs), T // MIN_CHUNK)
+        if n <= 1:
+            return T, 1
+        chunk_size = triton.cdiv(T, n)
+    if chunk_size < 1:
+        raise ValueError(f"block_scan: chunk_size must be >= 1; got {chunk_size}")
+    chunk_size = min(chunk_size, T)
+    return chunk_size, triton.cdiv(T, chunk_size)
+
+
 def block_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None,
-               reverse: bool = False) -> torch.Tensor:
+               reverse: bool = False, chunk_size: int | None = None) -> torch.Tensor:
     """h_t = a_t @ h_{t-1} + b_t per block of N (2..16), one fused kernel (the contract of
     megarnn.ops.newton.block_scan_reference; no autograd: block_scan_bwd is its backward).
     a: (B, T, D, N, N); b: (B, T, D, N); h0: (B, D, N) or None -> (B, T, D, N) in b's dtype,
-    accumulated in fp32 (fp64 for fp64 b). reverse: from t = T-1 down (h_t = a_t @ h_{t+1} + b_t)."""
+    accumulated in fp32 (fp64 for fp64 b). reverse: from t = T-1 down (h_t = a_t @ h_{t+1} + b_t).
+
+    chunk_size (None: _block_scan_plan's choice, one chunk off CUDA): with C > 1 time chunks the
+    chunks run as C independent sequences (C times the programs): pass 1 scans each from zero, the
+    states entering the chunks are folded in torch from each chunk's product of a (pairwise, fp32 /
+    fp64) and its last value (C small steps), pass 2 scans each entering state through its chunk
+    (b = 0) and adds it. Twice the kernel bytes, for parallelism when B x blocks leave SMs idle."""
     a, b, h0, grid, meta = _block_scan_launch("block_scan", a, b, h0)
-    h = _empty(b.shape, b.dtype, b.device)
-    T, D = b.shape[1], b.shape[2]
-    _block_scan_kernel[grid](a, b, h0 if h0 is not None else h, h, T, D, HAS_H0=h0 is not None,
-                             REVERSE=reverse, **meta)
-    return h
+    B, T, D, N = b.shape
+    chunk, n_chunks = _block_scan_plan(B, T, grid[0], b.device, chunk_size)
+
+    def run(a, b, h0, reverse):
+        h = _empty(b.shape, b.dtype, b.device)
+        _block_scan_kernel[(grid[0], b.shape[0])](a, b, h0 if h0 is not None else h, h, b.shape[1], D,
+                                                  HAS_H0=h0 is not None, REVERSE=reverse, **meta)
+        return h
+
+    if n_chunks == 1:
+        return run(a, b, h0, reverse)
+    if reverse:
+        a, b = a.flip(1), b.flip(1)
+    pad = n_chunks * chunk - T  # steps after the end change no output
+    if pad:
+        a = torch.cat([a, a.new_zeros(B, pad, D, N, N)], dim=1)
+        b = torch.cat([b, b.new_zeros(B, pad, D, N)], dim=1)
+    ac, bc = a.reshape(B * n_chunks, chunk, D, N, N), b.reshape(B * n_chunks, chunk, D, N)
+    y = run(ac, bc, None, False).view(B, n_chunks, chunk, D, N)
+    acc = torch.float64 if b.dtype == torch.float64 else torch.float32
+    prod = ac.view(B, n_chunks, chunk, D, N, N).transpose(1, 2).to(acc)  # (B, chunk, C, D, N, N)
+    while prod.shape[1] > 1:  # a_{L-1} ... a_0 of every chunk, by pairs
+        if prod.shape[1] % 2:
+            eye = torch.eye(N, dtype=acc, device=b.device).expand(B, 1, *prod.shape[2:])
+            prod = torch.cat([prod, eye], dim=1)
+        prod = prod[:, 1::2] @ prod[:, 0::2]
+    prod = prod[:, 0]
+    carry = torch.zeros(B, D, N, dtype=acc, device=b.device) if h0 is None else h0.to(acc)
+    carries = []
+    for c in range(n_chunks):
+        carries.append(carry)
+        carry = (prod[:, c] @ carry.unsqueeze(-1)).squeeze(-1) + y[:, c, -1].to(acc)
+    cin = torch.stack(carries, dim=1).reshape(B * n_chunks, D, N)
+    h = (y + run(ac, torch.zeros_like(bc), cin, False).view_as(y)).view(B, n_chunks * chunk, D, N)[:, :T]
+    return h.flip(1).contiguous() if reverse else h.contiguous()
 
 
 def block_scan_bwd(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None, g: torch.Tensor,

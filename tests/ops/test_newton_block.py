@@ -68,6 +68,19 @@ def test_block_scan_equals_the_reference_loop_forward_and_gradients(backend, dty
                     assert _rel(g, w) <= tol, (case, name, _rel(g, w))
 
 
+def test_time_chunked_block_scan_kernel_equals_the_reference_loop(nan_outputs):
+    """kernels.block_scan with time chunks (what it picks on a GPU when B x blocks leave SMs idle): two
+    kernel passes around the carries folded in torch; chunks of 1, not dividing T, of T; both directions."""
+    kernels = newton_ops._require_kernels(torch.zeros(1, device=DEVICE))
+    for dtype, tol in ((torch.float64, FP64_TOL), (torch.float32, FP32_TOL)):
+        a, b, h0, _ = _scan_case(3, dtype, T=13)
+        for reverse, start in ((False, h0), (True, None)):
+            want = block_scan_reference(a.double(), b.double(), None if start is None else start.double(), reverse)
+            for chunk in (1, 5, 13):
+                got = kernels.block_scan(a, b, start, reverse, chunk_size=chunk)
+                assert got.dtype == dtype and _rel(got, want) <= tol, (dtype, reverse, chunk, _rel(got, want))
+
+
 def test_chunked_block_scan_at_every_chunk_size():
     """The chunked form's pieces: chunks of 1, of T, not dividing T (padding), one chunk per step."""
     a, b, h0, _ = _scan_case(4, torch.float64, T=13)
