@@ -68,8 +68,9 @@ across context-parallel ranks and the block-diagonal GRU cells' Newton updates a
 t with its blocks' states in registers, one batched mat-vec per step. The backward is the
 transposed scan run the other way, fused with the gradients of a (lambda_t h_prev^T), b (lambda)
 and h0. Per step and block: N^2 + 2N loads and N stores forward; N^2 + 3N loads and N^2 + N
-stores backward. Sequential over T (no time chunks yet): latency-bound, fast when B x blocks
-fill the GPU.
+stores backward. A program is sequential over its steps (latency-bound); block_scan splits time
+into chunks run as independent sequences (two passes around a carry folded in torch) when
+B x block groups would leave SMs idle (_block_scan_plan); block_scan_bwd is one pass over T.
 
 Dtypes: float32 (state and gates in fp32 registers) or float64. Under Triton's interpreter the
 loops here are per step, not `tl.associative_scan`s: the interpreter runs a custom combine as a
