@@ -125,6 +125,8 @@ def shift(t: torch.Tensor, cp: ContextParallel, to_next: bool = True, edge: torc
     receives rank r + 1's t, and the last rank gets `edge`. edge: like t, zeros when None.
     """
     rank, size, group = cp.rank, cp.size, cp.group
+    if t.is_meta:  # megarnn plan: shapes only (no backend sends meta tensors)
+        return torch.empty_like(t)
     src, dst = (rank - 1, rank + 1) if to_next else (rank + 1, rank - 1)
     t = t.contiguous()
     ops, recv = [], None

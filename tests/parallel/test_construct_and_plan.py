@@ -108,3 +108,13 @@ def test_materialize_builds_one_rank_and_measures_it():
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     (entry,) = out["ranks"]
     assert entry["ranks"] == [3] and entry["measured_params"] == entry["params"] and entry["measured_peak_bytes"] > 0
+
+
+def test_plan_with_context_parallelism_for_newton_and_scan_families():
+    """The plan runs the layout's forward on meta tensors in the fake process group: the ops'
+    neighbour exchanges (conv halos, Newton under cp) pass shapes through without sending."""
+    for model in ("paragru-tiny", "paralstm-tiny", "paragru-block-tiny"):
+        proc = run_cli("plan", f"configs/model/{model}.yaml", "parallel.cp=2", "--world-size", "4", "--json",
+                       timeout=300)
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert all(e["comm_bytes_per_step"]["cp"] > 0 for e in out["ranks"]), model
