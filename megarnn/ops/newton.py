@@ -735,7 +735,7 @@ def _grad_params(cell: nn.Module):
 # kernels' (P, W) parameter block (GRU: a_z, a_r, a_c; LSTM: a_f, a_z, a_o, p_f, p_o), with
 # x (B, T, 3, W) the gate pre-activations in the same order.
 TRITON_CELLS = {"gru": ("recurrent",), "lstm": ("recurrent", "peephole")}
-# ops may not import models (DESIGN.md: arrows point down), so until the model classes declare
+# ops may not import models (imports point from models down to ops), so until the model classes declare
 # `triton_kind` themselves they are recognised by qualified name (the exact class, not subclasses).
 _TRITON_CLASS_NAMES = {"megarnn.models.pararnn.ParaGRUCell": "gru", "megarnn.models.pararnn.ParaLSTMCell": "lstm"}
 _UNSET = object()
