@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from megarnn.errors import ConfigError, DataError
@@ -79,6 +80,22 @@ def _tokens_per_step(d: dict) -> float:
     return tokens[last] / last if last else 0.0
 
 
+_PER_STEP_LINE = re.compile(r"data: .*?([\d,]+) tokens per step")
+
+
+def _with_tokens(d: dict, run: str | Path) -> dict:
+    """A run logged before train/tokens existed: its tokens per step from the `data:` line of its
+    log.txt, as a train/tokens series at the steps of its train/loss (unchanged otherwise)."""
+    if TOKENS in d or "train/loss" not in d:
+        return d
+    log = metrics_file(run).parent / "log.txt"
+    found = _PER_STEP_LINE.findall(log.read_text(errors="replace")) if log.is_file() else []
+    if not found:
+        return d
+    per_step = int(found[-1].replace(",", ""))
+    return {**d, TOKENS: {s: float(s * per_step) for s in d["train/loss"]}}
+
+
 def choose_panels(data: list[dict]) -> list[tuple]:
     """The PANELS some run has data for: a tag of the panel logged, train/tokens for the tokens
     panel, and a nonzero value for Newton iterations."""
@@ -115,7 +132,7 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
     if not runs:
         raise ConfigError("give at least one run directory to plot")
     Figure = _import_matplotlib()
-    data = [read_metrics(r) for r in runs]
+    data = [_with_tokens(read_metrics(r), r) for r in runs]
     names = _names(runs)
     per_step = [_tokens_per_step(d) for d in data]
     panels = choose_panels(data)
@@ -136,16 +153,16 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
                 if tag not in d:
                     continue
                 steps = sorted(d[tag])
-                label = name if len(tags) == 1 else f"{name} ({tag.split('/')[0]})"
+                label = name if style == tags[0][1] else None  # one entry per run; styles in the title
                 ax.plot([s * scale for s in steps], [d[tag][s] for s in steps], style, color=color, label=label,
                         marker="o" if len(steps) < 30 and style == "--" else None, markersize=3)
-        ax.set_title(title)
+        ax.set_title(title + (" (train solid, validation dashed)" if len(tags) > 1 else ""))
         ax.set_xlabel("training tokens" if title == LOSS_TOKENS else "step")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         if title == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", ncol=2 if len(runs) > 5 else 1)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     out = Path(out)

@@ -95,3 +95,15 @@ def test_panels_loss_against_tokens_where_logged_and_no_all_zero_newton_panel():
     assert titles([base, {**base, "train/tokens": {2: 8192.0}}]) == ["loss", LOSS_TOKENS]
     assert "Newton iterations (mean over layers)" not in titles([{**base, "newton/iters/": {1: 0.0, 2: 0.0}}])
     assert "Newton iterations (mean over layers)" in titles([{**base, "newton/iters/": {1: 0.0, 2: 3.0}}])
+
+
+def test_tokens_per_step_of_an_older_run_from_its_log(tmp_path):
+    """A run logged before train/tokens: the tokens panel takes its tokens per step from log.txt."""
+    from megarnn.plot import TOKENS, _with_tokens, read_metrics
+    run = _fake_run(tmp_path / "old", 1.0)
+    (run / "log.txt").write_text("2026-11-29 04:53:06 data: 1,812,672 training tokens; 4,096 tokens per step "
+                                 "(16 sequences of 256); 150 steps read 614,400 tokens: 0.339 epochs\n")
+    d = _with_tokens(read_metrics(run), run)
+    assert d[TOKENS][10] == 40960.0
+    bare = _fake_run(tmp_path / "bare", 1.0)
+    assert TOKENS not in _with_tokens(read_metrics(bare), bare)
