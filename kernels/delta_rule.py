@@ -496,7 +496,7 @@ def _delta_bwd_chunk_kernel(Qp, Kp, Vp, G, BETA, SEG, DO, U, W, TM, STATES, DSTA
         dk = tl.dot(tl.trans(R_d), q.to(DOT_T), dk, input_precision=PREC, out_dtype=ACC)
         tl.store(DK + row[:, None] * K + kk[None, :], dk.to(DK.dtype.element_ty), mask=m)
     dgam += from_start * dfs - to_end * dte
-    cst = 0.0
+    cst = tl.zeros([Q], ACC)  # the chunk state's share, the same for every step
     for nv in range(0, NV):
         cst += tl.load(CPART + ((b * H + h) * NC + c) * NV + nv)
     dg = tl.cumsum(dgam, axis=0, reverse=True) + cst
