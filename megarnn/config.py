@@ -309,7 +309,9 @@ class TrainConfig:
     # (3x while saving, evaluating or in the first step); also sets the collective timeout. 0: off.
     hang_timeout: float = 300.0
     # torch.compile(model, fullgraph=True) when the model is built (megarnn.train.loop.build_model):
-    # every op is one graph node (custom ops around scans, SSD and the Newton solve)
+    # every op is one graph node (custom ops around scans, SSD and the Newton solve). GLA / Gated
+    # DeltaNet: with model.scan_backend=triton (their kernels are custom ops); their chunked torch
+    # forms compile too, but once per number of chunks (a Python loop over chunks)
     compile: bool = False
 
     def validate(self) -> None:

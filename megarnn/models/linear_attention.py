@@ -53,9 +53,10 @@ def _check_heads(c: ModelConfig, key: int, value: int, what: str) -> None:
 
 
 def _backend(c: ModelConfig) -> str | None:
-    """The ops' backend: "reference" when asked for; otherwise the chunked torch form (these ops
-    have no Triton kernels yet, so model.scan_backend=triton runs them in torch too)."""
-    return "reference" if c.scan_backend == "reference" else None
+    """The ops' backend: model.scan_backend as set (reference, torch, or triton: the kernels of
+    kernels/gla.py and kernels/delta_rule.py); unset, the chunked torch form (the kernels have not
+    run on a GPU yet, so they are not the default anywhere)."""
+    return c.scan_backend or None
 
 
 def _linear(d_in: int, d_out: int, std: float, bias: bool = False) -> nn.Linear:

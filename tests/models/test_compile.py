@@ -20,7 +20,20 @@ FAMILIES = {
                    n_groups=1, chunk_size=16),
     "paragru": dict(family="pararnn", block_pattern="G", d_model=32, n_layers=2, n_heads=2, lru_width=32),
     "paralstm": dict(family="pararnn", block_pattern="L", d_model=32, n_layers=2, n_heads=2, lru_width=32),
+    "paragru-block": dict(family="pararnn", block_pattern="B", d_model=32, n_layers=1, n_heads=2, lru_width=32,
+                          newton_block_size=4),
+    "gla": dict(family="gla", block_pattern="T", d_model=32, n_layers=1, n_heads=2, la_chunk_size=16, gla_gate_rank=4),
+    "deltanet": dict(family="deltanet", block_pattern="D", d_model=32, n_layers=1, n_heads=2, la_chunk_size=16),
+    "lru": dict(family="lru", block_pattern="U", d_model=32, n_layers=1, lru_width=32),
+    "mingru": dict(family="mingru", block_pattern="N", d_model=32, n_layers=1, lru_width=32),
+    "minlstm": dict(family="minlstm", block_pattern="O", d_model=32, n_layers=1, lru_width=32),
 }
+# The second round's families once each: torch backend, and GLA / Gated DeltaNet on their Triton
+# kernels (custom ops). Their chunked torch forms are plain torch code with a Python loop over
+# chunks, which dynamo unrolls: one graph per number of chunks (a recompile for another length).
+CASES = ([(f, b) for f in ("griffin", "mamba2", "paragru", "paralstm") for b in ("torch", "triton")]
+         + [(f, "torch") for f in ("paragru-block", "lru", "mingru", "minlstm")]
+         + [("gla", "triton"), ("deltanet", "triton")])
 
 
 def _model(family: str, backend: str = "torch") -> RecurrentLM:
@@ -44,8 +57,7 @@ def _batch(T: int, seed: int):
     return batch
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family,backend", CASES)
 def test_whole_model_compiles_in_one_graph_for_every_length(family, backend):
     """backend "triton" runs the kernels under Triton's interpreter on CPU (TRITON_INTERPRET=1,
     tests/conftest.py), on the GPU where there is one."""

@@ -2,11 +2,7 @@
 backend="triton" equals the one-process reference (both ops in one spawn: the op runs its chunk
 with the kernels, the carry from earlier ranks is added in torch), and the gla / deltanet model
 families train a step with the kernels (they launch, and the loss, gradients and updated weights
-equal the torch backend's).
-
-megarnn/models/linear_attention.py passes backend=None to these ops (the chunked torch form) for
-model.scan_backend=triton today; the model test routes "triton" through to the op by patching
-that one function, as the model will once it passes the backend on.
+equal the torch backend's: model.scan_backend reaches the ops).
 """
 import pytest
 import torch
@@ -50,9 +46,6 @@ def _count_launches(monkeypatch) -> set:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="counts launches under Triton's interpreter")
 @pytest.mark.parametrize("family", ["gla", "deltanet"])
 def test_model_trains_a_step_with_the_kernels(family, monkeypatch):
-    from megarnn.models import linear_attention
-    original = linear_attention._backend
-    monkeypatch.setattr(linear_attention, "_backend", lambda c: "triton" if c.scan_backend == "triton" else original(c))
     torch.manual_seed(0)
     c = ModelConfig(vocab_size=64, d_model=16, n_layers=1, **FAMILIES[family])
     models = {b: RecurrentLM(ModelConfig(**{**c.__dict__, "scan_backend": b})) for b in ("torch", "triton")}
