@@ -144,14 +144,30 @@ def takes_positions(mixer: nn.Module) -> bool:
     return "pos" in inspect.signature(mixer.forward).parameters
 
 
+class InputSkip(nn.Module):
+    """D * u: a learned per-channel multiple of a mixer's (normalized) input, added to its output
+    (the LRU's skip term). It lives in the block, outside the mixer, so parallelism treats it as
+    it treats the norms: whole on every tensor-parallel rank, on this rank's tokens under
+    sequence parallelism (its gradient then summed over the group)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(dim))  # N(0, 1), as the LRU paper's D
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self.weight.to(u.dtype) * u
+
+
 class ResidualBlock(nn.Module):
-    """Pre-norm residual block around one temporal mixer and one gated MLP."""
+    """Pre-norm residual block around one temporal mixer and one gated MLP. A mixer class with
+    `input_skip = True` also gets D * u added to its output (InputSkip)."""
 
     def __init__(self, c: ModelConfig, kind: str):
         super().__init__()
         self.kind = kind
         self.temporal_pre_norm = RMSNorm(c.d_model, c.norm_eps)
         self.temporal_block = temporal_mixer(c, kind)
+        self.temporal_skip = InputSkip(c.d_model) if getattr(self.temporal_block, "input_skip", False) else None
         self.channel_pre_norm = RMSNorm(c.d_model, c.norm_eps)
         self.mlp_block = GatedMLP(c)
         self._pos = takes_positions(self.temporal_block)
@@ -162,6 +178,9 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x, reset=None, state=None, pos=None):
         kwargs = {"pos": pos} if self._pos else {}
-        mixed, new_state = self.temporal_block(self.temporal_pre_norm(x), reset, state, **kwargs)
+        u = self.temporal_pre_norm(x)
+        mixed, new_state = self.temporal_block(u, reset, state, **kwargs)
+        if self.temporal_skip is not None:
+            mixed = mixed + self.temporal_skip(u)
         x = x + mixed
         return x + self.mlp_block(self.channel_pre_norm(x)), new_state

@@ -18,20 +18,16 @@ recurrence runs in megarnn.ops.lru_scan (complex64; complex128 for a float64 mod
 reset drops h_{t-1}. State: {"h": (B, N, 2) float32 (re, im)}.
 
 Tensor parallelism splits the state channels: in_proj column-parallel, out_proj row-parallel,
-nu_log / theta_log / gamma_log by channel (megarnn/registry.py). D acts on the block's input in
-model width, which the ranks share: it is kept whole on every rank and the skip D * x is added
-after out_proj's reduction, so that it counts once: under plain tensor parallelism every rank
-adds it to the whole (replicated) output and its input gradient is divided by tp (the block's
-input gradient is summed over the group); under sequence parallelism each rank adds it to its own
-T / tp output steps and D's gradient is summed over the group. Under context parallelism the
-skip is local to each rank's chunk.
+nu_log / theta_log / gamma_log by channel (megarnn/registry.py). The skip D * x acts in model
+width, which the ranks share: it is not part of the mixer but of its residual block
+(`input_skip = True` -> blocks.InputSkip, added to the mixer's output there), outside the
+sublayer that tensor parallelism splits, so the passes treat D as they treat a norm's weight.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megarnn.config import ModelConfig
@@ -50,19 +46,10 @@ def ring_init(n: int, r_min: float, r_max: float, max_phase: float) -> tuple[tor
     return nu_log.float(), theta_log.float(), gamma_log.float()
 
 
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * ctx.scale, None
-
-
 class LRUMixer(nn.Module):
-    """(B, T, d_model) -> (B, T, d_model)."""
+    """(B, T, d_model) -> (B, T, d_model): Re(C h); the block adds D * x (input_skip)."""
+
+    input_skip = True
 
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -73,7 +60,6 @@ class LRUMixer(nn.Module):
         nu_log, theta_log, gamma_log = ring_init(N, c.lru_r_min, c.lru_r_max, c.lru_max_phase)
         self.nu_log, self.theta_log = nn.Parameter(nu_log), nn.Parameter(theta_log)
         self.gamma_log = nn.Parameter(gamma_log)
-        self.D = nn.Parameter(torch.randn(H))
 
     def forward(self, x, reset=None, state=None):
         """x: (B, T, D); reset: (B, T) bool -> (B, T, D), {"h": (B, N, 2)}."""
@@ -83,17 +69,5 @@ class LRUMixer(nn.Module):
         h = lru_scan(bx, self.nu_log, self.theta_log, state.get("h"), reset,
                      backend="reference" if self.c.scan_backend == "reference" else None)
         y = self.out_proj(h.flatten(-2).to(x.dtype))
-        return y + self._skip(x, y), {"h": h[:, -1]}
+        return y, {"h": h[:, -1]}
 
-    def _skip(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """D * x for the output steps y holds, counted once under tensor / sequence parallelism
-        (out_proj is then megarnn.parallel.tensor.RowParallelLinear, which knows its group)."""
-        group = getattr(self.out_proj, "group", None)
-        D = self.D.to(x.dtype)
-        if group is None:
-            return D * x
-        from megarnn.parallel.tensor import copy_to_tp
-        if getattr(self.out_proj, "sequence_parallel", False):
-            T, r = y.shape[1], dist.get_rank(group)
-            return copy_to_tp(D, group) * x[:, r * T:(r + 1) * T]
-        return D * _ScaleGrad.apply(x, 1.0 / dist.get_world_size(group))

@@ -27,7 +27,7 @@ from torch import nn
 
 from megarnn import registry
 from megarnn.config import ModelConfig
-from megarnn.models.blocks import RMSNorm
+from megarnn.models.blocks import InputSkip, RMSNorm
 from megarnn.models.mamba2 import GatedGroupRMSNorm
 from megarnn.models.pararnn import GatedRMSNorm
 from megarnn.ops.context import context_parallel
@@ -168,12 +168,13 @@ def sequence_count(mask: torch.Tensor, cp_group) -> torch.Tensor:
 def apply_sequence_parallel(model: nn.Module, group, on: bool = True) -> nn.Module:
     """Megatron sequence parallelism on a tensor-parallel model: between layers each rank of
     `group` holds T / tp steps of the residual stream (norms and residual adds on a shard).
-    A norm's weight then sees only this rank's tokens: its gradient is summed over the group."""
+    A norm's weight (or a block's InputSkip) then sees only this rank's tokens: its gradient is
+    summed over the group."""
     lay = layout(model)
     _set_sequence_parallel(model, on)
     if not lay.norm_grad_hooks:
         for m in model.modules():
-            if isinstance(m, RMSNorm):
+            if isinstance(m, (RMSNorm, InputSkip)):
                 hook = SumGradOverGroup(group)
                 m.weight.register_hook(hook)
                 lay.norm_grad_hooks.append(hook)
