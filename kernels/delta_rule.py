@@ -80,26 +80,11 @@ import torch
 import triton
 import triton.language as tl
 
-from megarnn_kernels.gla import _TL, MAX_TILE, chunk_for, segments  # noqa: F401  (MAX_TILE: tests)
+from megarnn_kernels.gla import _TL, MAX_TILE, _empty, _load_seg, _seg_last, chunk_for, segments  # noqa: F401  (MAX_TILE: tests)
+from megarnn_kernels.gla import _Plan as _GLAPlan
 
 # True when the kernels were decorated under Triton's interpreter (TRITON_INTERPRET=1).
 INTERPRETED = triton.knobs.runtime.interpret
-
-
-@triton.jit
-def _load_seg(SEG, base, pos, mask, HAS_RESET: tl.constexpr):
-    if HAS_RESET:
-        return tl.load(SEG + base + pos, mask=mask, other=0)
-    else:
-        return tl.zeros_like(pos)
-
-
-@triton.jit
-def _seg_last(SEG, base, Q, HAS_RESET: tl.constexpr):
-    if HAS_RESET:
-        return tl.load(SEG + base + Q - 1)
-    else:
-        return 0
 
 
 @triton.jit
@@ -508,40 +493,9 @@ def _delta_bwd_chunk_kernel(Qp, Kp, Vp, G, BETA, SEG, DO, U, W, TM, STATES, DSTA
 # Host side
 # ----------------------------------------------------------------------------------------------
 
-def _empty(shape, dtype, device) -> torch.Tensor:
-    """The one allocator for kernel outputs; tests replace it with a NaN-filled one so that an
-    element a kernel forgets to write fails loudly."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 @dataclass(frozen=True)
-class _Plan:
-    """Sizes and tiles of one call (as kernels/gla.py's)."""
-    B: int
-    T: int
-    H: int
-    K: int
-    V: int
-    Q: int
-    nc: int
-    dtype: torch.dtype
-    acc: torch.dtype
-
-    @property
-    def tile(self):
-        return MAX_TILE[self.dtype.itemsize]
-
-    @property
-    def BK(self):
-        return min(self.tile, max(16, triton.next_power_of_2(self.K)))
-
-    @property
-    def BV(self):
-        return min(self.tile, max(16, triton.next_power_of_2(self.V)))
-
-    @property
-    def warps(self):
-        return 8 if self.Q * max(self.BK, self.BV) >= 32 * 32 else 4
+class _Plan(_GLAPlan):
+    """Sizes and tiles of one call: kernels/gla.py's, with the backward's smaller tiles."""
 
     @property
     def BK_BWD(self):
@@ -552,11 +506,6 @@ class _Plan:
     @property
     def BV_BWD(self):
         return min(self.BV, self.tile // 2)
-
-    def meta(self) -> dict:
-        return dict(ACC=_TL[self.acc], DOT_T=_TL[self.dtype],
-                    PREC="ieee" if self.dtype in (torch.float32, torch.float64) else "tf32")
-
 
 def _plan(q, k, v, g, beta, chunk_size) -> _Plan:
     b, T, H, K = q.shape
