@@ -6,6 +6,7 @@ the copy bandwidth this script measures on the same device in the same run.
     python tools/bench_kernels.py --only scan --no-compile
     python tools/bench_kernels.py --only ssd --ssd-shape 8 4096 64 64 1 128 256
     python tools/bench_kernels.py --only newton --newton-shape 8 4096 256
+    python tools/bench_kernels.py --only la --la-shape 8 4096 16 128 128 64   # GLA, gated delta rule vs fla
 
 Primitives: the diagonal linear scan h_t = a_t h_{t-1} + b_t, the RG-LRU with its gates
 fused into that scan, and SSD, the chunked state-space scan of Mamba2 (--ssd-shape B T H P G N Q;
@@ -62,6 +63,8 @@ NEWTON_GPU_SHAPES = [(8, 4096, 256)]  # B T W: the issue's paraGRU shape, 2048 c
 NEWTON_CPU_SHAPES = [(1, 16, 8)]  # the interpreter: ~5 ms per step and program
 SSD_GPU_SHAPES = [(8, 4096, 64, 64, 1, 128, 256)]  # B T H P G N chunk: one Mamba2-1.3B layer
 SSD_CPU_SHAPES = [(1, 32, 2, 16, 1, 16, 16)]  # the interpreter: correctness smoke only
+LA_GPU_SHAPES = [(8, 4096, 16, 128, 128, 64)]  # B T H K V chunk: one ~1B GLA / Gated DeltaNet layer
+LA_CPU_SHAPES = [(1, 32, 2, 16, 16, 16)]
 
 
 @dataclass
@@ -306,6 +309,59 @@ def bench_ssd(B, T, H, P, G, N, Q, dtype, device, reps, report: Report):
 
 
 # ------------------------------------------------------------------------------------------------
+# GLA and the gated delta rule: the triton kernels, the chunked torch forms, fla's chunk kernels
+# ------------------------------------------------------------------------------------------------
+
+def _la_inputs(kind, B, T, H, K, V, dtype, device):
+    """fla's layouts: q, k (B,T,H,K), v (B,T,H,V); GLA's log gate gk (B,T,H,K) = logsigmoid / 16,
+    the delta rule's g (B,T,H) = -softplus-like decay and beta in (0, 1); fp32 gates."""
+    q, k = (torch.randn(B, T, H, K, device=device, dtype=dtype) for _ in range(2))
+    v = torch.randn(B, T, H, V, device=device, dtype=dtype)
+    if kind == "gla":
+        return q, k, v, F.logsigmoid(torch.randn(B, T, H, K, device=device)) / 16
+    k = F.normalize(k.float(), dim=-1).to(dtype)
+    q = F.normalize(q.float(), dim=-1).to(dtype)
+    return q, k, v, -F.softplus(torch.randn(B, T, H, device=device) - 3), torch.rand(B, T, H, device=device)
+
+
+def _la_peer(kind, device, report: Report):
+    name = f"fla chunk_{'gla' if kind == 'gla' else 'gated_delta_rule'}"
+    if device.type != "cuda":
+        report.missing[name] = "needs CUDA"
+        return []
+    try:
+        if kind == "gla":
+            from fla.ops.gla import chunk_gla
+            return [(name, lambda q, k, v, gk: chunk_gla(q, k, v, gk)[0])]
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        return [(name, lambda q, k, v, g, beta: chunk_gated_delta_rule(q, k, v, g, beta)[0])]
+    except Exception as e:
+        report.missing[name] = f"{type(e).__name__}: {e}"
+        return []
+
+
+def bench_linear_attention(kind, B, T, H, K, V, Q, dtype, device, reps, report: Report):
+    from megarnn.ops import gated_delta_rule, gla
+
+    args = _la_inputs(kind, B, T, H, K, V, dtype, device)
+    op = f"{kind} {B}x{T} H{H} K{K} V{V} Q{Q}"
+    leaf = lambda *ts: [t.detach().clone().requires_grad_() for t in ts]  # noqa: E731
+    interp = " (interpreter)" if device.type != "cuda" else ""
+    fn = gla if kind == "gla" else gated_delta_rule
+    backend = lambda name: lambda *a: fn(*a, chunk_size=Q, backend=name)[0]  # noqa: E731
+    rows = [(f"megarnn triton{interp}", backend("triton"), "fused fwd and bwd"),
+            ("megarnn torch backend", backend("torch"), "chunked, autograd bwd")]
+    rows += [(name, peer, "") for name, peer in _la_peer(kind, device, report)]
+    s, tokens = args[0].element_size(), B * T
+    gate = H * K * 4 if kind == "gla" else 2 * H * 4
+    fwd_bytes = tokens * (H * (2 * K + 2 * V) * s + gate)  # q, k, v in, o out, the gates
+    bwd_bytes = tokens * (H * (3 * K + 4 * V) * s + 2 * gate)  # q, k, v, do in; dq, dk, dv out; gates and theirs
+    for name, f, note in rows:
+        row = Row(op, name, note=note, bytes=(fwd_bytes, fwd_bytes + bwd_bytes))
+        report.rows.append(_measure(row, lambda f=f: f(*args), _backward(f, leaf(*args)), device, reps))
+
+
+# ------------------------------------------------------------------------------------------------
 # Newton solve of the ParaRNN cells: the triton solvers, the torch backends, pararnn-torch
 # ------------------------------------------------------------------------------------------------
 
@@ -413,7 +469,10 @@ def main(argv=None) -> int:
                    help="repeatable; default: 8x4096, 64 heads of 64, G 1, N 128, chunk 256 on a GPU; tiny on CPU")
     p.add_argument("--newton-shape", nargs=3, type=int, action="append", metavar=("B", "T", "W"),
                    help="repeatable; default: 8x4096x256 on a GPU, 1x16x8 on CPU")
-    p.add_argument("--only", choices=["scan", "rglru", "ssd", "newton"], default=None)
+    p.add_argument("--la-shape", nargs=6, type=int, action="append", metavar=("B", "T", "H", "K", "V", "Q"),
+                   help="GLA and the gated delta rule; repeatable; default: 8x4096, 16 heads of K = V = 128, "
+                        "chunk 64 on a GPU; tiny on CPU")
+    p.add_argument("--only", choices=["scan", "rglru", "ssd", "newton", "la"], default=None)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (slow to compile on CPU)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -432,6 +491,10 @@ def main(argv=None) -> int:
     if args.only in (None, "ssd"):
         for shape in args.ssd_shape or (SSD_GPU_SHAPES if device.type == "cuda" else SSD_CPU_SHAPES):
             bench_ssd(*shape, dtype, device, reps, report)
+    if args.only in (None, "la"):
+        for shape in args.la_shape or (LA_GPU_SHAPES if device.type == "cuda" else LA_CPU_SHAPES):
+            for kind in ("gla", "delta"):
+                bench_linear_attention(kind, *shape, dtype, device, reps, report)
     if args.only in (None, "newton"):
         for B, T, W in args.newton_shape or (NEWTON_GPU_SHAPES if device.type == "cuda" else NEWTON_CPU_SHAPES):
             for kind in ("gru", "lstm"):
