@@ -25,7 +25,7 @@
 #
 # Environment: PYTHON (default .venv/bin/python, else python3); GPU_CHECK_OUT (the markdown
 # file, default BENCHMARKS.md); GPU_CHECK_{PEERS,TESTS,KERNELS,STEP}_TIMEOUT seconds per step
-# (defaults 30, 110, 35 x 4 kernel tables (+25 for scan), 50 x 3 models: 7.6 minutes at worst).
+# (defaults 30, 110, 30 x 5 kernel tables (+25 for scan), 50 x 3 models: 7.75 minutes at worst).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
@@ -48,7 +48,7 @@ else PY=python3; fi
 OUT=${GPU_CHECK_OUT:-BENCHMARKS.md}
 T_PEERS=${GPU_CHECK_PEERS_TIMEOUT:-30}
 T_TESTS=${GPU_CHECK_TESTS_TIMEOUT:-110}
-T_KERNELS=${GPU_CHECK_KERNELS_TIMEOUT:-35}  # scan gets 25 s more: its torch.compile peer compiles
+T_KERNELS=${GPU_CHECK_KERNELS_TIMEOUT:-30}  # scan gets 25 s more: its torch.compile peer compiles
 T_STEP=${GPU_CHECK_STEP_TIMEOUT:-50}
 MODELS=(griffin-1b mamba2-1.3b paragru-1b)
 PEER_PACKAGES=(flash-linear-attention accelerated-scan pararnn-torch mamba-ssm)
@@ -61,7 +61,7 @@ unset TRITON_INTERPRET  # on the GPU the kernels compile; never the interpreter
 
 # The commands, exactly as run (and as written to BENCHMARKS.md).
 PYTEST_CMD=("$PY" -m pytest -q -rs -p no:cacheprovider --timeout=60 "${GPU_TESTS[@]}")
-KERNEL_OPS=(scan rglru ssd newton)
+KERNEL_OPS=(scan rglru ssd newton la)
 kernels_cmd() { KERNELS_CMD=("$PY" tools/bench_kernels.py --only "$1"); }
 kernel_limit() { if [[ $1 == scan ]]; then echo $(( T_KERNELS + 25 )); else echo "$T_KERNELS"; fi; }
 step_cmd() {  # the bench command for model $1
