@@ -685,7 +685,9 @@ class _Call:
         self.reset = None if reset is None else reset.to(device=x.device, dtype=torch.uint8).contiguous()
         self.block_w = _block_w(W)
         self.meta = dict(BLOCK_W=self.block_w, ACC=_tl_dtype(x.dtype), LSTM=self.lstm, HAS_H0=h0 is not None,
-                         HAS_RESET=reset is not None, UNROLL=UNROLL, num_warps=1)
+                         HAS_RESET=reset is not None, num_warps=1,
+                         # fp64 LSTM: 4 steps in flight spill on sm_90 (its 2x2 Jacobians in fp64)
+                         UNROLL=2 if self.lstm and x.dtype == torch.float64 else UNROLL)
 
     def state(self, name: str, t: torch.Tensor) -> torch.Tensor:
         if t.shape != (self.B, self.T, self.S):
