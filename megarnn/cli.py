@@ -93,9 +93,20 @@ def cmd_train(args) -> int:
     try:
         train(cfg)
     except Preempted as e:
+        _shut_down_distributed()
         print(f"megarnn train: {e}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
+    _shut_down_distributed()
     return 0
+
+
+def _shut_down_distributed() -> None:
+    """Every rank reached the same end (done, or stopped by a signal at the same step): meet, then
+    tear the process groups down, rather than leave gloo's threads to the interpreter's exit."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def cmd_tokenizer(args) -> int:
