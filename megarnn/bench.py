@@ -119,7 +119,7 @@ def bench_step(config: str, overrides: list[str], steps: int, warmup: int) -> di
         seconds = time.perf_counter() - t0
         if step >= warmup:
             times.append(seconds)
-            say(f"step {step - warmup + 1}: {seconds:.4f} s, loss {loss:.4f}")
+            say(f"step {step - warmup + 1}: {seconds:.4f} s, loss {float(loss):.4f}")
     seconds = statistics.median(times)
     tps = tokens_per_step / seconds
     out = {"seconds_per_step": seconds, "tokens_per_sec": tps,

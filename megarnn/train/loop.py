@@ -9,7 +9,6 @@ tokenizer and shards, build the model and engine, resume, and loop.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import signal
 import threading
@@ -209,9 +208,10 @@ class PreemptionWatch:
         if dist.is_initialized() and dist.get_backend() == "nccl":
             flag = flag.cuda()
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and not self.signal_name:
+        stop = bool(flag.item())  # the one host read of the check
+        if stop and not self.signal_name:
             self.signal_name, self._since = "a signal on another rank", time.monotonic()
-        return bool(flag.item())
+        return stop
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -234,8 +234,12 @@ def local_micro_batch(loader, step: int, micro: int, mesh: ParallelMesh, device)
     return {k: v[:, i * n:(i + 1) * n].to(device) for k, v in b.items()}
 
 
-def train_step(engine, loader, step: int, grad_accum: int, mesh: ParallelMesh, device) -> tuple[float, float]:
-    """One optimizer step over grad_accum micro batches -> (mean loss over all ranks, grad norm)."""
+def train_step(engine, loader, step: int, grad_accum: int, mesh: ParallelMesh, device):
+    """One optimizer step over grad_accum micro batches -> (mean loss over all ranks, grad norm).
+
+    Both stay where they are (the loss a device tensor, the norm whatever the optimizer keeps):
+    reading them on the host waits for the step's kernels, so the loop reads them only when it
+    logs (`as_float`)."""
     if mesh.pp > 1:
         return pipeline_step(engine, loader, step, grad_accum, mesh, device)
     loss_sum = torch.zeros((), device=device)
@@ -254,10 +258,10 @@ def train_step(engine, loader, step: int, grad_accum: int, mesh: ParallelMesh, d
     # Context-parallel shares add up to each replica's loss; tensor-parallel ranks hold the same loss.
     watchdog.beat("loss all-reduce")
     dist.all_reduce(loss_sum, group=mesh.group("dp_cp"))
-    return loss_sum.item() / (grad_accum * mesh.dp), global_grad_norm(engine)
+    return loss_sum / (grad_accum * mesh.dp), grad_norm_value(engine)
 
 
-def pipeline_step(engine, loader, step: int, grad_accum: int, mesh: ParallelMesh, device) -> tuple[float, float]:
+def pipeline_step(engine, loader, step: int, grad_accum: int, mesh: ParallelMesh, device):
     """The same step through DeepSpeed's 1F1B schedule: the first stage reads (tokens, reset), the
     last (targets, loss_mask); the engine returns the loss averaged over micro batches and
     replicas on every stage (the loss function is x cp, see PipelineLoss)."""
@@ -267,16 +271,26 @@ def pipeline_step(engine, loader, step: int, grad_accum: int, mesh: ParallelMesh
             yield (b["tokens"], b["reset"].long()), (b["targets"], b["loss_mask"].long())
     watchdog.beat("pipeline schedule (forward, backward, optimizer)")
     loss = engine.train_batch(micro_batches())
-    return float(loss), global_grad_norm(engine)
+    return loss.detach(), grad_norm_value(engine)
+
+
+def grad_norm_value(engine):
+    """The step's gradient norm before clipping, as the optimizer keeps it (a float, a device
+    tensor, or None). In bf16 without ZeRO, DeepSpeed's wrapper around our optimizer computes its
+    own norm, which miscounts tensor-parallel shards (it looks for the `tensor_model_parallel`
+    mark on gradients, not on parameters); ours counts them right."""
+    inner = getattr(engine.optimizer, "optimizer", None)
+    return inner._global_grad_norm if isinstance(inner, SkipNonFiniteAdamW) else engine.get_global_grad_norm()
 
 
 def global_grad_norm(engine) -> float:
-    """The step's gradient norm before clipping. In bf16 without ZeRO, DeepSpeed's wrapper around
-    our optimizer computes its own norm, which miscounts tensor-parallel shards (it looks for the
-    `tensor_model_parallel` mark on gradients, not on parameters); ours counts them right."""
-    inner = getattr(engine.optimizer, "optimizer", None)
-    norm = inner._global_grad_norm if isinstance(inner, SkipNonFiniteAdamW) else engine.get_global_grad_norm()
-    return float("nan") if norm is None else float(norm)
+    """grad_norm_value read on the host (NaN where the optimizer keeps none)."""
+    return as_float(grad_norm_value(engine))
+
+
+def as_float(value) -> float:
+    """A host float of a step's loss or grad norm (a read that waits for the device)."""
+    return float("nan") if value is None else float(value)
 
 
 @dataclasses.dataclass
@@ -287,14 +301,17 @@ class Progress:
     skipped: int = 0
     bad_in_a_row: int = 0
 
-    def record(self, step: int, loss: float, grad_norm: float, applied: bool, max_bad: int, log) -> bool:
-        """False if the step was skipped. Raises TrainingError after max_bad in a row."""
-        if applied and math.isfinite(loss):
+    def record(self, step: int, loss, grad_norm, applied: bool, max_bad: int, log) -> bool:
+        """False if the step was skipped. Raises TrainingError after max_bad in a row.
+
+        The optimizer decides (it skips a step whose gradient norm is not finite, which a
+        non-finite loss makes so); loss and norm are read on the host only to report a skip."""
+        if applied:
             self.bad_in_a_row = 0
             return True
         self.skipped += 1
         self.bad_in_a_row += 1
-        log.text(f"step {step}: non-finite loss {loss} / grad norm {grad_norm}; step skipped "
+        log.text(f"step {step}: non-finite loss {as_float(loss)} / grad norm {as_float(grad_norm)}; step skipped "
                  f"({self.bad_in_a_row} in a row, {self.skipped} in all)")
         if self.bad_in_a_row >= max_bad:
             fix = (f"last good checkpoint: {self.last_good}; resume from it (train.resume={self.last_good}) "
@@ -315,12 +332,13 @@ class Meter:
         self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak_flops
         self.loss, self.n, self.seconds = 0.0, 0, 0.0
 
-    def add(self, loss: float, seconds: float) -> None:
+    def add(self, loss, seconds: float) -> None:
+        """loss: a float or a device tensor; it is summed where it is and read at flush."""
         self.loss, self.n, self.seconds = self.loss + loss, self.n + 1, self.seconds + seconds
 
     def flush(self) -> dict[str, float]:
         tps = self.tokens_per_step * self.n / self.seconds
-        out = {"train/loss": self.loss / self.n, "train/tokens_per_sec": tps,
+        out = {"train/loss": as_float(self.loss) / self.n, "train/tokens_per_sec": tps,
                "train/mfu": self.flops_per_token * tps / self.peak}
         self.loss, self.n, self.seconds = 0.0, 0, 0.0
         return out
@@ -455,17 +473,19 @@ def _train(cfg: Config, preemption: PreemptionWatch) -> dict[str, float]:
     while step < end:
         watchdog.beat("step", step=step + 1)
         t0 = time.perf_counter()
-        loss_val, grad_norm = train_step(engine, loader, step, t.grad_accum, mesh, device)
+        loss, grad_norm = train_step(engine, loader, step, t.grad_accum, mesh, device)
         seconds = time.perf_counter() - t0
         step += 1
-        if progress.record(step, loss_val, grad_norm, engine.was_step_applied(), t.max_bad_steps, log):
-            meter.add(loss_val, seconds)
-            log.advance(step, loss_val)
-            if step % t.log_interval == 0 or step == end:
-                log.scalars(step, {**meter.flush(), "train/lr": engine.get_lr()[0],
-                                   "train/tokens": step * meter.tokens_per_step,
-                                   "train/grad_norm": grad_norm, "train/skipped_steps": progress.skipped,
-                                   **model.solver_stats()})
+        if progress.record(step, loss, grad_norm, engine.was_step_applied(), t.max_bad_steps, log):
+            meter.add(loss, seconds)
+            log.advance(step)
+            if step % t.log_interval == 0 or step == end:  # the host reads loss and norm only here
+                scalars = {**meter.flush(), "train/lr": engine.get_lr()[0],
+                           "train/tokens": step * meter.tokens_per_step,
+                           "train/grad_norm": as_float(grad_norm), "train/skipped_steps": progress.skipped,
+                           **model.solver_stats()}
+                log.scalars(step, scalars)
+                log.advance(step, scalars["train/loss"])
             if val_ds is not None and (step % t.eval_interval == 0 or step == end):
                 watchdog.beat("eval", slow=True)
                 with full_model(model, pipe, mesh, device):

@@ -69,10 +69,12 @@ class MetricsLogger:
         else:
             self.log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
-    def advance(self, step: int, loss: float) -> None:
+    def advance(self, step: int, loss: float | None = None) -> None:
+        """Move the bar to `step`; `loss` (the mean of the last log interval) when there is one."""
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             self.bar.refresh()
 
     def close_bar(self) -> None:

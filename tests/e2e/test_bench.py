@@ -12,12 +12,13 @@ def test_bench_step_prints_throughput_and_writes_nothing(tmp_path):
     assert re.search(r"^step 2: [0-9.]+ s, loss [0-9.]+$", proc.stdout, re.M), proc.stdout
     m = re.search(r"^median ([0-9.]+) s/step  ([0-9,]+) tokens/s  MFU ([0-9.]+)%", proc.stdout, re.M)
     assert m and float(m.group(1)) > 0 and int(m.group(2).replace(",", "")) > 0, proc.stdout
-    # One more step under the host-sync counter: the model itself reads nothing on the host, what is
-    # left is the trainer's loss / grad norm and the optimizer's checks (BENCHMARKS.md).
+    # One more step under the host-sync counter: neither the model nor the trainer's step reads
+    # anything on the host (loss and grad norm are read once per log interval); what is left is
+    # DeepSpeed's optimizer checks (BENCHMARKS.md).
     m = re.search(r"^host syncs in one step \(rank 0\): (\d+)$", proc.stdout, re.M)
-    assert m and int(m.group(1)) <= 8, proc.stdout
+    assert m and int(m.group(1)) <= 6, proc.stdout
     sites = proc.stdout[m.end():]
-    assert "loop.py" in sites and not re.search(r"(blocks|lm|cells|scan|conv|attention)\.py", sites), proc.stdout
+    assert not re.search(r"(loop|blocks|lm|cells|scan|conv|attention)\.py", sites), proc.stdout
     assert not run.exists()
 
 
