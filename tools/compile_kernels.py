@@ -413,7 +413,7 @@ def _worker_init(cache_root: str):
 
 
 def compile_one(module: str, kernel_name: str, arch: int, signature: dict, constexprs: dict, attrs: dict,
-                options: dict) -> dict:
+                options: dict, dump: str | None = None) -> dict:
     import importlib
     import triton
     from triton import knobs
@@ -435,6 +435,10 @@ def compile_one(module: str, kernel_name: str, arch: int, signature: dict, const
         out["compile_s"] = round(time.perf_counter() - start, 2)
         return out
     out["compile_s"] = round(time.perf_counter() - start, 2)
+    if dump:  # the PTX and ptxas's log, to read what spills (a `call` to a slow path, a live range)
+        Path(dump + ".ptx").write_text(c.asm["ptx"])
+        Path(dump + ".ptxas.log").write_text(log.getvalue())
+        Path(dump + ".cubin").write_bytes(c.asm["cubin"])  # cuobjdump -sass: where the STL / LDL are
     out["shared"] = int(c.metadata.shared or 0)
     out["num_warps"] = int(c.metadata.num_warps)
     text = log.getvalue()
@@ -452,7 +456,41 @@ def compile_one(module: str, kernel_name: str, arch: int, signature: dict, const
     if "spill_stores" not in out and "stack" in out:
         out["spill_stores"] = out["spill_loads"] = out["stack"]  # no log: any stack frame counts as a spill
         out["spill_source"] = "cuobjdump stack"
+    if out.get("spill_stores") or out.get("spill_loads") or out.get("stack"):
+        where = _local_accesses(c.asm["cubin"], knobs.nvidia.cuobjdump.path)
+        if where is not None:
+            out["local_in_loop"], out["local_outside"] = where
     return out
+
+
+_SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+
+
+def _local_accesses(cubin: bytes, cuobjdump: str):
+    """(local-memory loads / stores inside a loop, outside any loop) in the SASS. A loop is the
+    span between a backward branch and its target. A spill inside a loop costs traffic every
+    iteration; one outside (a value kept across the whole loop, stored before and loaded after)
+    costs one store and one load per thread."""
+    if not os.path.exists(cuobjdump):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
+    code = [(int(m.group(1), 16), m.group(3), m.group(4)) for m in _SASS.finditer(text)]
+    loops = []
+    for addr, op, args in code:
+        m = re.match(r"(?:\S+\s+)?0x([0-9a-f]+)", args.strip()) if op.startswith("BRA") else None
+        if m and int(m.group(1), 16) < addr:
+            loops.append((int(m.group(1), 16), addr))
+    inside = outside = 0
+    for addr, op, _ in code:
+        if op.startswith(("LDL", "STL")):
+            if any(lo <= addr <= hi for lo, hi in loops):
+                inside += 1
+            else:
+                outside += 1
+    return inside, outside
 
 
 def _res_usage(cubin: bytes, cuobjdump: str):
@@ -553,6 +591,8 @@ def main(argv=None) -> int:
                    help="write the report as JSON to PATH ('-' or no PATH: stdout, instead of the table)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: all CPUs)")
     p.add_argument("--list", action="store_true", help="list the variants without compiling them")
+    p.add_argument("--dump", metavar="DIR",
+                   help="write each variant's PTX, ptxas log and cubin to DIR")
     args = p.parse_args(argv)
 
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -593,8 +633,12 @@ def main(argv=None) -> int:
         stack.callback(shutil.rmtree, cache_root, True)
         pool = stack.enter_context(cf.ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=ctx,
                                                           initializer=_worker_init, initargs=(cache_root,)))
+        if args.dump:
+            Path(args.dump).mkdir(parents=True, exist_ok=True)
+        dumps = {v.id: str(Path(args.dump).resolve() / re.sub(r"[^A-Za-z0-9_.@=-]+", "_", v.id)) if args.dump
+                 else None for v in variants}
         futures = {pool.submit(compile_one, v.module, v.kernel, TARGETS[v.target].arch, v.signature, v.constexprs,
-                               v.attrs, v.options): v for v in variants}
+                               v.attrs, v.options, dumps[v.id]): v for v in variants}
         done = 0
         for fut in cf.as_completed(futures):
             v = futures[fut]
