@@ -57,11 +57,13 @@ read as fp32 (fp64 for fp64 v), accumulation and the states in fp32 (fp64). fp32
 input_precision="ieee"; bf16 / fp16 round decay-weighted tiles to their dtype before a product.
 
 Tiles (_Plan, MAX_TILE): chunk Q and key / value tiles of 64 for 16-bit operands, 32 for fp32 /
-fp64 (CUDA-core products), 8 warps for the kernels holding (Q x 64)-sized tiles. Compiled for
-sm_80 / sm_90 at gla-1b's shape (tools/compile_kernels.py) none spills in bf16; in fp32 one
-variant of (1) does on sm_80 (12 bytes). First guesses, not yet run or tuned on a GPU; bf16
-products are wrong under Triton's interpreter, so the CPU tests check fp32 / fp64 (with the
-64-wide layout forced) only.
+fp64 (CUDA-core products), 8 warps for the kernels holding (Q x 64)-sized tiles, and for (7')
+whenever a key / value tile is 32 wide or more (its tiles are SUB rows whatever Q is). Offsets
+inside a chunk are int32 from one int64 scalar per chunk, so no 64-bit offset tile lives across a
+loop. Compiled for sm_80 / sm_90 in bf16, fp32 and fp64 at the gla-1b, gla-tiny and ragged
+shapes (tools/compile_kernels.py) no variant spills. First guesses, not yet run or tuned on a
+GPU; bf16 products are wrong under Triton's interpreter, so the CPU tests check fp32 / fp64 (with
+the 64-wide layout forced) only.
 
 Host functions (torch tensors in and out; no autograd: megarnn/ops/gla.py wraps them):
     gla_fwd(q, k, v, gk, scale, chunk_size, initial_state=None, reset=None) -> (o, final_state)
@@ -117,17 +119,21 @@ def _gla_fwd_h_kernel(Kp, Vp, GK, SEG, S0, STATES, T, H, K, V, NC,
     else:
         S = tl.zeros([BLOCK_K, BLOCK_V], ACC)
     l = tl.arange(0, Q)
+    # In-chunk offsets are int32 (the plan bounds Q H max(K, V) < 2^31); the int64 part is one
+    # scalar per chunk, so no 64-bit offset tile stays live across the loop.
+    lk = (l * H)[:, None] * K + kk[None, :]
+    lv = (l * H)[:, None] * V + vv[None, :]
+    st = STATES + (b * H + h) * (NC + 1) * K * V
+    tl.store(st + kv, S, mask=mkv)  # slot 0: the initial state
     for c in range(0, NC):
-        tl.store(STATES + ((b * H + h) * (NC + 1) + c) * K * V + kv, S, mask=mkv)
         t = c * Q + l
         t_ok = t < T
-        row = (b * T + t) * H + h  # (b, t, h)
-        k = tl.load(Kp + row[:, None] * K + kk[None, :], mask=t_ok[:, None] & mk[None, :], other=0.0).to(ACC)
-        v = tl.load(Vp + row[:, None] * V + vv[None, :], mask=t_ok[:, None] & mv[None, :], other=0.0)
-        g = tl.load(GK + row[:, None] * K + kk[None, :], mask=t_ok[:, None] & mk[None, :], other=0.0).to(ACC)
+        row0 = (b * T + c * Q) * H + h  # (b, chunk start, h)
+        k = tl.load(Kp + row0 * K + lk, mask=t_ok[:, None] & mk[None, :], other=0.0).to(ACC)
+        v = tl.load(Vp + row0 * V + lv, mask=t_ok[:, None] & mv[None, :], other=0.0)
+        g = tl.load(GK + row0 * K + lk, mask=t_ok[:, None] & mk[None, :], other=0.0).to(ACC)
         nxt = (l + 1 < Q) & (t + 1 < T)  # the gate one step later, within the chunk
-        g_next = tl.load(GK + (row + H)[:, None] * K + kk[None, :], mask=nxt[:, None] & mk[None, :],
-                         other=0.0).to(ACC)
+        g_next = tl.load(GK + (row0 + H) * K + lk, mask=nxt[:, None] & mk[None, :], other=0.0).to(ACC)
         after = tl.cumsum(g_next, axis=0, reverse=True)  # sum over (l, last]
         seg_base = (b * NC + c) * Q
         seg_l = _load_seg(SEG, seg_base, l, l < Q, HAS_RESET)
@@ -137,7 +143,8 @@ def _gla_fwd_h_kernel(Kp, Vp, GK, SEG, S0, STATES, T, H, K, V, NC,
         through = tl.where(seg_last == 0, tl.exp(tl.sum(g, axis=0)), 0.0)
         kd = tl.trans((k * to_end).to(DOT_T))
         S = S * through[:, None] + tl.dot(kd, v.to(DOT_T), input_precision=PREC, out_dtype=ACC)
-    tl.store(STATES + ((b * H + h) * (NC + 1) + NC) * K * V + kv, S, mask=mkv)
+        st += K * V
+        tl.store(st + kv, S, mask=mkv)  # slot c + 1: the state leaving chunk c (the last: the final state)
 
 
 @triton.jit
@@ -222,10 +229,12 @@ def _gla_fwd_a_kernel(Qp, Kp, GK, SEG, A, T, H, K, NC,
 
 
 @triton.jit
-def _gla_fwd_o_kernel(Qp, Vp, GK, SEG, A, STATES, O, scale, T, H, K, V, NC,
+def _gla_fwd_o_kernel(Qp, Vp, GK, SEG, A, STATES, O, scale, T, H, K, V, NC, HK, HV,
                       Q: tl.constexpr, SUB_: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
                       HAS_RESET: tl.constexpr, ACC: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
     """(3) O: (B, T, H, V) = scale (A v + [seg = 0] (q * exp(gates from the chunk start)) S_in).
+    HK, HV: H K and H V, the row strides of q / gk and v / o (arguments, so that the compiler
+    cannot share l H between the loop's and the epilogue's offsets and keep it over the loop).
     Grid (B * H * NC, cdiv(V, BLOCK_V))."""
     pid, pid_v = tl.program_id(0), tl.program_id(1)
     c = pid % NC
@@ -235,27 +244,30 @@ def _gla_fwd_o_kernel(Qp, Vp, GK, SEG, A, STATES, O, scale, T, H, K, V, NC,
     mv = vv < V
     t = c * Q + l
     t_ok = t < T
-    row = (b * T + t) * H + h
+    row0 = (b * T + c * Q) * H + h  # (b, chunk start, h); in-chunk offsets are int32
     seg_l = _load_seg(SEG, (b * NC + c) * Q, l, l < Q, HAS_RESET)
     first = (seg_l == 0)[:, None]
-    st_base = ((b * H + h) * (NC + 1) + c) * K * V
+    st = STATES + ((b * H + h) * (NC + 1) + c) * K * V
+    qk = Qp + row0 * K
+    gk = GK + row0 * K
     acc = tl.zeros([Q, BLOCK_V], ACC)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         mk = kk < K
         m = t_ok[:, None] & mk[None, :]
-        q = tl.load(Qp + row[:, None] * K + kk[None, :], mask=m, other=0.0).to(ACC)
-        g = tl.load(GK + row[:, None] * K + kk[None, :], mask=m, other=0.0).to(ACC)
+        lk = l[:, None] * HK + kk[None, :]
+        q = tl.load(qk + lk, mask=m, other=0.0).to(ACC)
+        g = tl.load(gk + lk, mask=m, other=0.0).to(ACC)
         cum = tl.cumsum(g, axis=0)
         qg = q * tl.where(first, tl.exp(tl.where(first, cum, 0.0)), 0.0)
-        s = tl.load(STATES + st_base + kk[:, None] * V + vv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        s = tl.load(st + kk[:, None] * V + vv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         acc = tl.dot(qg.to(DOT_T), s.to(DOT_T), acc, input_precision=PREC, out_dtype=ACC)
     lower = (l[None, :] // SUB_) <= (l[:, None] // SUB_)  # the blocks (2) wrote
     a = tl.load(A + ((b * H + h) * NC + c) * Q * Q + l[:, None] * Q + l[None, :], mask=lower, other=0.0)
-    v = tl.load(Vp + row[:, None] * V + vv[None, :], mask=t_ok[:, None] & mv[None, :], other=0.0)
+    lv = l[:, None] * HV + vv[None, :]
+    v = tl.load(Vp + row0 * V + lv, mask=t_ok[:, None] & mv[None, :], other=0.0)
     acc = tl.dot(a.to(DOT_T), v.to(DOT_T), acc, input_precision=PREC, out_dtype=ACC)
-    tl.store(O + row[:, None] * V + vv[None, :], (acc * scale).to(O.dtype.element_ty),
-             mask=t_ok[:, None] & mv[None, :])
+    tl.store(O + row0 * V + lv, (acc * scale).to(O.dtype.element_ty), mask=t_ok[:, None] & mv[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -538,6 +550,13 @@ class _Plan:
         """For the kernels that hold a (Q x BK), (Q x BV) and (BK x BV) tile at once."""
         return 8 if self.Q * max(self.BK, self.BV) >= 32 * 32 else 4
 
+    @property
+    def dqk_warps(self):
+        """(7') holds (SUB x BK), (SUB x BV) and (BV x BK) tiles whatever Q is, and its column loop
+        keeps several (SUB x BK) tiles live: 8 warps from 32-wide tiles on (at 4, fp32 / fp64 with
+        Q = 16 ran out of registers: 255 and spills)."""
+        return 8 if max(self.BK, self.BV) >= 32 else 4
+
     def meta(self) -> dict:
         return dict(ACC=_TL[self.acc], DOT_T=_TL[self.dtype],
                     PREC="ieee" if self.dtype in (torch.float32, torch.float64) else "tf32")
@@ -608,8 +627,8 @@ def gla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor,
         num_warps=4)
     o = _empty(v.shape, v.dtype, dev)
     _gla_fwd_o_kernel[(pl.B * pl.H * pl.nc, triton.cdiv(pl.V, pl.BV))](
-        q, v, gk, seg, a, states, o, float(scale), pl.T, pl.H, pl.K, pl.V, pl.nc, Q=pl.Q, SUB_=SUB,
-        BLOCK_K=pl.BK, BLOCK_V=pl.BV, HAS_RESET=has_reset, **m, num_warps=pl.warps)
+        q, v, gk, seg, a, states, o, float(scale), pl.T, pl.H, pl.K, pl.V, pl.nc, pl.H * pl.K, pl.H * pl.V,
+        Q=pl.Q, SUB_=SUB, BLOCK_K=pl.BK, BLOCK_V=pl.BV, HAS_RESET=has_reset, **m, num_warps=pl.warps)
     return o, states[:, :, pl.nc].contiguous()
 
 
@@ -661,7 +680,7 @@ def gla_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor,
     dg = _empty((pl.B, pl.H, pl.nc * pl.Q, pl.K), pl.acc, dev)
     _gla_bwd_dqk_kernel[(pl.B * pl.H * pl.nc, ns, nk)](
         q, k, v, gk, do, seg, da, states, dstates, dq, dk, dg, scale, pl.T, pl.H, pl.K, pl.V, pl.nc, Q=pl.Q,
-        SUB_=SUB, BLOCK_K=pl.BK, BLOCK_V=pl.BV, HAS_RESET=has_reset, **m, num_warps=pl.warps)
+        SUB_=SUB, BLOCK_K=pl.BK, BLOCK_V=pl.BV, HAS_RESET=has_reset, **m, num_warps=pl.dqk_warps)
     dgk = _empty(gk.shape, dtypes[2], dev)
     _gla_bwd_dgk_kernel[(pl.B * pl.H * pl.nc, nk)](
         dg, cpart, dgk, pl.T, pl.H, pl.K, pl.nc, nv, Q=pl.Q, BLOCK_K=pl.BK, ACC=m["ACC"], num_warps=4)
