@@ -288,20 +288,23 @@ def _rglru_bwd_kernel(X, GX, GA, SP, RESET, H, H0, DH, GIN, DX, DGX, DGA, DSP, D
     rows = tl.arange(0, BLOCK_T)
     seq = pid_b.to(tl.int64) * T * D
     reset_seq = pid_b.to(tl.int64) * T
-    chunk_offs = (pid_b * tl.num_programs(2) + pid_c).to(tl.int64) * D + offs_d
     t_start = pid_c * CHUNK
     t_end = tl.minimum(t_start + CHUNK, T)
     sp = tl.load(SP + offs_d, mask=mask_d, other=0.0).to(ACC)
     if HAS_GIN:
-        carry = tl.load(GIN + chunk_offs, mask=mask_d, other=0.0).to(ACC)
+        carry = tl.load(GIN + (pid_b * tl.num_programs(2) + pid_c).to(tl.int64) * D + offs_d,
+                        mask=mask_d, other=0.0).to(ACC)
     else:
         carry = tl.zeros([BLOCK_D], ACC)
     if WRITE_GRADS and HAS_H0:
         h0 = tl.load(H0 + pid_b.to(tl.int64) * D + offs_d, mask=mask_d, other=0.0).to(ACC)
     prod = tl.full([BLOCK_D], 1.0, ACC)
-    dsp = tl.zeros([BLOCK_D], ACC)
+    # dL/dsp summed over the tile's rows once, after the loop (a reduction across rows per tile
+    # costs a shared-memory round trip and a barrier).
+    dsp_tile = tl.zeros([BLOCK_T, BLOCK_D], ACC)
     dh0 = tl.zeros([BLOCK_D], ACC)
-    for i in range(0, tl.cdiv(t_end - t_start, BLOCK_T)):
+    n_tiles = tl.cdiv(t_end - t_start, BLOCK_T)
+    for i in range(0, n_tiles):
         time = t_end - 1 - i * BLOCK_T - rows  # latest first, as in _scan_bwd_kernel
         valid = time >= t_start
         mask = valid[:, None] & mask_d[None, :]
@@ -341,17 +344,23 @@ def _rglru_bwd_kernel(X, GX, GA, SP, RESET, H, H0, DH, GIN, DX, DGX, DGA, DSP, D
                 dlog_a = tl.where(reset[:, None], 0.0, dlog_a)
             dlog_a = tl.where(mask, dlog_a, 0.0)
             dga = dlog_a * (-RG_LRU_C * sp[None, :]) * r * (1.0 - r)
-            dsp += tl.sum(dlog_a * (-RG_LRU_C) * r, axis=0)
-            dh0 += tl.sum(tl.where((time == 0)[:, None], a * g, 0.0), axis=0)
+            dsp_tile += dlog_a * r
+            if HAS_H0:  # without h0 nothing reads DH0; only the tile holding t = 0 adds to it
+                if pid_c == 0 and i == n_tiles - 1:
+                    dh0 = tl.sum(tl.where((time == 0)[:, None], a * g, 0.0), axis=0)
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
             tl.store(DGX + offs, dgx.to(DGX.dtype.element_ty), mask=mask)
             tl.store(DGA + offs, dga.to(DGA.dtype.element_ty), mask=mask)
         if WRITE_PROD:
             prod = prod * _last_row(a_cum, BLOCK_T)
+    # Addressed after the loop, not before: a 64-bit offset live across the loop was spilled
+    # (8 bytes, fp32 on sm_80), as in the forward's h0.
+    chunk_offs = (pid_b * tl.num_programs(2) + pid_c).to(tl.int64) * D + offs_d
     tl.store(GOUT + chunk_offs, carry, mask=mask_d)
     if WRITE_GRADS:
-        tl.store(DSP + chunk_offs, dsp, mask=mask_d)
-        tl.store(DH0 + chunk_offs, dh0, mask=mask_d)
+        tl.store(DSP + chunk_offs, tl.sum(dsp_tile, axis=0) * (-RG_LRU_C), mask=mask_d)
+        if HAS_H0:
+            tl.store(DH0 + chunk_offs, dh0, mask=mask_d)
     if WRITE_PROD:
         tl.store(PROD + chunk_offs, prod, mask=mask_d)
 
@@ -374,11 +383,33 @@ def _tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _blocks(T: int, D: int) -> tuple[int, int]:
-    """(BLOCK_T, BLOCK_D). 16 x 64 tiles with 4 warps (8 values per thread): compiled for sm_90,
-    all four kernels stay within 71-151 registers without spills (32 x 64 spills in the RG-LRU
-    backward), so 3-4 programs fit per SM. Short sequences and narrow widths get smaller tiles."""
-    return min(16, triton.next_power_of_2(T)), min(64, triton.next_power_of_2(D))
+def _blocks(T: int, D: int, acc: torch.dtype = torch.float32) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_D). 16 x 64 tiles with 4 warps (8 values per thread): compiled for sm_80
+    and sm_90, all four kernels stay within 56-168 registers without spills (32 x 64 spills in
+    the RG-LRU backward), so 3-4 programs fit per SM. fp64 (two registers a value) takes 8 x 64.
+    Short sequences and narrow widths get smaller tiles."""
+    rows = 8 if acc == torch.float64 else 16
+    return min(rows, triton.next_power_of_2(T)), min(64, triton.next_power_of_2(D))
+
+
+def target_options(kernel: str, launch: dict, arch: int | None) -> dict:
+    """Launch options that depend on the GPU (arch: 80, 90, ...; None off CUDA), given the
+    kernel's name and its other launch arguments. tools/compile_kernels.py calls this for each
+    target it compiles for. The RG-LRU backward in fp32 / bf16 on sm_80: ptxas 12.x, left to
+    itself, aims at 4 programs per SM (128 registers) and spills 4-24 bytes; a budget of 168
+    registers keeps 3 programs per SM without spills. sm_90's ptxas needs no budget (up to 154
+    registers), and one of 168 would spill at unaligned shapes there."""
+    if (kernel == "_rglru_bwd_kernel" and arch is not None and arch // 10 == 8
+            and launch.get("ACC") != tl.float64):
+        return {"maxnreg": 168}
+    return {}
+
+
+def _arch(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def _plan(B: int, T: int, D: int, device: torch.device, chunk_size: int | None) -> tuple[int, int]:
@@ -454,7 +485,7 @@ def scan_fwd(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None,
     h0 = None if h0 is None else h0.contiguous()
     B, T, D = b.shape
     acc = _acc_dtype(b)
-    block_t, block_d = _blocks(T, D)
+    block_t, block_d = _blocks(T, D, acc)
     chunk, n_chunks = _plan(B, T, D, b.device, chunk_size)
     h = _empty((B, T, D), b.dtype, b.device)
     state = _empty((B, n_chunks, D), acc, b.device)
@@ -486,7 +517,7 @@ def scan_bwd(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None, dh: torc
     dh_last = None if dh_last is None else dh_last.contiguous()
     B, T, D = h.shape
     acc = _acc_dtype(h)
-    block_t, block_d = _blocks(T, D)
+    block_t, block_d = _blocks(T, D, acc)
     chunk, n_chunks = _plan(B, T, D, h.device, chunk_size)
     da = _empty((B, T, D), a.dtype, a.device)
     db = _empty((B, T, D), h.dtype, h.device)
@@ -524,7 +555,7 @@ def rglru_fwd(x: torch.Tensor, gate_x: torch.Tensor, gate_a: torch.Tensor, sp: t
     h0 = None if h0 is None else h0.contiguous()
     B, T, D = x.shape
     acc = _acc_dtype(x)
-    block_t, block_d = _blocks(T, D)
+    block_t, block_d = _blocks(T, D, acc)
     chunk, n_chunks = _plan(B, T, D, x.device, chunk_size)
     sp = sp.to(acc).contiguous()
     reset_u8 = _reset_u8(reset, B, T, x.device)
@@ -559,7 +590,7 @@ def rglru_bwd(x: torch.Tensor, gate_x: torch.Tensor, gate_a: torch.Tensor, sp: t
     dh_last = None if dh_last is None else dh_last.contiguous()
     B, T, D = x.shape
     acc = _acc_dtype(x)
-    block_t, block_d = _blocks(T, D)
+    block_t, block_d = _blocks(T, D, acc)
     chunk, n_chunks = _plan(B, T, D, x.device, chunk_size)
     sp = sp.to(acc).contiguous()
     reset_u8 = _reset_u8(reset, B, T, x.device)
@@ -569,13 +600,14 @@ def rglru_bwd(x: torch.Tensor, gate_x: torch.Tensor, gate_a: torch.Tensor, sp: t
     gstart, dsp, dh0 = (_empty((B, n_chunks, D), acc, x.device) for _ in range(3))
 
     def launch(g_in, write_grads, prod):
+        kw = dict(BLOCK_T=block_t, BLOCK_D=block_d, ACC=_tl_dtype(acc), HAS_H0=h0 is not None,
+                  HAS_RESET=reset is not None, HAS_GIN=g_in is not None, WRITE_GRADS=write_grads,
+                  WRITE_PROD=prod is not None, num_warps=4)
         _rglru_bwd_kernel[_grid(B, D, n_chunks, block_d)](
             x, gate_x, gate_a, sp, reset_u8, h, h0 if h0 is not None else x, dh,
             g_in if g_in is not None else gstart, dx, dgx, dga, dsp, dh0, gstart,
             prod if prod is not None else gstart, T, D, chunk,
-            BLOCK_T=block_t, BLOCK_D=block_d, ACC=_tl_dtype(acc), HAS_H0=h0 is not None,
-            HAS_RESET=reset is not None, HAS_GIN=g_in is not None, WRITE_GRADS=write_grads,
-            WRITE_PROD=prod is not None, num_warps=4)
+            **kw, **target_options("_rglru_bwd_kernel", kw, _arch(x.device)))
 
     if n_chunks == 1:
         launch(dh_last, True, None)

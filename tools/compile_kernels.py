@@ -352,7 +352,7 @@ def _config_label(kernel, signature, constexprs, attrs, options) -> str:
     parts[0] = " ".join([dtype] + other)
     parts.append(" ".join(tiles) or "-")
     parts.append(" ".join(flags) or "-")
-    parts.append(f"w{options.get('num_warps')}")
+    parts.append(f"w{options.get('num_warps')}" + (f" r{options['maxnreg']}" if options.get("maxnreg") else ""))
     spec = [f"{names[p[0]]}=1" for p, v in sorted(constexprs.items()) if names[p[0]] not in declared]
     spec += [f"{names[p[0]]}%16" for p, a in sorted(attrs.items())
              if a and signature.get(names[p[0]]) in ("i32", "i64")]
@@ -380,6 +380,11 @@ def specialise(launches: list[Launch], targets: list[Target]) -> list[Variant]:
             if key not in binders:
                 binders[key] = create_function_from_signature(kernel.signature, kernel.params, backend)
             kwargs = dict(ln.kwargs)
+            # options a module sets per GPU (kernels/linear_scan.py target_options): the launch
+            # was captured on the CPU, so ask again for this target
+            per_target = getattr(importlib.import_module(f"megarnn_kernels.{ln.module}"), "target_options", None)
+            if per_target is not None:
+                kwargs.update(per_target(ln.kernel, kwargs, t.arch))
             kwargs.setdefault("debug", knobs.runtime.debug)  # as JITFunction.run adds them
             kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
             kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
