@@ -59,8 +59,13 @@ fp32 matmuls use input_precision="ieee"; bf16 / fp16 round their operands to the
 
 Tiles (_Plan, MAX_TILE of kernels/gla.py): chunk Q and key / value tiles of 64 for 16-bit
 operands, 32 for fp32 / fp64; the backward's reverse pass and chunk kernel use half-width tiles
-(they hold more at once); 8 warps. Compiled for sm_80 / sm_90 at deltanet-1b's shape
-(tools/compile_kernels.py) none spills in bf16; in fp32 one variant of (3) does on sm_80 (4 bytes).
+(they hold more at once); 8 warps. The backward caps Q at 32 when K or V is not a multiple of 16
+(every tile then loads element by element, an address and a mask each, and (3') spills at Q = 64).
+(3) and (3') address a chunk as a scalar int64 base plus int32 offsets (Q H max(K, V) < 2^31,
+_plan), not per-element int64 rows held across their loops; (3') launches with maxnreg=255 (ptxas
+otherwise trades spills for occupancy). Compiled for sm_80 / sm_90
+(tools/compile_kernels.py: deltanet-1b, deltanet-tiny and the ragged shape) none spills in bf16
+or fp32.
 First guesses, not yet run or tuned on a GPU; the UT transform's forward substitution is Q
 sequential row updates of a (Q x Q) tile, the first thing to replace (fla: 16 x 16 diagonal
 blocks, then block products) if it shows in a profile.
@@ -214,7 +219,8 @@ def _delta_fwd_o_kernel(Qp, Kp, G, SEG, STATES, VNEW, O, scale, T, H, K, V, NC,
     mv = vv < V
     t = c * Q + i
     t_ok = t < T
-    row = (b * T + t) * H + h
+    rbase = (b * T + c * Q) * H + h  # the chunk's first row (int64); offsets in it int32 (< 2^31: _plan)
+    ri = i * H
     st_in = ((b * H + h) * (NC + 1) + c) * K * V
     qk = tl.zeros([Q, Q], ACC)
     qs = tl.zeros([Q, BLOCK_V], ACC)
@@ -222,15 +228,17 @@ def _delta_fwd_o_kernel(Qp, Kp, G, SEG, STATES, VNEW, O, scale, T, H, K, V, NC,
         kk = k0 + tl.arange(0, BLOCK_K)
         mk = kk < K
         m = t_ok[:, None] & mk[None, :]
-        q = tl.load(Qp + row[:, None] * K + kk[None, :], mask=m, other=0.0).to(DOT_T)
-        k = tl.load(Kp + row[:, None] * K + kk[None, :], mask=m, other=0.0).to(DOT_T)
-        s = tl.load(STATES + st_in + kk[:, None] * V + vv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        q = tl.load(Qp + rbase * K + (ri[:, None] * K + kk[None, :]), mask=m, other=0.0).to(DOT_T)
+        k = tl.load(Kp + rbase * K + (ri[:, None] * K + kk[None, :]), mask=m, other=0.0).to(DOT_T)
+        s = tl.load(STATES + st_in + (kk[:, None] * V + vv[None, :]), mask=mk[:, None] & mv[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), qk, input_precision=PREC, out_dtype=ACC)
         qs = tl.dot(q, s.to(DOT_T), qs, input_precision=PREC, out_dtype=ACC)
     L, from_start, seg = _decays(G, SEG, b, h, c, T, H, NC, Q, HAS_RESET, ACC)
-    vn = tl.load(VNEW + ((b * H + h) * NC * Q + c * Q + i)[:, None] * V + vv[None, :], mask=mv[None, :], other=0.0)
+    vn = tl.load(VNEW + ((b * H + h) * NC * Q + c * Q) * V + (i[:, None] * V + vv[None, :]), mask=mv[None, :],
+                 other=0.0)
     o = qs * from_start[:, None] + tl.dot((qk * L).to(DOT_T), vn.to(DOT_T), input_precision=PREC, out_dtype=ACC)
-    tl.store(O + row[:, None] * V + vv[None, :], (o * scale).to(O.dtype.element_ty), mask=t_ok[:, None] & mv[None, :])
+    tl.store(O + rbase * V + (ri[:, None] * V + vv[None, :]), (o * scale).to(O.dtype.element_ty),
+             mask=t_ok[:, None] & mv[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,24 +374,28 @@ def _delta_bwd_chunk_kernel(Qp, Kp, Vp, G, BETA, SEG, DO, U, W, TM, STATES, DSTA
     i = tl.arange(0, Q)
     t = c * Q + i
     t_ok = t < T
-    row = (b * T + t) * H + h
-    pos = (b * H + h) * NC * Q + c * Q + i
+    # Scalar (int64) chunk bases and int32 offsets in the chunk (< 2^31: _plan), not per-element int64
+    # rows: fewer registers held across the passes.
+    rbase = (b * T + c * Q) * H + h
+    ri = i * H
+    pbase = (b * H + h) * NC * Q + c * Q
     st_in = ((b * H + h) * (NC + 1) + c) * K * V
     _, from_start, seg = _decays(G, SEG, b, h, c, T, H, NC, Q, HAS_RESET, ACC)  # L: later (fewer live tiles)
-    beta = tl.load(BETA + row, mask=t_ok, other=0.0).to(ACC)
-    tm_t = tl.trans(tl.load(TM + ((b * H + h) * NC + c) * Q * Q + i[:, None] * Q + i[None, :]).to(DOT_T))
+    beta = tl.load(BETA + rbase + ri, mask=t_ok, other=0.0).to(ACC)
+    tm_t = tl.trans(tl.load(TM + ((b * H + h) * NC + c) * Q * Q + (i[:, None] * Q + i[None, :])).to(DOT_T))
     dA = tl.zeros([Q, Q], ACC)
     dbeta = tl.zeros([Q], ACC)
     # Pass over V: db_v -> dv, dA's u part.
     for v0 in range(0, V, BLOCK_V):
         vv = v0 + tl.arange(0, BLOCK_V)
         mv = vv < V
-        dvn = tl.load(DVN + pos[:, None] * V + vv[None, :], mask=mv[None, :], other=0.0)
-        u = tl.load(U + pos[:, None] * V + vv[None, :], mask=mv[None, :], other=0.0)
-        v = tl.load(Vp + row[:, None] * V + vv[None, :], mask=t_ok[:, None] & mv[None, :], other=0.0).to(ACC)
+        dvn = tl.load(DVN + pbase * V + (i[:, None] * V + vv[None, :]), mask=mv[None, :], other=0.0)
+        u = tl.load(U + pbase * V + (i[:, None] * V + vv[None, :]), mask=mv[None, :], other=0.0)
+        v = tl.load(Vp + rbase * V + (ri[:, None] * V + vv[None, :]), mask=t_ok[:, None] & mv[None, :],
+                    other=0.0).to(ACC)
         dbv = tl.dot(tm_t, dvn.to(DOT_T), input_precision=PREC, out_dtype=ACC)
         dA -= tl.dot(dbv.to(DOT_T), tl.trans(u.to(DOT_T)), input_precision=PREC, out_dtype=ACC)
-        tl.store(DV + row[:, None] * V + vv[None, :], (beta[:, None] * dbv).to(DV.dtype.element_ty),
+        tl.store(DV + rbase * V + (ri[:, None] * V + vv[None, :]), (beta[:, None] * dbv).to(DV.dtype.element_ty),
                  mask=t_ok[:, None] & mv[None, :])
         dbeta += tl.sum(dbv * v, axis=1)
     # Pass over K: db_k (kept in DBK), dA's w part.
@@ -395,14 +407,14 @@ def _delta_bwd_chunk_kernel(Qp, Kp, Vp, G, BETA, SEG, DO, U, W, TM, STATES, DSTA
         for v0 in range(0, V, BLOCK_V):
             vv = v0 + tl.arange(0, BLOCK_V)
             mv = vv < V
-            dvn = tl.load(DVN + pos[:, None] * V + vv[None, :], mask=mv[None, :], other=0.0)
-            s_t = tl.load(STATES + st_in + kk[None, :] * V + vv[:, None], mask=mk[None, :] & mv[:, None], other=0.0)
+            dvn = tl.load(DVN + pbase * V + (i[:, None] * V + vv[None, :]), mask=mv[None, :], other=0.0)
+            s_t = tl.load(STATES + st_in + (kk[None, :] * V + vv[:, None]), mask=mk[None, :] & mv[:, None], other=0.0)
             dw -= tl.dot(dvn.to(DOT_T), s_t.to(DOT_T), input_precision=PREC, out_dtype=ACC)
         dbk = tl.dot(tm_t, dw.to(DOT_T), input_precision=PREC, out_dtype=ACC)
-        w = tl.load(W + pos[:, None] * K + kk[None, :], mask=mk[None, :], other=0.0)
+        w = tl.load(W + pbase * K + (i[:, None] * K + kk[None, :]), mask=mk[None, :], other=0.0)
         dA -= tl.dot(dbk.to(DOT_T), tl.trans(w.to(DOT_T)), input_precision=PREC, out_dtype=ACC)
-        tl.store(DBK + pos[:, None] * K + kk[None, :], dbk, mask=mk[None, :])
-        k = tl.load(Kp + row[:, None] * K + kk[None, :], mask=t_ok[:, None] & mk[None, :], other=0.0)
+        tl.store(DBK + pbase * K + (i[:, None] * K + kk[None, :]), dbk, mask=mk[None, :])
+        k = tl.load(Kp + rbase * K + (ri[:, None] * K + kk[None, :]), mask=t_ok[:, None] & mk[None, :], other=0.0)
         dbk_k = tl.sum(dbk * k.to(ACC), axis=1)
         dbeta += from_start * dbk_k
         dfs += beta * dbk_k
@@ -412,7 +424,7 @@ def _delta_bwd_chunk_kernel(Qp, Kp, Vp, G, BETA, SEG, DO, U, W, TM, STATES, DSTA
     gram = tl.zeros([Q, Q], ACC)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        k = tl.load(Kp + row[:, None] * K + kk[None, :], mask=t_ok[:, None] & (kk < K)[None, :], other=0.0)
+        k = tl.load(Kp + rbase * K + (ri[:, None] * K + kk[None, :]), mask=t_ok[:, None] & (kk < K)[None, :], other=0.0)
         gram = tl.dot(k.to(DOT_T), tl.trans(k.to(DOT_T)), gram, input_precision=PREC, out_dtype=ACC)
     dAL = dA * L
     dbeta += tl.sum(dAL * gram, axis=1)
@@ -423,15 +435,16 @@ def _delta_bwd_chunk_kernel(Qp, Kp, Vp, G, BETA, SEG, DO, U, W, TM, STATES, DSTA
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         m = t_ok[:, None] & (kk < K)[None, :]
-        q = tl.load(Qp + row[:, None] * K + kk[None, :], mask=m, other=0.0)
-        k = tl.load(Kp + row[:, None] * K + kk[None, :], mask=m, other=0.0)
+        q = tl.load(Qp + rbase * K + (ri[:, None] * K + kk[None, :]), mask=m, other=0.0)
+        k = tl.load(Kp + rbase * K + (ri[:, None] * K + kk[None, :]), mask=m, other=0.0)
         gram = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), gram, input_precision=PREC, out_dtype=ACC)
     dP = tl.zeros([Q, Q], ACC)
     for v0 in range(0, V, BLOCK_V):
         vv = v0 + tl.arange(0, BLOCK_V)
         mv = vv < V
-        do = tl.load(DO + row[:, None] * V + vv[None, :], mask=t_ok[:, None] & mv[None, :], other=0.0).to(ACC)
-        vn = tl.load(VNEW + pos[:, None] * V + vv[None, :], mask=mv[None, :], other=0.0)
+        do = tl.load(DO + rbase * V + (ri[:, None] * V + vv[None, :]), mask=t_ok[:, None] & mv[None, :],
+                     other=0.0).to(ACC)
+        vn = tl.load(VNEW + pbase * V + (i[:, None] * V + vv[None, :]), mask=mv[None, :], other=0.0)
         dP = tl.dot((do * scale).to(DOT_T), tl.trans(vn.to(DOT_T)), dP, input_precision=PREC, out_dtype=ACC)
     R = dP * L
     Z = R * gram
@@ -443,18 +456,19 @@ def _delta_bwd_chunk_kernel(Qp, Kp, Vp, G, BETA, SEG, DO, U, W, TM, STATES, DSTA
         kk = k0 + tl.arange(0, BLOCK_K)
         mk = kk < K
         m = t_ok[:, None] & mk[None, :]
-        k = tl.load(Kp + row[:, None] * K + kk[None, :], mask=m, other=0.0)
+        k = tl.load(Kp + rbase * K + (ri[:, None] * K + kk[None, :]), mask=m, other=0.0)
         dqs = tl.zeros([Q, BLOCK_K], ACC)
         for v0 in range(0, V, BLOCK_V):
             vv = v0 + tl.arange(0, BLOCK_V)
             mv = vv < V
-            do = tl.load(DO + row[:, None] * V + vv[None, :], mask=t_ok[:, None] & mv[None, :], other=0.0).to(ACC)
-            s_t = tl.load(STATES + st_in + kk[None, :] * V + vv[:, None], mask=mk[None, :] & mv[:, None], other=0.0)
+            do = tl.load(DO + rbase * V + (ri[:, None] * V + vv[None, :]), mask=t_ok[:, None] & mv[None, :],
+                         other=0.0).to(ACC)
+            s_t = tl.load(STATES + st_in + (kk[None, :] * V + vv[:, None]), mask=mk[None, :] & mv[:, None], other=0.0)
             dqs = tl.dot((do * scale).to(DOT_T), s_t.to(DOT_T), dqs, input_precision=PREC, out_dtype=ACC)
-        q = tl.load(Qp + row[:, None] * K + kk[None, :], mask=m, other=0.0)
+        q = tl.load(Qp + rbase * K + (ri[:, None] * K + kk[None, :]), mask=m, other=0.0)
         dfs += tl.sum(q.to(ACC) * dqs, axis=1)
         dq = tl.dot(R_d, k.to(DOT_T), input_precision=PREC, out_dtype=ACC) + from_start[:, None] * dqs
-        tl.store(DQ + row[:, None] * K + kk[None, :], dq.to(DQ.dtype.element_ty), mask=m)
+        tl.store(DQ + rbase * K + (ri[:, None] * K + kk[None, :]), dq.to(DQ.dtype.element_ty), mask=m)
     # Pass over K: dk (the outgoing state's share through v_new dS_out^T).
     to_end, through = _to_end(G, SEG, b, h, c, T, H, NC, Q, HAS_RESET, ACC)
     dte = tl.zeros([Q], ACC)
@@ -466,27 +480,27 @@ def _delta_bwd_chunk_kernel(Qp, Kp, Vp, G, BETA, SEG, DO, U, W, TM, STATES, DSTA
         for v0 in range(0, V, BLOCK_V):
             vv = v0 + tl.arange(0, BLOCK_V)
             mv = vv < V
-            vn = tl.load(VNEW + pos[:, None] * V + vv[None, :], mask=mv[None, :], other=0.0)
-            ds_t = tl.load(DSTATES + st_in + K * V + kk[None, :] * V + vv[:, None], mask=mk[None, :] & mv[:, None],
+            vn = tl.load(VNEW + pbase * V + (i[:, None] * V + vv[None, :]), mask=mv[None, :], other=0.0)
+            ds_t = tl.load(DSTATES + st_in + K * V + (kk[None, :] * V + vv[:, None]), mask=mk[None, :] & mv[:, None],
                            other=0.0)
             dks = tl.dot(vn.to(DOT_T), ds_t.to(DOT_T), dks, input_precision=PREC, out_dtype=ACC)
-        k = tl.load(Kp + row[:, None] * K + kk[None, :], mask=m, other=0.0)
+        k = tl.load(Kp + rbase * K + (ri[:, None] * K + kk[None, :]), mask=m, other=0.0)
         dte += tl.sum(k.to(ACC) * dks, axis=1)
-        dbk = tl.load(DBK + pos[:, None] * K + kk[None, :], mask=mk[None, :], other=0.0)
+        dbk = tl.load(DBK + pbase * K + (i[:, None] * K + kk[None, :]), mask=mk[None, :], other=0.0)
         dk = to_end[:, None] * dks + (beta * from_start)[:, None] * dbk
         k_d = k.to(DOT_T)
         dk = tl.dot(dG_d, k_d, dk, input_precision=PREC, out_dtype=ACC)
         dk = tl.dot(tl.trans(dG_d), k_d, dk, input_precision=PREC, out_dtype=ACC)
-        q = tl.load(Qp + row[:, None] * K + kk[None, :], mask=m, other=0.0)
+        q = tl.load(Qp + rbase * K + (ri[:, None] * K + kk[None, :]), mask=m, other=0.0)
         dk = tl.dot(tl.trans(R_d), q.to(DOT_T), dk, input_precision=PREC, out_dtype=ACC)
-        tl.store(DK + row[:, None] * K + kk[None, :], dk.to(DK.dtype.element_ty), mask=m)
+        tl.store(DK + rbase * K + (ri[:, None] * K + kk[None, :]), dk.to(DK.dtype.element_ty), mask=m)
     dgam += from_start * dfs - to_end * dte
     cst = tl.zeros([Q], ACC)  # the chunk state's share, the same for every step
     for nv in range(0, NV):
         cst += tl.load(CPART + ((b * H + h) * NC + c) * NV + nv)
     dg = tl.cumsum(dgam, axis=0, reverse=True) + cst
-    tl.store(DG + row, dg.to(DG.dtype.element_ty), mask=t_ok)
-    tl.store(DBETA + row, dbeta.to(DBETA.dtype.element_ty), mask=t_ok)
+    tl.store(DG + rbase + ri, dg.to(DG.dtype.element_ty), mask=t_ok)
+    tl.store(DBETA + rbase + ri, dbeta.to(DBETA.dtype.element_ty), mask=t_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,7 +521,10 @@ class _Plan(_GLAPlan):
     def BV_BWD(self):
         return min(self.BV, self.tile // 2)
 
-def _plan(q, k, v, g, beta, chunk_size) -> _Plan:
+def _plan(q, k, v, g, beta, chunk_size, backward: bool = False) -> _Plan:
+    """The call's sizes and tiles. The backward caps its chunk at 32 steps when K or V is not a
+    multiple of 16: its chunk kernel then loads every tile element by element (no vector loads,
+    an address and a mask per element) and at 64 steps spills (bf16, sm_80 / sm_90)."""
     b, T, H, K = q.shape
     V = v.shape[-1]
     if k.shape != q.shape or v.shape[:3] != (b, T, H) or g.shape != (b, T, H) or beta.shape != (b, T, H):
@@ -521,6 +538,8 @@ def _plan(q, k, v, g, beta, chunk_size) -> _Plan:
     if chunk_size < 1:
         raise ValueError(f"delta_rule kernels: chunk_size must be >= 1; got {chunk_size}")
     Q = chunk_for(T, chunk_size, v.dtype)
+    if backward and (K % 16 or V % 16):
+        Q = min(Q, 32)
     if Q * H * max(K, V) >= 2**31:
         raise ValueError("delta_rule kernels: chunk * H * max(K, V) must be < 2^31 (int32 offsets in a chunk)")
     acc = torch.float64 if v.dtype == torch.float64 else torch.float32
@@ -569,7 +588,7 @@ def delta_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     """Gradients of delta_fwd for dL/do = do (B, T, H, V) and dL/d(final state) = dfinal or None:
     (dq, dk, dv, dg, dbeta, d initial_state), each in its input's dtype (d initial_state None
     without one). The forward (u, w, the UT transform, the chunk states, v_new) is recomputed."""
-    pl = _plan(q, k, v, g, beta, chunk_size)
+    pl = _plan(q, k, v, g, beta, chunk_size, backward=True)
     dtypes = (q.dtype, k.dtype, g.dtype, beta.dtype)
     q, k = q.to(v.dtype).contiguous(), k.to(v.dtype).contiguous()
     v, g, beta, do = v.contiguous(), g.contiguous(), beta.contiguous(), do.to(v.dtype).contiguous()
@@ -608,9 +627,11 @@ def delta_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     dq, dk = _empty(q.shape, dtypes[0], dev), _empty(k.shape, dtypes[1], dev)
     dv = _empty(v.shape, v.dtype, dev)
     dg, dbeta = _empty(g.shape, dtypes[2], dev), _empty(beta.shape, dtypes[3], dev)
+    # maxnreg=255: left to itself ptxas aims (3') at 3 programs per SM in 4 warps (168 registers)
+    # and spills (sm_90, Q = 16); it needs ~210.
     _delta_bwd_chunk_kernel[(pl.B * pl.H * pl.nc,)](
         q, k, v, g, beta, seg, do, u, w, tm, states, dstates, vnew, dvn, cpart, dbk, dq, dk, dv, dg, dbeta, scale,
         pl.T, pl.H, pl.K, pl.V, pl.nc, nvb, Q=pl.Q, BLOCK_K=pl.BK_BWD, BLOCK_V=pl.BV_BWD, HAS_RESET=has_reset,
-        **m, num_warps=pl.warps)
+        **m, num_warps=pl.warps, maxnreg=255)
     ds0 = None if s0 is None else dstates[:, :, 0].to(initial_state.dtype).contiguous()
     return dq, dk, dv, dg, dbeta, ds0

@@ -59,6 +59,17 @@ def test_triton_equals_reference_in_float64(T, chunk, wide):
     _check(_inputs(T=T, H=2), chunk, torch.float64, 1e-10)
 
 
+def test_backward_chunk_is_capped_for_unaligned_widths(wide):
+    """The backward keeps 64-step chunks when K and V are multiples of 16 and takes 32-step ones
+    otherwise (its chunk kernel loads element by element there and spills at 64); the forward
+    keeps 64. The 64-step backward equals the reference (the test above runs the capped one)."""
+    for K, V, q_bwd in ((16, 16, 64), (8, 5, 32), (40, 24, 32)):
+        q, k, v, g, beta, _, _ = _inputs(T=70, H=1, K=K, V=V)
+        assert kernels._plan(q, k, v, g, beta, 64).Q == 64
+        assert kernels._plan(q, k, v, g, beta, 64, backward=True).Q == q_bwd
+    _check(_inputs(T=70, H=1, K=16, V=16), 64, torch.float64, 1e-10)
+
+
 def test_triton_equals_reference_in_float32():
     _check(_inputs(T=37, H=2), 32, torch.float32, 1e-5)
 
