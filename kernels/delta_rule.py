@@ -63,9 +63,9 @@ operands, 32 for fp32 / fp64; the backward's reverse pass and chunk kernel use h
 (every tile then loads element by element, an address and a mask each, and (3') spills at Q = 64).
 (3) and (3') address a chunk as a scalar int64 base plus int32 offsets (Q H max(K, V) < 2^31,
 _plan), not per-element int64 rows held across their loops; (3') launches with maxnreg=255 (ptxas
-otherwise trades spills for occupancy). Compiled for sm_80 / sm_90
-(tools/compile_kernels.py: deltanet-1b, deltanet-tiny and the ragged shape) none spills in bf16
-or fp32.
+otherwise trades spills for occupancy); fp64 adds two launch options (_Plan.fp64_opts). Compiled
+for sm_80 / sm_90 (tools/compile_kernels.py: deltanet-1b, deltanet-tiny and the ragged shape) none
+spills in bf16, fp32 or fp64.
 First guesses, not yet run or tuned on a GPU; the UT transform's forward substitution is Q
 sequential row updates of a (Q x Q) tile, the first thing to replace (fla: 16 x 16 diagonal
 blocks, then block products) if it shows in a profile.
@@ -521,6 +521,11 @@ class _Plan(_GLAPlan):
     def BV_BWD(self):
         return min(self.BV, self.tile // 2)
 
+    def fp64_opts(self, **opts) -> dict:
+        """Launch options for fp64 only: (1) with STORE_T at maxnreg=255 (ptxas picked 128
+        registers and spilled 4 bytes on sm_90), (3') without software pipelining."""
+        return opts if self.acc == torch.float64 else {}
+
 def _plan(q, k, v, g, beta, chunk_size, backward: bool = False) -> _Plan:
     """The call's sizes and tiles. The backward caps its chunk at 32 steps when K or V is not a
     multiple of 16: its chunk kernel then loads every tile element by element (no vector loads,
@@ -606,7 +611,7 @@ def delta_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     tm = _empty((pl.B, pl.H, pl.nc, pl.Q, pl.Q), pl.acc, dev)
     _delta_wy_kernel[(pl.B * pl.H * pl.nc,)](
         k, v, g, beta, seg, u, w, tm, pl.T, pl.H, pl.K, pl.V, pl.nc, Q=pl.Q, BLOCK_K=pl.BK, BLOCK_V=pl.BV,
-        HAS_RESET=has_reset, STORE_T=True, **m, num_warps=pl.warps)
+        HAS_RESET=has_reset, STORE_T=True, **m, num_warps=pl.warps, **pl.fp64_opts(maxnreg=255))
     states = _empty((pl.B, pl.H, pl.nc + 1, pl.K, pl.V), pl.acc, dev)
     vnew = _empty((pl.B, pl.H, tp, pl.V), pl.acc, dev)
     _delta_fwd_h_kernel[(pl.B * pl.H, nv)](
@@ -628,10 +633,11 @@ def delta_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     dv = _empty(v.shape, v.dtype, dev)
     dg, dbeta = _empty(g.shape, dtypes[2], dev), _empty(beta.shape, dtypes[3], dev)
     # maxnreg=255: left to itself ptxas aims (3') at 3 programs per SM in 4 warps (168 registers)
-    # and spills (sm_90, Q = 16); it needs ~210.
+    # and spills (sm_90, Q = 16); it needs ~210. fp64: no software pipelining either (8-12 bytes
+    # spilled on sm_90 at Q = 32).
     _delta_bwd_chunk_kernel[(pl.B * pl.H * pl.nc,)](
         q, k, v, g, beta, seg, do, u, w, tm, states, dstates, vnew, dvn, cpart, dbk, dq, dk, dv, dg, dbeta, scale,
         pl.T, pl.H, pl.K, pl.V, pl.nc, nvb, Q=pl.Q, BLOCK_K=pl.BK_BWD, BLOCK_V=pl.BV_BWD, HAS_RESET=has_reset,
-        **m, num_warps=pl.warps, maxnreg=255)
+        **m, num_warps=pl.warps, maxnreg=255, **pl.fp64_opts(num_stages=1))
     ds0 = None if s0 is None else dstates[:, :, 0].to(initial_state.dtype).contiguous()
     return dq, dk, dv, dg, dbeta, ds0
