@@ -476,12 +476,9 @@ def _local_accesses(cubin: bytes, cuobjdump: str):
     span between a backward branch and its target. A spill inside a loop costs traffic every
     iteration; one outside (a value kept across the whole loop, stored before and loaded after)
     costs one store and one load per thread."""
-    if not os.path.exists(cuobjdump):
+    text = _cuobjdump(cubin, cuobjdump, "-sass")
+    if text is None:
         return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
     code = [(int(m.group(1), 16), m.group(3), m.group(4)) for m in _SASS.finditer(text)]
     loops = []
     for addr, op, args in code:
@@ -498,14 +495,18 @@ def _local_accesses(cubin: bytes, cuobjdump: str):
     return inside, outside
 
 
-def _res_usage(cubin: bytes, cuobjdump: str):
+def _cuobjdump(cubin: bytes, cuobjdump: str, flag: str) -> str | None:
+    """What the bundled cuobjdump prints for a cubin (None where the wheel has none)."""
     if not os.path.exists(cuobjdump):
         return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-    m = _RES_USAGE.search(text)
+        return subprocess.run([cuobjdump, flag, f.name], capture_output=True, text=True).stdout
+
+
+def _res_usage(cubin: bytes, cuobjdump: str):
+    m = _RES_USAGE.search(_cuobjdump(cubin, cuobjdump, "-res-usage") or "")
     return tuple(int(g) for g in m.groups()) if m else None
 
 
