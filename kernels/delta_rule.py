@@ -85,7 +85,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megarnn_kernels.gla import _TL, MAX_TILE, _empty, _load_seg, _seg_last, chunk_for, segments  # noqa: F401  (MAX_TILE: tests)
+from megarnn_kernels.gla import MAX_TILE, _empty, _load_seg, _seg_last, checked_plan, segments  # noqa: F401  (MAX_TILE: tests)
 from megarnn_kernels.gla import _Plan as _GLAPlan
 
 # True when the kernels were decorated under Triton's interpreter (TRITON_INTERPRET=1).
@@ -536,19 +536,8 @@ def _plan(q, k, v, g, beta, chunk_size, backward: bool = False) -> _Plan:
         raise ValueError(f"delta_rule kernels: expected q = k (B,T,H,K), v (B,T,H,V), g = beta (B,T,H); got "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}, "
                          f"beta {tuple(beta.shape)}")
-    if q.numel() == 0 or v.numel() == 0:
-        raise ValueError(f"delta_rule kernels: empty input q {tuple(q.shape)}, v {tuple(v.shape)}")
-    if v.dtype not in _TL:
-        raise ValueError(f"delta_rule kernels: v must be fp32, bf16, fp16 or fp64; got {v.dtype}")
-    if chunk_size < 1:
-        raise ValueError(f"delta_rule kernels: chunk_size must be >= 1; got {chunk_size}")
-    Q = chunk_for(T, chunk_size, v.dtype)
-    if backward and (K % 16 or V % 16):
-        Q = min(Q, 32)
-    if Q * H * max(K, V) >= 2**31:
-        raise ValueError("delta_rule kernels: chunk * H * max(K, V) must be < 2^31 (int32 offsets in a chunk)")
-    acc = torch.float64 if v.dtype == torch.float64 else torch.float32
-    return _Plan(b, T, H, K, V, Q, triton.cdiv(T, Q), v.dtype, acc)
+    cap = 32 if backward and (K % 16 or V % 16) else None
+    return checked_plan("delta_rule", q, v, chunk_size, max_chunk=cap, cls=_Plan)
 
 
 def delta_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, scale: float,

@@ -570,21 +570,30 @@ def chunk_for(T: int, chunk_size: int, dtype: torch.dtype) -> int:
 
 def _plan(q, k, v, gk, chunk_size) -> _Plan:
     b, T, H, K = q.shape
-    V = v.shape[-1]
     if k.shape != q.shape or gk.shape != q.shape or v.shape[:3] != (b, T, H):
         raise ValueError(f"gla kernels: expected q = k = gk (B,T,H,K), v (B,T,H,V); got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, gk {tuple(gk.shape)}, v {tuple(v.shape)}")
+    return checked_plan("gla", q, v, chunk_size)
+
+
+def checked_plan(name: str, q, v, chunk_size: int, max_chunk: int | None = None, cls=_Plan) -> _Plan:
+    """The checks and sizes the GLA and delta-rule calls share, once the caller has checked its
+    shapes: non-empty, a supported dtype, chunk_size >= 1 (capped at max_chunk), int32 offsets."""
+    b, T, H, K = q.shape
+    V = v.shape[-1]
     if q.numel() == 0 or v.numel() == 0:
-        raise ValueError(f"gla kernels: empty input q {tuple(q.shape)}, v {tuple(v.shape)}")
+        raise ValueError(f"{name} kernels: empty input q {tuple(q.shape)}, v {tuple(v.shape)}")
     if v.dtype not in _TL:
-        raise ValueError(f"gla kernels: v must be fp32, bf16, fp16 or fp64; got {v.dtype}")
+        raise ValueError(f"{name} kernels: v must be fp32, bf16, fp16 or fp64; got {v.dtype}")
     if chunk_size < 1:
-        raise ValueError(f"gla kernels: chunk_size must be >= 1; got {chunk_size}")
+        raise ValueError(f"{name} kernels: chunk_size must be >= 1; got {chunk_size}")
     Q = chunk_for(T, chunk_size, v.dtype)
+    if max_chunk is not None:
+        Q = min(Q, max_chunk)
     if Q * H * max(K, V) >= 2**31:
-        raise ValueError("gla kernels: chunk * H * max(K, V) must be < 2^31 (int32 offsets inside a chunk)")
+        raise ValueError(f"{name} kernels: chunk * H * max(K, V) must be < 2^31 (int32 offsets inside a chunk)")
     acc = torch.float64 if v.dtype == torch.float64 else torch.float32
-    return _Plan(b, T, H, K, V, Q, triton.cdiv(T, Q), v.dtype, acc)
+    return cls(b, T, H, K, V, Q, triton.cdiv(T, Q), v.dtype, acc)
 
 
 def segments(reset, B: int, T: int, Q: int, nc: int, device) -> tuple[torch.Tensor, bool]:
