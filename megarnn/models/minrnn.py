@@ -43,8 +43,9 @@ def log_g(x: torch.Tensor) -> torch.Tensor:
 
 
 def _backend(c: ModelConfig) -> str | None:
-    """"reference" when asked for; otherwise the chunked torch form (no Triton kernel)."""
-    return "reference" if c.scan_backend == "reference" else None
+    """"reference" or "triton" (the linear scan's kernel) when asked for; otherwise the chunked
+    torch form."""
+    return c.scan_backend if c.scan_backend in ("reference", "triton") else None
 
 
 class _MinRNN(nn.Module):

@@ -28,7 +28,13 @@ Backends:
                (megarnn::log_scan_torch, one node under torch.compile) whose backward is the
                recurrence's adjoint in linear space (below, at the op). The number of pieces
                depends on where the resets fall: one host sync per call (nonzero), inside the op.
-  "triton"     no kernel: a ValueError says so (backend=None picks "torch").
+  "triton"     the same recurrence in linear space on the linear scan's Triton kernel
+               (megarnn.ops.linear_scan): a = exp(log_a) (0 at a reset), b = exp(log_b). The log
+               form exists for a parallel prefix over the whole sequence; the kernel runs the
+               recurrence step by step within a tile and combines tiles and chunks by the same
+               linear carry, and with a in [0, 1] and b > 0 nothing cancels. Gradients go through
+               the exps (dlog_a = a da, dlog_b = b db); context parallelism is linear_scan's.
+               backend=None still picks "torch" (the kernels run where model.scan_backend=triton).
 
 Context parallelism (megarnn/ops/context.py): each rank scans its chunk from zero (rank 0 from
 h0) and adds the carry from earlier ranks as the same extra term, through
@@ -42,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from megarnn.ops import context
-from megarnn.ops.scan import _scan, check_backend, resolve_split
+from megarnn.ops.scan import _scan, check_backend, linear_scan, resolve_split
 
 # Steps per chunk. Measured (tests/ops/test_log_scan.py inputs, fp32 h against fp64): 1.8e-6 at 32,
 # 3.2e-6 at 64; with gates of about -40 per step 1.6e-5 at 32, 4.1e-5 at 64; as fast on CPU.
@@ -69,8 +75,12 @@ def log_linear_scan(log_a: torch.Tensor, log_b: torch.Tensor, h0: torch.Tensor |
         raise ValueError(f"log_linear_scan: reset must be (B, T) = {(B, T)} bool; got {tuple(reset.shape)}")
     check_backend(backend, "log_linear_scan")
     if backend == "triton":
-        raise ValueError("log_linear_scan: there is no Triton kernel for the log-space scan; use backend='torch' "
-                         "(the chunked logcumsumexp form, also what backend=None picks) or 'reference'")
+        acc = context.acc_dtype(log_b)
+        a = torch.exp(log_a.to(acc))
+        if reset is not None:
+            a = a * ~reset[..., None]
+        h0 = None if h0 is None else h0.to(acc)
+        return linear_scan(a, torch.exp(log_b.to(acc)), h0, backend="triton", cp=cp).to(log_b.dtype)
     backend = backend or "torch"
     split = resolve_split(cp)
     if split is not None:

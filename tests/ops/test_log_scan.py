@@ -4,7 +4,8 @@ chunks and the initial state as an extra linear term) equals the reference loop 
 1e-10 and float32 within 1e-5 relative (5e-5 in one 150-step piece), forward and gradients of log_a, log_b and the initial
 state, at several chunk sizes (1 step, not dividing T, one chunk for the whole sequence), with
 document resets (first step, inside a chunk, at a chunk start, last step); strong gates stay
-finite; steps with state equal one call. Context parallelism: tests/ops/test_lru.py runs this
+finite; steps with state equal one call. The triton backend (the recurrence in linear space on
+the linear scan's kernel) equals the reference loop too. Context parallelism: tests/ops/test_lru.py runs this
 op's 2-rank check in the same spawned processes as the LRU's (one spawn for both)."""
 import pytest
 import torch
@@ -54,6 +55,18 @@ def test_torch_equals_reference_forward_and_gradients(dtype, tol, chunk_size):
             assert g.dtype == w.dtype and torch.isfinite(g).all() and _rel(g, w) <= tol, (name, reset, _rel(g, w))
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_triton_backend_equals_reference_forward_and_gradients(dtype, tol):
+    """backend="triton": the linear-space recurrence on the linear scan's kernel (Triton's
+    interpreter here), with resets and an initial state of either sign."""
+    inputs = _inputs(dtype=dtype)
+    for reset in (True, False):
+        want = _run(inputs, "reference", reset=reset)
+        got = _run(inputs, "triton", reset=reset)
+        for name, g, w in zip(["h", "dlog_a", "dlog_b", "dh0"], got, want):
+            assert g.dtype == w.dtype and torch.isfinite(g).all() and _rel(g, w) <= tol, (name, reset, _rel(g, w))
+
+
 def test_strong_gates_stay_finite_and_accurate_in_float32():
     """log_a down to ~-40 per step: a* reaches -2500 over a 64-step chunk."""
     inputs = _inputs(dtype=torch.float32, gate=20.0)
@@ -72,8 +85,6 @@ def test_steps_with_state_equal_one_call_and_backend_errors():
         parts.append(h)
         state = h[:, -1]
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=0, atol=1e-12)
-    with pytest.raises(ValueError, match="no Triton kernel"):
-        log_linear_scan(log_a, log_b, backend="triton")
     with pytest.raises(ValueError, match="h0 must be"):
         log_linear_scan(log_a, log_b, h0[:, :2])
 
