@@ -67,7 +67,7 @@ class LRUMixer(nn.Module):
         bx = at_least_float32(self.in_proj(x)).unflatten(-1, (-1, 2))
         bx = bx * torch.exp(at_least_float32(self.gamma_log))[:, None]
         h = lru_scan(bx, self.nu_log, self.theta_log, state.get("h"), reset,
-                     backend="reference" if self.c.scan_backend == "reference" else None)
+                     backend=self.c.scan_backend if self.c.scan_backend in ("reference", "triton") else None)
         y = self.out_proj(h.flatten(-2).to(x.dtype))
         return y, {"h": h[:, -1]}
 

@@ -17,7 +17,11 @@ Backends:
                registered backward: g_t = dh_t + conj(a_{t+1}) g_{t+1} (a reverse scan of the same
                kind), then db_t = g_t, dlambda = sum over steps without a reset of g_t conj(h_{t-1}),
                dh0 = conj(a_1) g_1 (gradients of real losses in PyTorch's convention, d/dre + i d/dim).
-  "triton"     no kernel: a ValueError says so (backend=None picks "torch").
+  "triton"     lambda is, on (re, im) pairs, the 2 x 2 real block [[re, -im], [im, re]]: the
+               recurrence runs on the block-diagonal scan's Triton kernel (megarnn.ops.newton
+               block_scan, n = 2; a = 0 at a reset), forward and its fused backward; dlambda
+               by autograd from the blocks' gradient. backend=None still picks "torch" (the
+               kernel runs where model.scan_backend=triton).
 
 Context parallelism (megarnn/ops/context.py): each rank runs its chunk from zero (rank 0 from h0),
 gathers (lambda^T_local, 0 if the chunk has a reset; its last state) with carry_in on complex
@@ -29,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from megarnn.ops import context
+from megarnn.ops.newton import block_scan
 from megarnn.ops.scan import _scan, check_backend, resolve_split
 
 
@@ -67,9 +72,6 @@ def lru_scan(b: torch.Tensor, nu_log: torch.Tensor, theta_log: torch.Tensor, h0:
     if reset is not None and reset.shape != (B, T):
         raise ValueError(f"lru_scan: reset must be (B, T) = {(B, T)} bool; got {tuple(reset.shape)}")
     check_backend(backend, "lru_scan")
-    if backend == "triton":
-        raise ValueError("lru_scan: there is no Triton kernel for the LRU's complex scan; use backend='torch' "
-                         "(also what backend=None picks) or 'reference'")
     backend = backend or "torch"
     acc = context.acc_dtype(b)
     split = resolve_split(cp)
@@ -85,6 +87,11 @@ def lru_scan(b: torch.Tensor, nu_log: torch.Tensor, theta_log: torch.Tensor, h0:
     h0 = None if h0 is None else h0.to(acc)
     if backend == "reference":
         return _reference(b, lam, h0, reset)
+    if backend == "triton":  # lambda as the 2 x 2 real block it is on (re, im): the block scan's kernel
+        lr, li = lam[:, 0], lam[:, 1]
+        a = torch.stack([torch.stack([lr, -li], -1), torch.stack([li, lr], -1)], -2).expand(B, T, N, 2, 2)
+        a = a * ~reset[:, :, None, None, None] if reset is not None else a.contiguous()
+        return block_scan(a, b, h0, backend="triton")
     return _lru_scan_torch_op(b, lam, b.new_zeros(B, N, 2) if h0 is None else h0, reset)
 
 

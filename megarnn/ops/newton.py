@@ -310,13 +310,14 @@ def _shift_for_adjoint(a: torch.Tensor, reverse: bool) -> torch.Tensor:
 
 
 class _BlockScan(torch.autograd.Function):
-    """block_scan with the transposed scan run the other way as its backward (torch and triton)."""
+    """block_scan's torch backend: the chunked form, with the transposed scan run the other way as
+    its backward (the triton backend's fused backward is a custom op, below)."""
 
     @staticmethod
-    def forward(ctx, a, b, h0, reverse, backend):
-        h = _block_scan_local(backend)(a, b, h0, reverse)
+    def forward(ctx, a, b, h0, reverse):
+        h = _block_scan_chunked(a, b, h0, reverse)
         ctx.save_for_backward(a, h, h0)
-        ctx.reverse, ctx.backend = reverse, backend
+        ctx.reverse = reverse
         return h
 
     @staticmethod
@@ -324,16 +325,13 @@ class _BlockScan(torch.autograd.Function):
     def backward(ctx, g):
         a, h, h0 = ctx.saved_tensors
         reverse = ctx.reverse
-        if ctx.backend == "triton":
-            da, db, dh0 = _require_kernels(g).block_scan_bwd(a, h, h0, g.contiguous(), reverse)
-        else:
-            lam = _block_scan_chunked(_shift_for_adjoint(a, reverse), g, None, not reverse)
-            start = torch.zeros_like(h[:, :1]) if h0 is None else h0.unsqueeze(1).to(h.dtype)
-            prev = torch.cat([h[:, 1:], start], 1) if reverse else torch.cat([start, h[:, :-1]], 1)
-            db, da = lam, lam.unsqueeze(-1) * prev.unsqueeze(-2)
-            first = 0 if not reverse else -1
-            dh0 = None if h0 is None else _matvec(a[:, first].transpose(-1, -2), lam[:, first])
-        return (da.to(a.dtype), db, None if dh0 is None else dh0.to(h0.dtype), None, None)
+        lam = _block_scan_chunked(_shift_for_adjoint(a, reverse), g, None, not reverse)
+        start = torch.zeros_like(h[:, :1]) if h0 is None else h0.unsqueeze(1).to(h.dtype)
+        prev = torch.cat([h[:, 1:], start], 1) if reverse else torch.cat([start, h[:, :-1]], 1)
+        db, da = lam, lam.unsqueeze(-1) * prev.unsqueeze(-2)
+        first = 0 if not reverse else -1
+        dh0 = None if h0 is None else _matvec(a[:, first].transpose(-1, -2), lam[:, first])
+        return (da.to(a.dtype), db, None if dh0 is None else dh0.to(h0.dtype), None)
 
 
 def block_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None, reverse: bool = False,
@@ -358,7 +356,50 @@ def block_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None,
         return block_scan_reference(a, b, h0, reverse)
     if backend not in ("torch", "triton"):
         raise ValueError(f"block_scan: unknown backend {backend!r}; expected 'reference', 'torch' or 'triton'")
-    return _BlockScan.apply(a, b, h0, reverse, backend)
+    if backend == "triton":
+        return _block_scan_triton_op(a, b, h0, reverse)
+    return _BlockScan.apply(a, b, h0, reverse)
+
+
+# The triton backend as custom ops with the fused backward registered: torch.compile sees one node
+# each way (the LRU's scan runs here), where an autograd.Function would be traced into the launch.
+
+@torch.library.custom_op("megarnn::block_scan_triton", mutates_args=())
+def _block_scan_triton_op(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, reverse: bool
+                          ) -> torch.Tensor:
+    return _require_kernels(b).block_scan(a, b, h0, reverse)
+
+
+@_block_scan_triton_op.register_fake
+def _(a, b, h0, reverse):
+    return torch.empty_like(b)
+
+
+@torch.library.custom_op("megarnn::block_scan_triton_bwd", mutates_args=())
+def _block_scan_triton_bwd_op(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None, g: torch.Tensor,
+                              reverse: bool) -> list[torch.Tensor]:
+    da, db, dh0 = _require_kernels(g).block_scan_bwd(a, h, h0, g.contiguous(), reverse)
+    return [da.to(a.dtype), db, a.new_empty(0) if dh0 is None else dh0.to(h0.dtype)]
+
+
+@_block_scan_triton_bwd_op.register_fake
+def _(a, h, h0, g, reverse):
+    return [torch.empty_like(a), torch.empty_like(g), a.new_empty(0) if h0 is None else torch.empty_like(h0)]
+
+
+def _block_scan_triton_setup(ctx, inputs, output):
+    a, _, h0, reverse = inputs
+    ctx.save_for_backward(a, output, h0)
+    ctx.reverse, ctx.has_h0 = reverse, h0 is not None
+
+
+def _block_scan_triton_backward(ctx, g):
+    a, h, h0 = ctx.saved_tensors
+    da, db, dh0 = _block_scan_triton_bwd_op(a, h, h0, g, ctx.reverse)
+    return da, db, dh0 if ctx.has_h0 else None, None
+
+
+_block_scan_triton_op.register_autograd(_block_scan_triton_backward, setup_context=_block_scan_triton_setup)
 
 
 def _block_scan_across(local_scan, j, b, cp, reverse: bool = False) -> torch.Tensor:

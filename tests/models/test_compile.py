@@ -28,11 +28,11 @@ FAMILIES = {
     "mingru": dict(family="mingru", block_pattern="N", d_model=32, n_layers=1, lru_width=32),
     "minlstm": dict(family="minlstm", block_pattern="O", d_model=32, n_layers=1, lru_width=32),
 }
-# The second round's families once each: torch backend, and minLSTM / GLA / Gated DeltaNet on their Triton
+# The second round's families once each: torch backend, and LRU / minLSTM / GLA / Gated DeltaNet on their Triton
 # kernels (custom ops). Their chunked torch forms are plain torch code with a Python loop over
 # chunks, which dynamo unrolls: one graph per number of chunks (a recompile for another length).
 CASES = ([(f, b) for f in ("griffin", "mamba2", "paragru", "paralstm") for b in ("torch", "triton")]
-         + [(f, "torch") for f in ("paragru-block", "lru", "mingru")] + [("minlstm", "triton")]
+         + [(f, "torch") for f in ("paragru-block", "lru", "mingru")] + [("lru", "triton"), ("minlstm", "triton")]
          + [("gla", "triton"), ("deltanet", "triton")])
 
 

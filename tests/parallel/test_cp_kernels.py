@@ -4,7 +4,8 @@ interpreter), and its loss and gradients equal the one-process torch backend.
 
 Across ranks the Newton cells run the distributed Newton solve with the Triton scans inside
 (the diagonal linear-scan kernel for paraGRU, the 2x2-block scan kernel for paraLSTM); on one
-rank the fused solver kernels. minGRU / minLSTM run the linear-scan kernel in linear space.
+rank the fused solver kernels. The LRU runs the 2x2-block scan kernel, minGRU / minLSTM the
+linear-scan kernel in linear space.
 """
 import copy
 from collections import Counter
@@ -23,7 +24,7 @@ from tests.parallel.spawn_util import run_on_ranks
 from tests.parallel.test_tensor_parallel import FAMILIES
 
 T = 16
-KERNEL_FAMILIES = ["griffin", "mamba2", "paragru", "paralstm", "mingru", "minlstm"]
+KERNEL_FAMILIES = ["griffin", "mamba2", "paragru", "paralstm", "lru", "mingru", "minlstm"]
 
 
 def count_launches() -> Counter:
