@@ -68,13 +68,14 @@ class BlockKind:
     flops: Callable = lambda c, seq_len: 0.0  # forward FLOPs per token beyond 2 x matmul weights
     has_mlp: bool = True  # Griffin's residual block (mixer + gated MLP); False: Mamba2's (mixer only)
     families: tuple = field(default=())
-    build: Callable | None = None  # config -> mixer, when Class(config) does not fit
+    build: Callable | None = None  # (the mixer class, config) -> mixer, when Class(config) does not fit
 
     def mixer_class(self):
         return resolve_class(self.mixer)
 
     def build_mixer(self, c):
-        return self.build(c) if self.build is not None else self.mixer_class()(c)
+        cls = self.mixer_class()
+        return self.build(cls, c) if self.build is not None else cls(c)
 
     def splits(self, c) -> dict[str, Split]:
         return _splits(self.tp_plan(c))
@@ -169,10 +170,9 @@ def _pararnn_localize(m, tp):
 
 
 def _pararnn_build(cell):
-    def build(c):
-        from megarnn.models.pararnn import ParaRNNMixer
-        return ParaRNNMixer(c.d_model, c.lru_width, c.n_heads, c.conv_width, cell, c.newton_max_iters,
-                            c.newton_tol or None, backend=c.scan_backend or None, block_size=c.newton_block_size)
+    def build(cls, c):  # cls: ParaRNNMixer, resolved from the entry's name (no import here)
+        return cls(c.d_model, c.lru_width, c.n_heads, c.conv_width, cell, c.newton_max_iters,
+                   c.newton_tol or None, backend=c.scan_backend or None, block_size=c.newton_block_size)
     return build
 
 
