@@ -102,21 +102,16 @@ def _activation_bytes(model, owned, micro_batch, seq_len, cp, dtype, checkpoint_
 
 
 def _cp_bytes(c, letters: str, B: int, T: int, cp: int, tp: int, act: int) -> float:
-    """Per micro batch, forward + backward: carries all-gathered (O(B x state)) and halos sent."""
+    """Per micro batch, forward + backward: each block kind's carries all-gathered (every rank
+    receives the other cp - 1 ranks' share) and halos / state shifts sent (registry cp_exchange)."""
     if cp == 1:
         return 0.0
-    gather, total = (cp - 1) / cp, 0.0
-    for kind in letters:
-        if kind == "M":
-            H = c.expand * c.d_model // c.ssm_head_dim
-            carry = B * H * (1 + c.ssm_head_dim * c.d_state) * 4 * cp / tp
-            halo = (c.conv_width - 1) * B * (c.expand * c.d_model + 2 * c.n_groups * c.d_state) * act / tp
-        elif kind == "A":
-            carry, halo = 0.0, (c.attention_window - 1) * B * 2 * c.n_kv_heads * c.head_dim * act
-        else:
-            carry = 2 * B * c.lru_width * 4 * cp / tp
-            halo = (c.conv_width - 1) * B * c.lru_width * act / tp
-        total += 2 * (carry * gather + halo)
+    from megarnn import registry
+    total = 0.0
+    for letter in letters:
+        kind = registry.block_kind(letter, c)
+        gathered, sent = kind.cp_exchange(c, act)
+        total += B * (gathered * 4 * (cp - 1) + sent) / (tp if kind.cp_tp_split else 1)
     return total
 
 

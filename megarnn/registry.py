@@ -69,6 +69,11 @@ class BlockKind:
     has_mlp: bool = True  # Griffin's residual block (mixer + gated MLP); False: Mamba2's (mixer only)
     families: tuple = field(default=())
     build: Callable | None = None  # (the mixer class, config) -> mixer, when Class(config) does not fit
+    # Context parallelism per batch row and rank, forward + backward: (fp32 elements each rank
+    # all-gathers to the others: carries, chunk transitions; bytes sent point to point: conv halos,
+    # Newton's state shifts), given (config, activation bytes). megarnn plan's "cp" column.
+    cp_exchange: Callable = lambda c, act: (0.0, 0.0)
+    cp_tp_split: bool = True  # tensor parallelism splits those exchanges (False: replicated KV heads)
 
     def mixer_class(self):
         return resolve_class(self.mixer)
@@ -231,42 +236,105 @@ def _minrnn_plan(parts: int):
     return lambda c: {"in_proj": Split("column", lambda m: [m.width] * parts), "out_proj": "row"}
 
 
+# Context-parallel exchanges (BlockKind.cp_exchange), per batch row: what each op of megarnn/ops
+# gathers or sends under cp (megarnn/ops/context.py). The scans' summaries go through carry_in, an
+# all-gather with autograd: the forward gathers the other ranks' shares (cp - 1), the backward
+# all-reduces the gradient of all cp shares (2 (cp - 1) in a ring): 3 shares in all, as counted
+# (tests/parallel/test_cp_bytes.py). Newton's solves gather without autograd, once an iteration and
+# once for the adjoint.
+
+def _conv_halo(c, width: int, act: int) -> float:
+    return 2 * (c.conv_width - 1) * width * act
+
+
+def _diagonal_cp(c, act):
+    """RG-LRU: the chunk's decay product and last state (2 W) gathered; the conv halo."""
+    return 3 * 2 * c.lru_width, _conv_halo(c, c.lru_width, act)
+
+
+def _ssd_cp(c, act):
+    H = _mamba2_heads(c)
+    return 3 * H * (1 + c.ssm_head_dim * c.d_state), _conv_halo(c, c.expand * c.d_model + 2 * c.n_groups * c.d_state, act)
+
+
+def _attention_cp(c, act):
+    return 0.0, 2 * (c.attention_window - 1) * 2 * c.n_kv_heads * c.head_dim * act
+
+
+def _newton_cp(per_width: Callable, state_per_width: int):
+    """A Newton cell across ranks, at most newton_max_iters iterations (an upper bound; converged
+    solves take ~5): every iteration's linear solve gathers the chunk's Jacobian product and last
+    value (per_width(c) x lru_width elements) and shifts the state (state_per_width x lru_width,
+    fp32) to the next rank; the backward's adjoint is one more gathered solve."""
+    def exchange(c, act):
+        W, k = c.lru_width, c.newton_max_iters
+        return (k + 1) * per_width(c) * W, _conv_halo(c, W, act) + k * state_per_width * W * 4
+    return exchange
+
+
+def _la_cp(kind: str):
+    """GLA: the chunk's decay (K per head) and last state (K x V per head) gathered; the delta rule:
+    its transition (K x K per head) and last state, and the short convolutions' halos."""
+    def exchange(c, act):
+        key, value = la_widths(c, kind)
+        per_head = (key if kind == "T" else key * key / c.n_heads) + key * value / c.n_heads
+        halo = 0.0 if kind == "T" else _conv_halo(c, 2 * key + value, act)
+        return 3 * per_head, halo
+    return exchange
+
+
+def _lru_cp(c, act):
+    """lambda^T and the last state, complex (re, im): 4 W."""
+    return 3 * 4 * c.lru_width, 0.0
+
+
+def _minrnn_cp(c, act):
+    return 3 * 2 * c.lru_width, 0.0
+
+
 BLOCKS: dict[str, BlockKind] = {k.letter: k for k in [
     BlockKind("R", "RG-LRU recurrent block", "megarnn.models.blocks:RecurrentBlock",
               lambda c: {"linear_x": "column", "linear_y": "column", "linear_out": "row",
                          "conv_weight": "dim0", "conv_bias": "dim0", "rg_lru.*_gate.weight": "dim0",
                          "rg_lru.*_gate.bias": "dim0", "rg_lru.recurrent_param": "dim0"},
-              _heads, _recurrent_localize, families=("griffin", "hawk")),
+              _heads, _recurrent_localize, families=("griffin", "hawk"), cp_exchange=_diagonal_cp),
     BlockKind("A", "local multi-query attention block", "megarnn.models.blocks:LocalAttentionBlock",
               _attention_plan, lambda c: {**_heads(c), **({"model.n_kv_heads": c.n_kv_heads} if c.n_kv_heads > 1 else {})},
-              flops=_attention_flops, families=("griffin",)),
+              flops=_attention_flops, families=("griffin",), cp_exchange=_attention_cp, cp_tp_split=False),
     BlockKind("M", "Mamba2 block (SSD)", "megarnn.models.mamba2:Mamba2Mixer", _mamba2_plan,
               lambda c: {"the Mamba2 head count": _mamba2_heads(c)},
-              _mamba2_localize, _mamba2_tp_check, _ssd_flops, has_mlp=False, families=("mamba2",)),
+              _mamba2_localize, _mamba2_tp_check, _ssd_flops, has_mlp=False, families=("mamba2",),
+              cp_exchange=_ssd_cp),
     BlockKind("G", "paraGRU block (Newton)", "megarnn.models.pararnn:ParaRNNMixer", _pararnn_plan(False), _heads,
-              _pararnn_localize, families=("pararnn",), build=_pararnn_build("gru")),
+              _pararnn_localize, families=("pararnn",), build=_pararnn_build("gru"),
+              cp_exchange=_newton_cp(lambda c: 2, 1)),
     BlockKind("L", "paraLSTM block (Newton)", "megarnn.models.pararnn:ParaRNNMixer", _pararnn_plan(True), _heads,
-              _pararnn_localize, families=("pararnn",), build=_pararnn_build("lstm")),
+              _pararnn_localize, families=("pararnn",), build=_pararnn_build("lstm"),
+              cp_exchange=_newton_cp(lambda c: 6, 2)),  # 2 x 2 (c, h) blocks: product 4 + last 2
     # The recurrent blocks (3, W / n, n, n) split along dim 1 with the channels: n divides the head width
     # (ModelConfig.validate), so tp dividing n_heads keeps every block on one rank.
     BlockKind("B", "block-diagonal paraGRU block (Newton, n x n recurrent blocks)",
               "megarnn.models.pararnn:ParaRNNMixer", _pararnn_plan(False), _heads, _pararnn_localize,
-              flops=_block_gru_flops, families=("pararnn",), build=_pararnn_build("block_gru")),
+              flops=_block_gru_flops, families=("pararnn",), build=_pararnn_build("block_gru"),
+              cp_exchange=_newton_cp(lambda c: c.newton_block_size + 1, 1)),  # n x n blocks: n^2 + n per n
     BlockKind("K", "block-diagonal paraLSTM block (Newton, n x n recurrent blocks, 2n x 2n Jacobian blocks)",
               "megarnn.models.pararnn:ParaRNNMixer", _pararnn_plan(True), _heads, _pararnn_localize,
-              flops=_block_gru_flops, families=("pararnn",), build=_pararnn_build("block_lstm")),
+              flops=_block_gru_flops, families=("pararnn",), build=_pararnn_build("block_lstm"),
+              cp_exchange=_newton_cp(lambda c: 4 * c.newton_block_size + 2, 2)),  # 2n x 2n blocks per n
     BlockKind("T", "gated linear attention block (GLA)", "megarnn.models.linear_attention:GLAMixer",
-              lambda c: dict(_GLA_PLAN), _la_divisible, flops=_la_flops("T"), families=("gla",)),
+              lambda c: dict(_GLA_PLAN), _la_divisible, flops=_la_flops("T"), families=("gla",),
+              cp_exchange=_la_cp("T")),
     BlockKind("D", "Gated DeltaNet block", "megarnn.models.linear_attention:GatedDeltaNetMixer",
-              lambda c: dict(_DELTANET_PLAN), _la_divisible, flops=_la_flops("D"), families=("deltanet",)),
+              lambda c: dict(_DELTANET_PLAN), _la_divisible, flops=_la_flops("D"), families=("deltanet",),
+              cp_exchange=_la_cp("D")),
     # The recurrences below are elementwise (a diagonal complex scan, a log-space scan): no FLOPs
     # beyond their projections, as every family's gates and scans are left out.
     BlockKind("U", "LRU block (complex diagonal recurrence)", "megarnn.models.lru:LRUMixer",
-              lambda c: dict(_LRU_PLAN), _lru_divisible, families=("lru",)),
+              lambda c: dict(_LRU_PLAN), _lru_divisible, families=("lru",), cp_exchange=_lru_cp),
     BlockKind("N", "minGRU block (log-space scan)", "megarnn.models.minrnn:MinGRUMixer", _minrnn_plan(2),
-              _lru_divisible, families=("mingru",)),
+              _lru_divisible, families=("mingru",), cp_exchange=_minrnn_cp),
     BlockKind("O", "minLSTM block (log-space scan)", "megarnn.models.minrnn:MinLSTMMixer", _minrnn_plan(3),
-              _lru_divisible, families=("minlstm",)),
+              _lru_divisible, families=("minlstm",), cp_exchange=_minrnn_cp),
 ]}
 
 # The gated MLP of every residual block with an MLP.
@@ -278,7 +346,8 @@ PLUGIN_LETTER = "X"
 def plugin_kind(path: str) -> BlockKind:
     """The entry of a user's mixer class (model.mixer), read from its class attributes:
     tp_plan (dict, default: nothing split, so the mixer must then be run with tp = 1), optional
-    tp_divisible(c) -> {what: size}, localize(self, tp), flops_per_token(c, seq_len)."""
+    tp_divisible(c) -> {what: size}, localize(self, tp), flops_per_token(c, seq_len),
+    cp_exchange(c, act) -> (elements gathered, bytes sent)."""
     cls = resolve_class(path)
     plan = getattr(cls, "tp_plan", None)
     return BlockKind(PLUGIN_LETTER, f"user mixer {path}", path,
@@ -286,6 +355,7 @@ def plugin_kind(path: str) -> BlockKind:
                      tp_divisible=getattr(cls, "tp_divisible", lambda c: {}),
                      localize=(lambda m, tp: m.localize(tp)) if hasattr(cls, "localize") else None,
                      flops=getattr(cls, "flops_per_token", lambda c, seq_len: 0.0),
+                     cp_exchange=getattr(cls, "cp_exchange", lambda c, act: (0.0, 0.0)),
                      has_mlp=getattr(cls, "has_mlp", True), families=())
 
 
