@@ -34,8 +34,8 @@ def _check():
         with CountBytes(CP) as count:
             logits, _ = model(tokens, reset=reset)
             logits.float().sum().backward()
-        letters = [c.block_pattern[i % len(c.block_pattern)] for i in range(c.n_layers)]
-        kinds = [registry.block_kind(letter, c) for letter in letters]
+        c = model.c  # resolved (derived widths filled in), as megarnn plan reads it
+        kinds = [registry.block_kind(letter, c) for letter in c.block_types()]
         planned = sum(B * k.cp_exchange(c, 4)[0] * 4 * (CP - 1) for k in kinds)
         gathered = count.bytes["all_gather"] + count.bytes["all_gather_into_tensor"]
         if any(k.letter in "GLBK" for k in kinds):  # Newton: fewer iterations than the bound
