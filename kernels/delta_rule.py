@@ -62,8 +62,9 @@ operands, 32 for fp32 / fp64; the backward's reverse pass and chunk kernel use h
 (they hold more at once); 8 warps. The backward caps Q at 32 when K or V is not a multiple of 16
 (every tile then loads element by element, an address and a mask each, and (3') spills at Q = 64).
 (3) and (3') address a chunk as a scalar int64 base plus int32 offsets (Q H max(K, V) < 2^31,
-_plan), not per-element int64 rows held across their loops; (3') launches with maxnreg=255 (ptxas
-otherwise trades spills for occupancy); fp64 adds two launch options (_Plan.fp64_opts). Compiled
+_plan), not per-element int64 rows held across their loops; (3') launches with maxnreg=255 on
+sm_90 and later and for fp64 (target_options: ptxas otherwise trades spills for occupancy); fp64
+adds two launch options (_Plan.fp64_opts). Compiled
 for sm_80 / sm_90 (tools/compile_kernels.py: deltanet-1b, deltanet-tiny and the ragged shape) none
 spills in bf16, fp32 or fp64.
 First guesses, not yet run or tuned on a GPU; the UT transform's forward substitution is Q
@@ -507,6 +508,24 @@ def _delta_bwd_chunk_kernel(Qp, Kp, Vp, G, BETA, SEG, DO, U, W, TM, STATES, DSTA
 # Host side
 # ----------------------------------------------------------------------------------------------
 
+def target_options(kernel: str, launch: dict, arch: int | None) -> dict:
+    """Launch options that depend on the GPU (arch 80, 90, ...; None off CUDA); tools/
+    compile_kernels.py asks for each target it compiles for. (3') on sm_90 and later: a budget of
+    255 registers (left to itself ptxas aims its 4-warp Q = 16 variants at 3 programs per SM, 168
+    registers, and spills; they need ~210); on sm_80 only for fp64 (4 bytes spilled without), so
+    fp32 / bf16 keep 3 programs per SM there."""
+    if kernel == "_delta_bwd_chunk_kernel" and arch is not None and (arch >= 90 or launch.get("ACC") == tl.float64):
+        return {"maxnreg": 255}
+    return {}
+
+
+def _arch(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 @dataclass(frozen=True)
 class _Plan(_GLAPlan):
     """Sizes and tiles of one call: kernels/gla.py's, with the backward's smaller tiles."""
@@ -621,12 +640,12 @@ def delta_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     dq, dk = _empty(q.shape, dtypes[0], dev), _empty(k.shape, dtypes[1], dev)
     dv = _empty(v.shape, v.dtype, dev)
     dg, dbeta = _empty(g.shape, dtypes[2], dev), _empty(beta.shape, dtypes[3], dev)
-    # maxnreg=255: left to itself ptxas aims (3') at 3 programs per SM in 4 warps (168 registers)
-    # and spills (sm_90, Q = 16); it needs ~210. fp64: no software pipelining either (8-12 bytes
-    # spilled on sm_90 at Q = 32).
+    # fp64: no software pipelining (8-12 bytes spilled on sm_90 at Q = 32); a register budget per
+    # GPU (target_options).
+    kw = dict(Q=pl.Q, BLOCK_K=pl.BK_BWD, BLOCK_V=pl.BV_BWD, HAS_RESET=has_reset, **m, num_warps=pl.warps,
+              **pl.fp64_opts(num_stages=1))
     _delta_bwd_chunk_kernel[(pl.B * pl.H * pl.nc,)](
         q, k, v, g, beta, seg, do, u, w, tm, states, dstates, vnew, dvn, cpart, dbk, dq, dk, dv, dg, dbeta, scale,
-        pl.T, pl.H, pl.K, pl.V, pl.nc, nvb, Q=pl.Q, BLOCK_K=pl.BK_BWD, BLOCK_V=pl.BV_BWD, HAS_RESET=has_reset,
-        **m, num_warps=pl.warps, maxnreg=255, **pl.fp64_opts(num_stages=1))
+        pl.T, pl.H, pl.K, pl.V, pl.nc, nvb, **kw, **target_options("_delta_bwd_chunk_kernel", kw, _arch(dq.device)))
     ds0 = None if s0 is None else dstates[:, :, 0].to(initial_state.dtype).contiguous()
     return dq, dk, dv, dg, dbeta, ds0
