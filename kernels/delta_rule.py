@@ -88,6 +88,7 @@ import triton.language as tl
 
 from megarnn_kernels.gla import MAX_TILE, _empty, _load_seg, _seg_last, checked_plan, segments  # noqa: F401  (MAX_TILE: tests)
 from megarnn_kernels.gla import _Plan as _GLAPlan
+from megarnn_kernels.linear_scan import _arch
 
 # True when the kernels were decorated under Triton's interpreter (TRITON_INTERPRET=1).
 INTERPRETED = triton.knobs.runtime.interpret
@@ -517,13 +518,6 @@ def target_options(kernel: str, launch: dict, arch: int | None) -> dict:
     if kernel == "_delta_bwd_chunk_kernel" and arch is not None and (arch >= 90 or launch.get("ACC") == tl.float64):
         return {"maxnreg": 255}
     return {}
-
-
-def _arch(device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
 
 
 @dataclass(frozen=True)

@@ -406,6 +406,7 @@ def target_options(kernel: str, launch: dict, arch: int | None) -> dict:
 
 
 def _arch(device: torch.device) -> int | None:
+    """The GPU's compute capability as 80, 90, ... (None off CUDA): target_options' arch."""
     if device.type != "cuda":
         return None
     major, minor = torch.cuda.get_device_capability(device)
